@@ -293,6 +293,15 @@ class HeliosTransformer(nn.Module):
         num_history = table.shape[1] - grid[0] * grid[1] * grid[2]
         return TokenLayout(table[..., :half].contiguous(), table[..., half:].contiguous(), num_history, grid)
 
+    def layout_for(self, hidden_shape: tuple[int, ...], indices_hidden_states: torch.Tensor | None = None,
+                   **history: torch.Tensor) -> TokenLayout:
+        """The TokenLayout of a forward with these shapes and `forward`'s history keyword arguments."""
+        terms = self._history_terms(
+            (history.get("latents_history_short"), history.get("indices_latents_history_short")),
+            (history.get("latents_history_mid"), history.get("indices_latents_history_mid")),
+            (history.get("latents_history_long"), history.get("indices_latents_history_long")))
+        return self.token_layout(tuple(hidden_shape), indices_hidden_states, terms)
+
     def embed_tokens(self, hidden_states: torch.Tensor,
                      history: list[tuple[str, torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
         p = self.config.patch_size
@@ -377,12 +386,35 @@ class HeliosTransformer(nn.Module):
 
 def build_transformer(config: HeliosConfig, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> HeliosTransformer:
-    """A transformer with freshly initialised weights (meta device: shapes only, no memory)."""
-    with torch.device(device or "cpu"):
+    """A transformer with freshly initialised weights, made directly on `device` in `dtype`.
+
+    Built on the meta device first, so a 14B model never exists in float32 on the host;
+    device="meta" returns shapes only.
+    """
+    with torch.device("meta"):
         model = HeliosTransformer(config)
-    if dtype is not None and str(device) != "meta":
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device or "cpu")
+    if dtype is not None:
         cast_keeping_fp32(model, dtype)
+    init_weights_(model)
     return model
+
+
+@torch.no_grad()
+def init_weights_(model: HeliosTransformer, std: float = 0.02) -> None:
+    """Small-normal linear/conv weights, zero biases, unit norms (the torch default RNG decides the values)."""
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "scale_shift_table" in name:
+            param.copy_(torch.randn(param.shape, device=param.device) / param.shape[-1] ** 0.5)
+        elif "history_key_scale" in name or (leaf == "weight" and param.ndim == 1):
+            param.fill_(1.0)
+        elif leaf == "bias":
+            param.zero_()
+        else:
+            param.normal_(0.0, std)
 
 
 def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -1,0 +1,129 @@
+"""Turning a user's image or video into history latents (I2V, V2V), and latents back into frames.
+
+The random draws (VAE posterior samples, then the noise that softens the conditioning latents)
+happen in the reference pipelines' order, so a seed reproduces a reference video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseRange:
+    low: float = 0.111
+    high: float = 0.135
+
+    def draw(self, count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        return torch.rand(count, generator=generator, device=_gen_device(generator, device)).to(device) \
+            * (self.high - self.low) + self.low
+
+
+def _gen_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    return generator.device if generator is not None else device
+
+
+def randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """float32 normal noise drawn on the generator's device (as the reference does), moved to `device`."""
+    return torch.randn(shape, generator=generator, device=_gen_device(generator, device)).to(device)
+
+
+class LatentCodec:
+    """The Wan VAE with the latent normalisation of the released models: z' = (z - mean) / std."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        cfg = vae.config
+        self.temporal = cfg.scale_factor_temporal
+        self.spatial = cfg.scale_factor_spatial
+        self.channels = cfg.z_dim
+        self._mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def _stats(self):
+        return self._mean.to(self.device, self.dtype), self._inv_std.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, 1 + (T-1)/4, H/8, W/8), a posterior sample."""
+        mean, inv_std = self._stats()
+        z = self.vae.encode(video.to(self.device, self.dtype)).latent_dist.sample(generator=generator)
+        return (z - mean) * inv_std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> frames (B, 3, T, H, W) in [-1, 1]."""
+        mean, inv_std = self._stats()
+        return self.vae.decode(latents.to(self.dtype) / inv_std + mean, return_dict=False)[0]
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8, rounding like the reference's postprocessing."""
+    x = (video.float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def soften(latents: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """sigma * noise + (1 - sigma) * latents: conditioning that the model may still correct."""
+    return sigma * randn(latents.shape, generator, latents.device) + (1 - sigma) * latents
+
+
+@dataclass
+class Condition:
+    """History to start from: the anchor (first frame) and the latents that fill the history buffer."""
+
+    anchor: torch.Tensor | None = None  # (B, C, 1, h, w)
+    history: torch.Tensor | None = None  # (B, C, T, h, w), newest last
+    frames_seen: int = 0
+
+
+def image_condition(codec: LatentCodec, image: torch.Tensor, chunk_frames: int, generator: torch.Generator | None,
+                    image_noise: NoiseRange | None = NoiseRange(), video_noise: NoiseRange = NoiseRange()) -> Condition:
+    """I2V: image (B, 3, H, W) in [-1, 1] becomes the anchor, and a still clip of it the newest history frame."""
+    device = codec.device
+    image = image[:, :, None].to(device, codec.dtype)
+    anchor = codec.encode(image, generator).float()
+    still = image.repeat(1, 1, (chunk_frames - 1) * codec.temporal + 1, 1, 1)
+    newest = codec.encode(still, generator)[:, :, -1:].float()
+    if image_noise is not None:
+        anchor = soften(anchor, image_noise.draw(1, generator, device), generator)
+        newest = soften(newest, video_noise.draw(1, generator, device), generator)
+    return Condition(anchor=anchor, history=newest, frames_seen=1)
+
+
+def video_condition(codec: LatentCodec, video: torch.Tensor, chunk_frames: int, generator: torch.Generator | None,
+                    noise: NoiseRange | None = NoiseRange(), image_noise: NoiseRange = NoiseRange()) -> Condition:
+    """V2V: the input video (B, 3, T, H, W) in [-1, 1] becomes the history; its first frame the anchor.
+
+    Whole 33-frame windows are encoded, aligned to the end of the video (the oldest frames that do
+    not fill a window are dropped), each window separately, as the model was trained.
+    """
+    device = codec.device
+    window = (chunk_frames - 1) * codec.temporal + 1
+    count = video.shape[2] // window
+    if count == 0:
+        raise ValueError(f"the input video has {video.shape[2]} frames; video-to-video needs at least {window} "
+                         f"(one {chunk_frames}-latent-frame chunk)")
+    video = video.to(device, codec.dtype)
+    start = video.shape[2] - count * window
+    anchor = codec.encode(video[:, :, :1], generator).float()
+    pieces = [codec.encode(video[:, :, start + i * window: start + (i + 1) * window], generator) for i in range(count)]
+    history = torch.cat(pieces, dim=2).float()
+    if noise is not None:
+        anchor = soften(anchor, image_noise.draw(1, generator, device), generator)
+        softened = []
+        for piece in history.split(chunk_frames, dim=2):
+            sigma = noise.draw(piece.shape[2], generator, device).view(1, 1, -1, 1, 1)
+            softened.append(soften(piece, sigma, generator))
+        history = torch.cat(softened, dim=2)
+    return Condition(anchor=anchor, history=history, frames_seen=history.shape[2])

@@ -1,0 +1,276 @@
+"""The generation engine: prompt (+ image or video) -> a stream of decoded chunks.
+
+    pipe = helios.load_pipeline("path/to/Helios-Distilled", dtype=torch.bfloat16, device="cuda")
+    for chunk in pipe.stream("a red fox running through snow", num_frames=1452):
+        show(chunk.frames)                       # (33, H, W, 3) uint8, as soon as it is decoded
+    pipe.write("fox.mp4", "a red fox ...", num_frames=1452)   # chunk by chunk, flat memory
+
+Per chunk: sample 9 latent frames conditioned on the history buffer (sampling.sampler), push them
+into the buffer, decode them with the VAE, hand the frames over. Nothing grows with the length of
+the video except the output file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from helios.engine.components import Components, load_components
+from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
+                                        video_condition)
+from helios.engine.history import HistoryBuffer, HistoryLayout
+from helios.engine.prompts import PromptSchedule
+from helios.engine.text import PromptEncoder
+from helios.model.transformer import TextContext
+from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
+from helios.sampling.schedulers import load_scheduler
+
+log = logging.getLogger("helios")
+
+
+class InputError(ValueError):
+    """A request the engine cannot carry out; the message says what to change."""
+
+
+@dataclass
+class Chunk:
+    index: int
+    frames: torch.Tensor  # (T, H, W, 3) uint8 on the CPU
+    first_frame: int  # position of frames[0] in the output video
+    prompt: str
+    seconds: float  # wall time spent on this chunk (sampling + decode)
+    total_chunks: int
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    requested: int
+    chunks: int
+    frames: int  # what will be produced
+
+    @property
+    def note(self) -> str | None:
+        if self.frames == self.requested:
+            return None
+        return (f"{self.requested} frames requested; Helios writes {self.chunks} chunk(s) of 33 frames and the "
+                f"video is trimmed to 4k+1 frames, so {self.frames} frames will be produced")
+
+
+def plan_frames(num_frames: int, window: int = 33, temporal: int = 4) -> FramePlan:
+    """Chunks needed for `num_frames`, and the frame count produced (as the reference rounds it)."""
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    chunks = math.ceil(num_frames / window)
+    produced = (chunks * window - 1) // temporal * temporal + 1
+    return FramePlan(num_frames, chunks, produced)
+
+
+def default_preset(components: Components) -> str:
+    if components.flags.get("is_distilled"):
+        return "distilled"
+    if components.pipeline_class == "HeliosPipeline":
+        return "base"
+    return "mid"
+
+
+class HeliosVideoPipeline:
+    def __init__(self, components: Components, max_sequence_length: int = 512):
+        self.c = components
+        self.model = components.transformer
+        self.codec = LatentCodec(components.vae)
+        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, max_sequence_length)
+        self.scheduler = load_scheduler(components.scheduler_config)
+        self.default_preset = default_preset(components)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
+        stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
+        # Latents are 1/8 of the frame; patches are 2x2; each pyramid stage halves the latents.
+        multiple = self.codec.spatial * self.model.config.patch_size[1] * 2 ** (stages - 1)
+        multiple = max(multiple, 16)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % multiple:
+                raise InputError(f"{name}={v!r}: frame sizes must be positive multiples of {multiple} for this "
+                                 f"model and sampler (e.g. 384x640)")
+
+    def resolve_settings(self, settings: str | SamplerSettings | None, **overrides) -> SamplerSettings:
+        s = preset(settings or self.default_preset) if not isinstance(settings, SamplerSettings) else settings
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in overrides and s.pyramid_steps is not None:
+            n = overrides.pop("steps")
+            overrides["pyramid_steps"] = tuple([n] * len(s.pyramid_steps)) if isinstance(n, int) else tuple(n)
+        s = s.with_(**overrides) if overrides else s
+        stages = getattr(self.scheduler.config, "stages", 1)
+        if s.pyramid_steps is not None and len(s.pyramid_steps) != stages:
+            raise InputError(f"the sampler has {len(s.pyramid_steps)} pyramid stages but this model's scheduler "
+                             f"has {stages}; use preset {'base' if stages == 1 else 'mid or distilled'}")
+        if s.pyramid_steps is None and stages != 1:
+            raise InputError(f"preset 'base' samples at one resolution but this model's scheduler has {stages} "
+                             "pyramid stages; use the mid or distilled preset")
+        return s
+
+    # ---- the chunk loop ---------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str | PromptSchedule,
+        *,
+        negative_prompt: str = "",
+        image: torch.Tensor | None = None,
+        video: torch.Tensor | None = None,
+        num_frames: int = 132,
+        height: int = 384,
+        width: int = 640,
+        settings: str | SamplerSettings | None = None,
+        guidance_scale: float | None = None,
+        steps: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        history_sizes: tuple[int, int, int] = (16, 2, 1),
+        keep_first_frame: bool = True,
+        skip_first_chunk: bool = False,
+        condition_noise: bool = True,
+        image_noise: tuple[float, float] = (0.111, 0.135),
+        video_noise: tuple[float, float] = (0.111, 0.135),
+        on_step: Callable[[int, int, int], None] | None = None,
+    ) -> Iterator[Chunk]:
+        """Generate a video chunk by chunk, yielding each chunk's frames as soon as they are decoded.
+
+        image: (3, H, W) or (1, 3, H, W) in [-1, 1] for image-to-video; video: (3, T, H, W) or
+        (1, 3, T, H, W) in [-1, 1] for video-to-video (see engine.video_io to read files).
+        on_step(chunk, stage, step) is called after every solver step.
+        """
+        schedule = PromptSchedule.coerce(prompt)
+        s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps)
+        self.check_size(height, width, s)
+        plan = plan_frames(num_frames)
+        if image is not None and video is not None:
+            raise InputError("give an image or a video to start from, not both")
+        if plan.note:
+            log.info(plan.note)
+        device = self.device
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else
+                                                                   torch.seed() % 2**63)
+        layout = HistoryLayout(tuple(history_sizes), chunk_frames=9, keep_first_frame=keep_first_frame)
+        h, w = height // self.codec.spatial, width // self.codec.spatial
+        shape = (1, self.model.config.in_channels, layout.chunk_frames, h, w)
+        history = HistoryBuffer(1, shape[1], h, w, layout, device=device)
+        start = self._condition(image, video, height, width, layout, generator, condition_noise,
+                                NoiseRange(*image_noise), NoiseRange(*video_noise))
+        if start.history is not None:
+            history.push(start.history)
+        if start.anchor is not None:
+            history.set_anchor(start.anchor)
+        indices = {k: v.to(device) for k, v in layout.indices().items()}
+        window = (layout.chunk_frames - 1) * self.codec.temporal + 1
+        uncond_embeds = None
+        produced = 0
+        for k in range(plan.chunks):
+            t0 = time.perf_counter()
+            text_prompt, embeds = self._prompt_embeds(schedule, k)
+            text = self.model.prepare_text(embeds)
+            uncond = None
+            if s.guidance_scale > 1.0:
+                if uncond_embeds is None:
+                    uncond_embeds = self.prompts(negative_prompt, dtype=self.model.dtype)
+                uncond = self.model.prepare_text(uncond_embeds)
+            predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
+            step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
+            latents = denoise_chunk(predict, shape, self.scheduler, s, generator, device, first_chunk=(k == 0),
+                                    noise_dtype=self.model.dtype, on_step=step_cb)
+            if keep_first_frame and ((k == 0 and history.anchor is None) or (skip_first_chunk and k == 1)):
+                history.set_anchor(latents[:, :, :1])
+            history.push(latents)
+            frames = to_uint8_frames(self.codec.decode(latents))[0]
+            keep = min(window, plan.frames - produced)
+            frames = frames[:keep].cpu()
+            yield Chunk(k, frames, produced, text_prompt, time.perf_counter() - t0, plan.chunks)
+            produced += keep
+
+    def generate(self, prompt: str | PromptSchedule, **kwargs) -> torch.Tensor:
+        """The whole video as one (T, H, W, 3) uint8 tensor (for short videos; use stream/write for long ones)."""
+        return torch.cat([c.frames for c in self.stream(prompt, **kwargs)], dim=0)
+
+    def write(self, path: str | Path, prompt: str | PromptSchedule, fps: int = 24, **kwargs) -> int:
+        """Generate straight into an mp4, chunk by chunk; the file appears at `path` when complete."""
+        from helios.engine.video_io import VideoWriter
+
+        frames = 0
+        with VideoWriter(path, fps=fps) as out:
+            for chunk in self.stream(prompt, **kwargs):
+                out.write(chunk.frames)
+                frames += chunk.frames.shape[0]
+        return frames
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _prompt_embeds(self, schedule: PromptSchedule, chunk: int) -> tuple[str, torch.Tensor]:
+        (a, b), weight = schedule.at(chunk)
+        ea = self.prompts(a, dtype=self.model.dtype)
+        if b is None or weight == 0.0:
+            return a, ea
+        eb = self.prompts(b, dtype=self.model.dtype)
+        return (b if weight >= 0.5 else a), torch.lerp(ea, eb, weight)
+
+    def _predictor(self, history: dict[str, torch.Tensor], indices: dict[str, torch.Tensor], text: TextContext,
+                   uncond: TextContext | None):
+        model = self.model
+        layouts: dict[tuple[int, ...], object] = {}
+        kwargs = {**history, **indices}
+
+        def predict(x: torch.Tensor, t: torch.Tensor, with_uncond: bool):
+            key = tuple(x.shape)
+            if key not in layouts:
+                layouts[key] = model.layout_for(key, **kwargs)
+            xin = x.to(model.dtype)
+            cond = model(xin, t, text, layout=layouts[key], **kwargs).sample
+            if not with_uncond:
+                return cond, None
+            return cond, model(xin, t, uncond, layout=layouts[key], **kwargs).sample
+
+        return predict
+
+    def _condition(self, image, video, height, width, layout, generator, noise_on, image_noise, video_noise
+                   ) -> Condition:
+        if image is not None:
+            image = _as_batch(image, 4, "image", height, width)
+            return image_condition(self.codec, image, layout.chunk_frames, generator,
+                                   image_noise if noise_on else None, video_noise)
+        if video is not None:
+            video = _as_batch(video, 5, "video", height, width)
+            try:
+                return video_condition(self.codec, video, layout.chunk_frames, generator,
+                                       video_noise if noise_on else None, image_noise)
+            except ValueError as e:
+                raise InputError(str(e)) from e
+        return Condition()
+
+
+def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a tensor in [-1, 1]; read files with helios.engine.video_io")
+    if x.dim() == ndim - 1:
+        x = x[None]
+    if x.dim() != ndim or x.shape[1] != 3:
+        want = "(3, H, W)" if name == "image" else "(3, T, H, W)"
+        raise InputError(f"{name} must have shape {want} with 3 colour channels, got {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) != (height, width):
+        raise InputError(f"{name} is {x.shape[-1]}x{x.shape[-2]} but the video is {width}x{height}: resize it "
+                         "first (helios.engine.video_io reads files at a given size)")
+    return x.float()
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  vae_dtype: torch.dtype | None = None) -> HeliosVideoPipeline:
+    """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...)."""
+    return HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))

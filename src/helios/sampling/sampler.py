@@ -1,0 +1,127 @@
+"""Denoise one chunk: the schedule, the pyramid stages, guidance, and the solver, around a model callable.
+
+The engine hands in `predict(x, timestep, with_uncond) -> (cond, uncond | None)`; everything about
+*how* the chunk is sampled lives here, so the base, mid and distilled presets are settings, not code.
+Random draws, in order: the chunk's initial noise, then one block-noise draw per pyramid stage > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from helios.sampling.dmd import DMDScheduler
+from helios.sampling.guidance import cfg, cfg_zero_star, is_zero_init_step, uses_cfg
+from helios.sampling.pyramid import (check_pyramid_shape, first_stage_latents, initial_noise, pyramid_stage_mus,
+                                     renoise_for_stage)
+from helios.sampling.schedulers import base_sigmas, compute_mu, model_timestep, token_count
+
+Predict = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a chunk is sampled. `pyramid_steps=None` is the single-resolution (base) sampler."""
+
+    steps: int = 50
+    pyramid_steps: tuple[int, ...] | None = None
+    guidance_scale: float = 5.0
+    cfg_zero_star: bool = False
+    use_zero_init: bool = True
+    zero_steps: int = 1
+    amplify_first_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pyramid_steps is not None:
+            if not self.pyramid_steps or min(self.pyramid_steps) < 1:
+                raise ValueError(f"pyramid steps must be positive integers, got {self.pyramid_steps}")
+        elif self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.pyramid_steps) if self.pyramid_steps else self.steps
+
+    def with_(self, **changes) -> "SamplerSettings":
+        return replace(self, **changes)
+
+
+# The official defaults of the three released checkpoints.
+PRESETS: dict[str, SamplerSettings] = {
+    "base": SamplerSettings(steps=50, guidance_scale=5.0),
+    "mid": SamplerSettings(pyramid_steps=(20, 20, 20), guidance_scale=5.0, cfg_zero_star=True),
+    "distilled": SamplerSettings(pyramid_steps=(2, 2, 2), guidance_scale=1.0, amplify_first_chunk=True),
+}
+
+
+def preset(name: str) -> SamplerSettings:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def guided(settings: SamplerSettings, cond: torch.Tensor, uncond: torch.Tensor | None, stage: int,
+           step: int) -> torch.Tensor:
+    if uncond is None:
+        return cond
+    if settings.cfg_zero_star:
+        zero = is_zero_init_step(stage, step, settings.use_zero_init, settings.zero_steps)
+        return cfg_zero_star(cond, uncond, settings.guidance_scale, zero_init=zero)
+    return cfg(cond, uncond, settings.guidance_scale)
+
+
+def denoise_chunk(predict: Predict, shape: tuple[int, ...], scheduler, settings: SamplerSettings,
+                  generator: torch.Generator | None, device: torch.device, first_chunk: bool = False,
+                  noise_dtype: torch.dtype | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Sample one chunk of latents of `shape` (B, C, T, H, W), float32, starting from fresh noise.
+
+    on_step(stage, step) is called after every solver step (progress reporting).
+    """
+    with_uncond = uses_cfg(settings.guidance_scale)
+    x = initial_noise(shape, generator, device)
+    if settings.pyramid_steps is None:
+        return _single_stage(predict, x, scheduler, settings, with_uncond, on_step)
+    return _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step)
+
+
+def _single_stage(predict, x, scheduler, settings, with_uncond, on_step):
+    b = x.shape[0]
+    mu = compute_mu(token_count(x.shape[2:]), scheduler.config) if scheduler.config.use_dynamic_shifting else None
+    scheduler.set_timesteps(settings.steps, mu=mu, sigmas=base_sigmas(settings.steps), device=x.device)
+    for i in range(scheduler.num_steps):
+        t = scheduler.timesteps[i]
+        cond, uncond = predict(x, model_timestep(t, b, truncate=False), with_uncond)
+        x = scheduler.step(guided(settings, cond, uncond, 0, i), x)
+        if on_step:
+            on_step(0, i)
+    return x
+
+
+def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step):
+    b = x.shape[0]
+    stages = len(settings.pyramid_steps)
+    check_pyramid_shape(x.shape[-2], x.shape[-1], stages)
+    mus = pyramid_stage_mus(x.shape[2:], stages, scheduler.config) if scheduler.config.use_dynamic_shifting \
+        else [None] * stages
+    distilled = isinstance(scheduler, DMDScheduler)
+    x = first_stage_latents(x, stages)
+    for k, steps in enumerate(settings.pyramid_steps):
+        kwargs = {"amplify": settings.amplify_first_chunk and first_chunk} if distilled else {}
+        scheduler.set_timesteps(steps, stage_index=k, mu=mus[k], device=x.device, **kwargs)
+        if k > 0:
+            x = renoise_for_stage(x, k, scheduler.ori_start_sigmas, scheduler.config.gamma, generator,
+                                  noise_dtype=noise_dtype)
+        start = x
+        for i in range(scheduler.num_steps):
+            t = scheduler.timesteps[i]
+            cond, uncond = predict(x, model_timestep(t, b, truncate=True), with_uncond)
+            v = guided(settings, cond, uncond, k, i)
+            x = scheduler.step(v, x, start) if distilled else scheduler.step(v, x)
+            if on_step:
+                on_step(k, i)
+    return x
