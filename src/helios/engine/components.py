@@ -95,6 +95,8 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(sched_path, "scheduler")
     flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
+    # Our own extension of model_index.json: the frame size a small model was trained at.
+    flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
     return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"], flags,
                       folder)
 

@@ -25,7 +25,7 @@ from helios.engine.components import Components, load_components
 from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
                                         video_condition)
 from helios.engine.history import HistoryBuffer, HistoryLayout
-from helios.engine.prompts import PromptSchedule
+from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
@@ -46,6 +46,8 @@ class Chunk:
     prompt: str
     seconds: float  # wall time spent on this chunk (sampling + decode)
     total_chunks: int
+    denoise_seconds: float = float("nan")  # device time of the sampler (CUDA events; wall time on CPU)
+    decode_seconds: float = float("nan")  # device time of the VAE decode
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,40 @@ def default_preset(components: Components) -> str:
 
 
 class HeliosVideoPipeline:
-    def __init__(self, components: Components, max_sequence_length: int = 512):
+    def __init__(self, components: Components, max_sequence_length: int = 512, prompt_encoder=None):
         self.c = components
         self.model = components.transformer
         self.codec = LatentCodec(components.vae)
-        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, max_sequence_length)
+        self.prompts = prompt_encoder or PromptEncoder(components.tokenizer, components.text_encoder,
+                                                       max_sequence_length)
         self.scheduler = load_scheduler(components.scheduler_config)
         self.default_preset = default_preset(components)
+        self.fp8 = False
+
+    def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True) -> "HeliosVideoPipeline":
+        """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks.
+
+        Compilation happens lazily on the first chunk (one graph per pyramid stage size).
+        """
+        if fuse:
+            self.model.fuse_projections_()
+        if fp8:
+            from helios.model.fp8 import quantize_blocks_
+
+            quantize_blocks_(self.model)
+            self.fp8 = True
+        if compile:
+            self.model.compile_blocks_()
+        return self
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the model was made for: 384x640 for the released models."""
+        return tuple(self.c.flags.get("default_size", (384, 640)))
 
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
@@ -123,7 +148,7 @@ class HeliosVideoPipeline:
     @torch.no_grad()
     def stream(
         self,
-        prompt: str | PromptSchedule,
+        prompt: str | PromptSchedule | LivePrompt,
         *,
         negative_prompt: str = "",
         image: torch.Tensor | None = None,
@@ -150,7 +175,7 @@ class HeliosVideoPipeline:
         (1, 3, T, H, W) in [-1, 1] for video-to-video (see engine.video_io to read files).
         on_step(chunk, stage, step) is called after every solver step.
         """
-        schedule = PromptSchedule.coerce(prompt)
+        schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
         s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps)
         self.check_size(height, width, s)
         plan = plan_frames(num_frames)
@@ -187,15 +212,19 @@ class HeliosVideoPipeline:
                 uncond = self.model.prepare_text(uncond_embeds)
             predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
             step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
+            marks = _Marks(device)
             latents = denoise_chunk(predict, shape, self.scheduler, s, generator, device, first_chunk=(k == 0),
                                     noise_dtype=self.model.dtype, on_step=step_cb)
+            marks.mark()
             if keep_first_frame and ((k == 0 and history.anchor is None) or (skip_first_chunk and k == 1)):
                 history.set_anchor(latents[:, :, :1])
             history.push(latents)
             frames = to_uint8_frames(self.codec.decode(latents))[0]
+            marks.mark()
             keep = min(window, plan.frames - produced)
-            frames = frames[:keep].cpu()
-            yield Chunk(k, frames, produced, text_prompt, time.perf_counter() - t0, plan.chunks)
+            frames = frames[:keep].cpu()  # waits for the device: the chunk is done
+            denoise_s, decode_s = marks.intervals()
+            yield Chunk(k, frames, produced, text_prompt, time.perf_counter() - t0, plan.chunks, denoise_s, decode_s)
             produced += keep
 
     def generate(self, prompt: str | PromptSchedule, **kwargs) -> torch.Tensor:
@@ -214,7 +243,7 @@ class HeliosVideoPipeline:
         return frames
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _prompt_embeds(self, schedule: PromptSchedule, chunk: int) -> tuple[str, torch.Tensor]:
+    def _prompt_embeds(self, schedule: PromptSchedule | LivePrompt, chunk: int) -> tuple[str, torch.Tensor]:
         (a, b), weight = schedule.at(chunk)
         ea = self.prompts(a, dtype=self.model.dtype)
         if b is None or weight == 0.0:
@@ -256,6 +285,30 @@ class HeliosVideoPipeline:
         return Condition()
 
 
+class _Marks:
+    """Interval timing without host synchronisation: CUDA events on the GPU, the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.points = [self._now()]
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def mark(self) -> None:
+        self.points.append(self._now())
+
+    def intervals(self) -> list[float]:
+        pairs = zip(self.points, self.points[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
 def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name} must be a tensor in [-1, 1]; read files with helios.engine.video_io")
@@ -271,6 +324,16 @@ def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) ->
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  vae_dtype: torch.dtype | None = None) -> HeliosVideoPipeline:
-    """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...)."""
-    return HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))
+                  vae_dtype: torch.dtype | None = None, optimize: bool | None = None,
+                  fp8: bool = False) -> HeliosVideoPipeline:
+    """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
+
+    optimize: the fast path (fused projections, compiled blocks); default on for CUDA, off elsewhere.
+    fp8: FP8 matmuls in the transformer blocks (CUDA, Hopper or newer).
+    """
+    pipe = HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))
+    if optimize is None:
+        optimize = torch.device(device).type == "cuda"
+    if optimize or fp8:
+        pipe.optimize(compile=optimize, fp8=fp8)
+    return pipe

@@ -72,3 +72,35 @@ class PromptSchedule:
         """A copy in which `prompt` applies from `chunk` on (later entries are dropped)."""
         kept = tuple(e for e in self.entries if e[0] < chunk)
         return PromptSchedule(kept + ((chunk, prompt),), self.blend)
+
+
+class LivePrompt:
+    """A prompt schedule that another thread may change while a video streams (interactive steering).
+
+    The engine reads `at(chunk)` once per chunk, so a change applies from the next chunk it starts.
+    """
+
+    def __init__(self, prompt: "str | PromptSchedule", blend: int = 0):
+        import threading
+
+        self._lock = threading.Lock()
+        schedule = PromptSchedule.coerce(prompt)
+        self._schedule = PromptSchedule(schedule.entries, blend or schedule.blend)
+        self._next_chunk = 0
+
+    def at(self, chunk: int) -> tuple[tuple[str, str | None], float]:
+        with self._lock:
+            self._next_chunk = chunk + 1
+            return self._schedule.at(chunk)
+
+    def steer(self, prompt: str) -> int:
+        """Use `prompt` from the next chunk the engine starts; returns that chunk's index."""
+        with self._lock:
+            chunk = self._next_chunk
+            self._schedule = self._schedule.with_prompt_from(chunk, prompt)
+            return chunk
+
+    @property
+    def schedule(self) -> PromptSchedule:
+        with self._lock:
+            return self._schedule

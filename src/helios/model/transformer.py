@@ -136,9 +136,26 @@ class Attention(nn.Module):
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads_of(self.norm_k(self.to_k(context))), self.heads_of(self.to_v(context))
 
+    def fuse_qkv_(self) -> None:
+        """Replace to_q/to_k/to_v by one (3D x D) projection: one GEMM instead of three (inference only)."""
+        if hasattr(self, "to_qkv"):
+            return
+        qkv = nn.Linear(self.to_q.in_features, 3 * self.to_q.out_features, device=self.to_q.weight.device,
+                        dtype=self.to_q.weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+            qkv.bias.copy_(torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))
+        self.to_qkv = qkv.requires_grad_(False)
+        del self.to_q, self.to_k, self.to_v
+
     def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        q = apply_rope(self.heads_of(self.norm_q(self.to_q(x))), layout.cos, layout.sin)
-        k, v = self.key_value(x)
+        if hasattr(self, "to_qkv"):
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+            q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
+        else:
+            q = self.heads_of(self.norm_q(self.to_q(x)))
+            k, v = self.key_value(x)
+        q = apply_rope(q, layout.cos, layout.sin)
         k = apply_rope(k, layout.cos, layout.sin)
         if self.amplify_history and layout.num_history > 0:
             gain = 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
@@ -382,6 +399,19 @@ class HeliosTransformer(nn.Module):
 
     def enable_gradient_checkpointing(self, on: bool = True) -> None:
         self.gradient_checkpointing = on
+
+    def fuse_projections_(self) -> "HeliosTransformer":
+        """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes)."""
+        for blk in self.blocks:
+            blk.attn1.fuse_qkv_()
+        return self
+
+    def compile_blocks_(self, **options) -> "HeliosTransformer":
+        """torch.compile each block (one graph shared by all 40, per token count): fuses the norms,
+        modulation, RoPE and gating around the matmuls. Compiles lazily, on the first call per shape."""
+        for blk in self.blocks:
+            blk.compile(dynamic=False, **options)
+        return self
 
 
 def build_transformer(config: HeliosConfig, device: torch.device | str | None = None,
