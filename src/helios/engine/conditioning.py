@@ -41,6 +41,8 @@ class LatentCodec:
         self.channels = cfg.z_dim
         self._mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
         self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+        if callable(getattr(vae, "clear_cache", None)):
+            vae.clear_cache()  # creates the causal-convolution caches the batched decode drives
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,264 @@
+"""End-to-end speed of 14B Helios-Distilled generation on one GPU: ours against the diffusers reference.
+
+Both sides get the same work: the default 14B transformer with random bf16 weights made on the GPU,
+the default Wan VAE (random weights), random prompt embeddings of the real shape (1, 512, 4096),
+384x640, pyramid 2/2/2 with the DMD scheduler, no CFG, amplified first chunk (the official script).
+Ours runs its default engine path (`HeliosVideoPipeline.stream`, frames handed over as uint8 on the
+host); the reference runs `HeliosPyramidPipeline` with tensor output.
+
+Seconds per chunk = (time for 165 frames - time for 33 frames) / 4, after warm-up (as in
+shared/reference/anchors.md). Writes a JSON and appends rows to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_e2e.py --configs ours,ours-fp8 --out result.json
+    python benchmarks/bench_e2e.py --configs reference-eager,reference-compiled --out ref.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+HEIGHT, WIDTH = 384, 640
+STEPS = (2, 2, 2)
+EMB_SHAPE = (1, 512, 4096)
+MATMUL_TFLOPS, ATTN_TFLOPS = 754.0, 580.0  # measured ceilings on the lent H100 (anchors.md)
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def chunk_flops(noisy_latent_hw=(48, 80), steps=STEPS, history_tokens=2400, d=5120, ffn=13824, layers=40,
+                text=512) -> tuple[float, float]:
+    """(matmul, attention) FLOPs of one distilled chunk: every stage's forwards at its token count."""
+    lin = att = 0.0
+    h, w = noisy_latent_hw
+    for k, n_steps in enumerate(steps):
+        f = 2 ** (len(steps) - 1 - k)
+        n = 9 * (h // f) * (w // f) // 4
+        L = n + history_tokens
+        lin += n_steps * 2 * layers * (L * (4 * d * d + 2 * d * ffn) + n * 2 * d * d)
+        att += n_steps * layers * (4 * L * L * d + 4 * n * text * d)
+    return lin, att
+
+
+class FixedPrompt:
+    """Random prompt embeddings of the umT5 shape, standing in for the text encoder (run once per prompt)."""
+
+    def __init__(self, device):
+        g = torch.Generator(device=device).manual_seed(1)
+        self.emb = torch.randn(EMB_SHAPE, device=device, generator=g) * 0.1
+
+    def __call__(self, prompt, dtype=None):
+        return self.emb.to(dtype) if dtype else self.emb
+
+
+def build_ours(fp8: bool, compile: bool):
+    from diffusers import AutoencoderKLWan, HeliosDMDScheduler
+
+    from helios.engine.components import Components
+    from helios.engine.pipeline import HeliosVideoPipeline
+    from helios.model.config import HeliosConfig
+    from helios.model.transformer import build_transformer
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    transformer = build_transformer(HeliosConfig(), device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
+    vae = AutoencoderKLWan().to(dev, torch.bfloat16).eval()
+    sched = dict(HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config)
+    comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
+    pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
+    return pipe.optimize(compile=compile, fp8=fp8)
+
+
+def run_ours(pipe, frames: int, seed: int = 0):
+    t0 = time.perf_counter()
+    first = None
+    chunks = []
+    for c in pipe.stream("benchmark", num_frames=frames, height=HEIGHT, width=WIDTH, settings="distilled",
+                         seed=seed):
+        if first is None:
+            first = time.perf_counter() - t0
+        chunks.append(c)
+    return time.perf_counter() - t0, first, chunks
+
+
+def measure_ours(name: str, fp8: bool, compile: bool, res: dict) -> None:
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pipe = build_ours(fp8, compile)
+    sync()
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_ours(pipe, 66)  # compiles every stage size, amplified first chunk included
+    sync()
+    warmup_s = time.perf_counter() - t0
+    t33, first, _ = run_ours(pipe, 33)
+    t165, _, chunks = run_ours(pipe, 165)
+    steady = chunks[1:]
+    per_chunk = (t165 - t33) / 4
+    out = {
+        "build_s": build_s, "warmup_s": warmup_s, "s_per_chunk": per_chunk, "fps": 33 / per_chunk,
+        "first_frame_s": first, "t33_s": t33, "t165_s": t165,
+        "denoise_s": sum(c.denoise_seconds for c in steady) / len(steady),
+        "decode_s": sum(c.decode_seconds for c in steady) / len(steady),
+        "first_chunk_denoise_s": chunks[0].denoise_seconds,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "frames_returned": sum(c.frames.shape[0] for c in chunks),
+    }
+    # Each optimisation alone, on the warm model (for NOTES.md): decode paths, one stage-2 forward.
+    z = torch.randn(1, 16, 9, HEIGHT // 8, WIDTH // 8, device="cuda")
+    out["decode_batched_s"] = timed(lambda: pipe.codec.decode(z))
+    out["decode_framewise_s"] = timed(lambda: pipe.codec.decode_reference(z))
+    res[name] = out
+    print(name, json.dumps(out), flush=True)
+    if fp8:
+        res[name]["error_vs_bf16"] = fp8_error(pipe)
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def timed(fn, iters: int = 3) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def fp8_error(fp8_pipe) -> dict:
+    """Relative error of the FP8 transformer output and PSNR of decoded frames, against bf16, same inputs."""
+    ref = build_ours(fp8=False, compile=False)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, 16, 9, 48, 80, device="cuda", generator=g).bfloat16()
+    hist = {"latents_history_short": torch.randn(1, 16, 2, 48, 80, device="cuda", generator=g).bfloat16(),
+            "latents_history_mid": torch.randn(1, 16, 2, 48, 80, device="cuda", generator=g).bfloat16(),
+            "latents_history_long": torch.randn(1, 16, 16, 48, 80, device="cuda", generator=g).bfloat16()}
+    from helios.engine.history import HistoryLayout
+
+    idx = {k: v.cuda() for k, v in HistoryLayout().indices().items()}
+    emb = FixedPrompt("cuda").emb.bfloat16()
+    with torch.no_grad():
+        a = ref.model(x, 500.0, emb, **hist, **idx).sample.float()
+        b = fp8_pipe.model(x, 500.0, emb, **hist, **idx).sample.float()
+        rel = ((a - b).norm() / a.norm()).item()
+        va = torch.cat([c.frames for c in ref.stream("e", num_frames=33, height=HEIGHT, width=WIDTH,
+                                                      settings="distilled", seed=3)]).float()
+        vb = torch.cat([c.frames for c in fp8_pipe.stream("e", num_frames=33, height=HEIGHT, width=WIDTH,
+                                                           settings="distilled", seed=3)]).float()
+    mse = ((va - vb) ** 2).mean().item()
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"transformer_rel_error": rel, "frames_psnr_db": 10 * math.log10(255**2 / max(mse, 1e-12))}
+
+
+def measure_reference(name: str, compile: bool, res: dict) -> None:
+    from diffusers import AutoencoderKLWan, HeliosDMDScheduler, HeliosPyramidPipeline, HeliosTransformer3DModel
+
+    torch.cuda.reset_peak_memory_stats()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        transformer = HeliosTransformer3DModel().eval()
+    torch.set_default_dtype(torch.float32)
+    vae = AutoencoderKLWan().to(dev, torch.bfloat16 if compile else torch.float32).eval()
+    sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = HeliosPyramidPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched,
+                                 transformer=transformer, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    if compile:
+        transformer.compile()
+    emb = FixedPrompt(dev).emb.bfloat16()
+
+    def call(frames):
+        t0 = time.perf_counter()
+        pipe(prompt_embeds=emb, height=HEIGHT, width=WIDTH, num_frames=frames, guidance_scale=1.0,
+             pyramid_num_inference_steps_list=list(STEPS), is_amplify_first_chunk=True, output_type="pt",
+             generator=torch.Generator(device=dev).manual_seed(0))
+        sync()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    call(66)
+    warmup = time.perf_counter() - t0
+    t33 = call(33)
+    t165 = call(165)
+    per = (t165 - t33) / 4
+    z = torch.randn(1, 16, 9, HEIGHT // 8, WIDTH // 8, device=dev, dtype=vae.dtype)
+    res[name] = {"warmup_s": warmup, "t33_s": t33, "t165_s": t165, "s_per_chunk": per, "fps": 33 / per,
+                 "vae_decode_s": timed(lambda: vae.decode(z)), "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    print(name, json.dumps(res[name]), flush=True)
+    del pipe, transformer, vae
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def append_results(res: dict, path: Path) -> None:
+    lin, att = chunk_flops()
+    floor = lin / (MATMUL_TFLOPS * 1e12) + att / (ATTN_TFLOPS * 1e12)
+    fp8_floor = lin / (1382e12) + att / (ATTN_TFLOPS * 1e12)
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write("# Benchmark results\n\nEnd-to-end 14B Helios-Distilled at 384x640, pyramid 2/2/2, no CFG, "
+                    "amplified first chunk; s/chunk = (t(165 frames) - t(33 frames)) / 4 after warm-up. "
+                    "Written by benchmarks/bench_e2e.py.\n\n"
+                    "| date | GPU | torch | config | s/chunk | frames/s | denoise s | decode s | first frame s "
+                    "| warm-up s | peak GB | transformer floor s (% of chunk) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for name, r in res.items():
+            if not isinstance(r, dict) or "s_per_chunk" not in r:
+                continue
+            fl = fp8_floor if "fp8" in name else floor
+            f.write(f"| {res['date']} | {res['gpu']} | {res['torch']} | {name} | {r['s_per_chunk']:.3f} | "
+                    f"{r['fps']:.2f} | {r.get('denoise_s', float('nan')):.3f} | "
+                    f"{r.get('decode_s', r.get('vae_decode_s', float('nan'))):.3f} | "
+                    f"{r.get('first_frame_s', float('nan')):.2f} | {r['warmup_s']:.0f} | {r['peak_gb']:.1f} | "
+                    f"{fl:.3f} ({100 * fl / r['s_per_chunk']:.0f}%) |\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="ours,ours-fp8,reference-eager")
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--results-md", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = ap.parse_args()
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "date": datetime.date.today().isoformat()}
+    lin, att = chunk_flops()
+    res["chunk_tflop"] = {"matmul": lin / 1e12, "attention": att / 1e12}
+    for name in args.configs.split(","):
+        if name == "ours":
+            measure_ours(name, fp8=False, compile=True, res=res)
+        elif name == "ours-eager":
+            measure_ours(name, fp8=False, compile=False, res=res)
+        elif name == "ours-fp8":
+            measure_ours(name, fp8=True, compile=True, res=res)
+        elif name == "reference-eager":
+            measure_reference(name, compile=False, res=res)
+        elif name == "reference-compiled":
+            measure_reference(name, compile=True, res=res)
+        else:
+            raise SystemExit(f"unknown config {name}")
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    append_results(res, Path(args.results_md))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
