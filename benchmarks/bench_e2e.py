@@ -72,7 +72,8 @@ def build_ours(fp8: bool, compile: bool):
     torch.manual_seed(0)
     transformer = build_transformer(HeliosConfig(), device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
     vae = AutoencoderKLWan().to(dev, torch.bfloat16).eval()
-    sched = dict(HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config)
+    sched = {"_class_name": "HeliosDMDScheduler",  # .config lacks it; load_scheduler needs it
+             **HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config}
     comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
     pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
     return pipe.optimize(compile=compile, fp8=fp8)
