@@ -43,6 +43,7 @@ class LatentCodec:
         self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
         if callable(getattr(vae, "clear_cache", None)):
             vae.clear_cache()  # creates the causal-convolution caches the batched decode drives
+        self.frames_per_decode = 4
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,13 +90,14 @@ class LatentCodec:
         vae.clear_cache()
         x = vae.post_quant_conv(z)
         vae._conv_idx = [0]
-        out = vae.decoder(x[:, :, :1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)
-        if x.shape[2] > 1:
+        pieces = [vae.decoder(x[:, :, :1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)]
+        # Groups of latent frames: 4 at a time keeps most of the speed-up at half the activation memory.
+        for start in range(1, x.shape[2], self.frames_per_decode):
             vae._conv_idx = [0]
-            rest = vae.decoder(x[:, :, 1:], feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
-            out = torch.cat([out, rest], dim=2)
+            pieces.append(vae.decoder(x[:, :, start:start + self.frames_per_decode], feat_cache=vae._feat_map,
+                                      feat_idx=vae._conv_idx))
         vae.clear_cache()
-        return out.clamp(-1.0, 1.0)
+        return torch.cat(pieces, dim=2).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:

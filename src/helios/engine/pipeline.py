@@ -154,8 +154,8 @@ class HeliosVideoPipeline:
         image: torch.Tensor | None = None,
         video: torch.Tensor | None = None,
         num_frames: int = 132,
-        height: int = 384,
-        width: int = 640,
+        height: int | None = None,
+        width: int | None = None,
         settings: str | SamplerSettings | None = None,
         guidance_scale: float | None = None,
         steps: int | Sequence[int] | None = None,
@@ -176,6 +176,8 @@ class HeliosVideoPipeline:
         on_step(chunk, stage, step) is called after every solver step.
         """
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
+        height = height or self.default_size[0]
+        width = width or self.default_size[1]
         s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps)
         self.check_size(height, width, s)
         plan = plan_frames(num_frames)

@@ -112,13 +112,18 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def save_transformer(model: HeliosTransformer, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + sharded safetensors with an index, in the official layout, atomically per file."""
+def save_transformer(model: HeliosTransformer, folder: str | Path, max_shard_bytes: int = 5 * 2**30,
+                     dtype: torch.dtype | None = None) -> None:
+    """Write config.json + sharded safetensors with an index, in the official layout, atomically per file.
+
+    dtype: cast floating-point tensors on the way out (e.g. bf16 to halve the files).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():

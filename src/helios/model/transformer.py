@@ -425,9 +425,9 @@ def build_transformer(config: HeliosConfig, device: torch.device | str | None = 
         model = HeliosTransformer(config)
     if str(device) == "meta":
         return model
-    model.to_empty(device=device or "cpu")
-    if dtype is not None:
+    if dtype is not None:  # choose dtypes while still on meta: no float32 copy of a bf16 model ever exists
         cast_keeping_fp32(model, dtype)
+    model.to_empty(device=device or "cpu")
     init_weights_(model)
     return model
 

@@ -1,0 +1,182 @@
+"""The small Helios we ship: parts sized for a laptop CPU, in the official model-folder layout.
+
+    text_encoder/ + tokenizer/   a word-level tokenizer over the synthetic captions' vocabulary and a
+                                 2-layer T5 encoder with fixed random weights (frozen: the transformer
+                                 learns to read it, as Helios reads a frozen umT5)
+    vae/                         a small Wan-architecture VAE (AutoencoderKLWan), trained here on the
+                                 synthetic videos (reconstruction + a light KL term)
+    transformer/                 a small Helios transformer, trained by `helios train` (stages 1-3)
+    scheduler/                   the Helios scheduler config of the preset the folder is for
+
+`python -m helios.train.tiny vae OUT_DIR` trains the VAE and writes a starting model folder whose
+transformer is freshly initialised; the transformer stages then run from that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from helios.eval.palette import COLORS, COUNT_WORDS, SHAPES
+from helios.model.config import named_config
+from helios.model.loading import save_transformer
+from helios.model.transformer import build_transformer
+
+FRAME_SIZE = (128, 128)  # height, width of the shipped model's videos
+TEXT_DIM = 64
+MAX_TOKENS = 32
+
+
+def vocabulary() -> list[str]:
+    """Every word a synthetic caption uses, plus the specials a T5 tokenizer needs."""
+    words = set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNT_WORDS)
+    words |= {"bouncing", "on", "background", "and", "moving", "with"}
+    return ["<pad>", "</s>", "<unk>", *sorted(words)]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=MAX_TOKENS)
+
+
+def build_text_encoder(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(vocabulary()), d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
+    return T5EncoderModel(cfg).eval()
+
+
+def build_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
+
+
+def transformer_config():
+    return named_config("small", text_dim=TEXT_DIM, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024,
+                        num_layers=8, rope_dim=(24, 20, 20))
+
+
+def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-4, device: str = "cpu",
+              kl_weight: float = 1e-6, log_every: int = 50, seed: int = 0) -> list[float]:
+    """Fit the VAE to synthetic clips (1 + 4k frames): L1 + MSE reconstruction and a small KL."""
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+
+    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=24 * 60, seed=seed)
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        clips = []
+        for _ in range(batch):
+            idx = int(torch.randint(0, 100_000, (1,), generator=rng))
+            start = int(torch.randint(0, cfg.num_frames - frames, (1,), generator=rng))
+            clips.append(SyntheticVideo.from_index(idx, cfg).clip(start, frames))
+        x = torch.stack(clips).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=torch.device(device).type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            rec = vae.decode(z).sample.float()
+        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1 - post.logvar.float()).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            print(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the VAE's latents on synthetic clips: the normalisation the pipeline applies."""
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+
+    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], seed=seed)
+    zs = [vae.encode(SyntheticVideo.from_index(i, cfg).clip(0, 17)[None].to(device)).latent_dist.mean
+          for i in range(clips)]
+    z = torch.cat(zs, dim=2).float()
+    return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).clamp(min=1e-3).tolist()
+
+
+def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Path:
+    """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
+    from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    build_tokenizer().save_pretrained(tmp / "tokenizer")
+    build_text_encoder().save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    save_transformer(transformer, tmp / "transformer", dtype=torch.bfloat16)  # halves the shipped size
+    if kind == "base":
+        sched = HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
+    elif kind == "mid":
+        sched = HeliosScheduler(use_dynamic_shifting=True)
+    else:
+        sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    sched.save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
+             "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", type(sched).__name__], "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "HeliosTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"],
+             "helios_default_size": list(FRAME_SIZE)}
+    if kind != "base":
+        index.update(is_cfg_zero_star=(kind == "mid"), is_distilled=(kind == "distilled"))
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Train the small VAE and write a starting model folder.")
+    ap.add_argument("command", choices=["vae"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    vae = build_vae()
+    losses = train_vae(vae, args.steps, batch=args.batch, device=args.device)
+    mean, std = latent_statistics(vae, device=args.device)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    vae.to("cpu")
+    transformer = build_transformer(transformer_config())
+    write_model_folder(args.out, vae, transformer, kind="mid")
+    (args.out / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": args.steps,
+                                                             "batch": args.batch}))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
