@@ -75,7 +75,8 @@ def transformer_config():
 
 
 def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-4, device: str = "cpu",
-              kl_weight: float = 1e-6, log_every: int = 50, seed: int = 0) -> list[float]:
+              kl_weight: float = 1e-6, log_every: int = 50, seed: int = 0,
+              max_seconds: float | None = None) -> list[float]:
     """Fit the VAE to synthetic clips (1 + 4k frames): L1 + MSE reconstruction and a small KL."""
     from helios.train.synthetic import SyntheticConfig, SyntheticVideo
 
@@ -106,6 +107,9 @@ def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-
         losses.append(loss.item())
         if step % log_every == 0 or step == steps - 1:
             print(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            print(f"vae: time budget of {max_seconds:.0f}s reached at step {step}", flush=True)
+            break
     vae.eval()
     return losses
 
@@ -164,10 +168,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     vae = build_vae()
-    losses = train_vae(vae, args.steps, batch=args.batch, device=args.device)
+    losses = train_vae(vae, args.steps, batch=args.batch, device=args.device, max_seconds=args.max_seconds)
     mean, std = latent_statistics(vae, device=args.device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
