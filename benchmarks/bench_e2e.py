@@ -232,10 +232,13 @@ def append_results(res: dict, path: Path) -> None:
             lin, att = chunk_flops(steps=tuple(r.get("steps", STEPS)))
             fl = lin / ((1382.0 if "fp8" in name else MATMUL_TFLOPS) * 1e12) + att / (ATTN_TFLOPS * 1e12)
             f.write(f"| {res['date']} | {res['gpu']} | {res['torch']} | {name} | {r['s_per_chunk']:.3f} | "
-                    f"{r['fps']:.2f} | {r.get('denoise_s', float('nan')):.3f} | "
-                    f"{r.get('decode_s', r.get('vae_decode_s', float('nan'))):.3f} | "
-                    f"{r.get('first_frame_s', float('nan')):.2f} | {r['warmup_s']:.0f} | {r['peak_gb']:.1f} | "
+                    f"{r['fps']:.2f} | {_num(r.get('denoise_s'))} | {_num(r.get('decode_s', r.get('vae_decode_s')))} | "
+                    f"{_num(r.get('first_frame_s'), 2)} | {r['warmup_s']:.0f} | {r['peak_gb']:.1f} | "
                     f"{fl:.3f} ({100 * fl / r['s_per_chunk']:.0f}%) |\n")
+
+
+def _num(v, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
 def main() -> None:
