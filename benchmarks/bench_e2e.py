@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from probe_transformer import cuda_time  # same folder: median of CUDA-event timings after warm-up
+
 HEIGHT, WIDTH = 384, 640
 STEPS = (2, 2, 2)
 EMB_SHAPE = (1, 512, 4096)
@@ -128,17 +130,7 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
 
 
 def timed(fn, iters: int = 3) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return sorted(times)[len(times) // 2]
+    return cuda_time(fn, warmup=1, iters=iters)
 
 
 def fp8_error(fp8_pipe) -> dict:
