@@ -52,6 +52,8 @@ def generate(
     fps: int = typer.Option(24, "--fps"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
+    fp8: bool = typer.Option(False, "--fp8", help="FP8 matmuls in the transformer (CUDA, Hopper or newer)."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the blocks (CUDA only)."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     import torch
@@ -79,8 +81,11 @@ def generate(
                    "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         fail(f"--dtype must be auto, float32 or bfloat16, got {dtype}")
+    if fp8 and not device.startswith("cuda"):
+        fail("--fp8 needs a CUDA GPU (Hopper or newer); drop --fp8 on the CPU")
     try:
-        pipe = load_pipeline(model, dtype=torch_dtype, device=device)
+        pipe = load_pipeline(model, dtype=torch_dtype, device=device,
+                             optimize=compile and device.startswith("cuda"), fp8=fp8)
     except (ModelFolderError, ValueError) as e:
         fail(str(e))
     height, width = height or pipe.default_size[0], width or pipe.default_size[1]
@@ -157,6 +162,63 @@ def eval_(
 
     raise typer.Exit(eval_command(path, out_dir=out_dir, caption=caption, window_seconds=window,
                                   clip_model=clip_model))
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled small model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on; beyond loopback needs --token."),
+    port: int = typer.Option(8000, "--port"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HELIOS_SERVE_TOKEN",
+                                        help="Access token every request must carry (required off loopback)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
+    max_frames: int = typer.Option(1452, "--max-frames", help="Longest video one job may ask for."),
+    max_upload_mb: int = typer.Option(64, "--max-upload-mb", help="Largest image or video upload."),
+    jobs_per_client: int = typer.Option(2, "--jobs-per-client", help="Queued + running jobs per client."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where videos are written (default: temp)."),
+) -> None:
+    """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
+    from helios.serve import Limits, check_bind, run_server
+
+    token = token or None  # an empty HELIOS_SERVE_TOKEN means none
+    try:
+        check_bind(host, token)  # before loading anything: a refused start should be instant
+    except ValueError as e:
+        fail(str(e))
+    if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
+        fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
+    model = model or default_model()
+    if not model.exists():
+        fail(f"model folder {model} does not exist")
+    limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20,
+                    max_jobs_per_client=jobs_per_client)
+    try:
+        run_server(model, host=host, port=port, token=token, device=pick_device(device), dtype=dtype,
+                   limits=limits, workdir=workdir)
+    except ValueError as e:
+        fail(str(e))
+
+
+@app.command("train")
+def train_(
+    config: Path = typer.Argument(..., help="Training config YAML (see docs/training.md)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable)."),
+) -> None:
+    """Train stage 1 or 2 on one process, or on many under torchrun (FSDP2)."""
+    from helios.engine.components import ModelFolderError
+    from helios.model.loading import CheckpointError
+    from helios.train.config import ConfigError, load_config
+    from helios.train.data import DataError
+    from helios.train.trainer import train as run_training
+
+    try:
+        result = run_training(load_config(config, set_), resume=resume)
+    except (ConfigError, DataError, CheckpointError, ModelFolderError) as e:
+        fail(str(e))
+    typer.echo(f"trained to step {result.step}; checkpoints in {result.output_dir / 'checkpoints'}"
+               + (f"; model folder {result.export_dir}" if result.export_dir else ""))
 
 
 def main() -> None:  # pragma: no cover
