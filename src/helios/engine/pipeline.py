@@ -176,8 +176,8 @@ class HeliosVideoPipeline:
         on_step(chunk, stage, step) is called after every solver step.
         """
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps)
         self.check_size(height, width, s)
         plan = plan_frames(num_frames)
