@@ -1,0 +1,161 @@
+"""Serve tests: one tiny model, and real uvicorn servers on 127.0.0.1 in a thread, one per test.
+
+The model folder comes from the `model_folder` fixture only, so swapping in the bundled small model
+is a one-line change. Jobs in these tests use 64x64 frames and one step per pyramid stage.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+SIZE = {"height": 64, "width": 64, "steps": 1}
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory) -> Path:
+    from tiny_pipelines import save_model_folder
+
+    folder = tmp_path_factory.mktemp("serve-model") / "helios-tiny"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_model_folder("distilled", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipe(model_folder):
+    from helios.engine.pipeline import load_pipeline
+
+    return load_pipeline(model_folder)
+
+
+class LiveServer:
+    """A uvicorn server for one app, on a free loopback port, run in a thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        import uvicorn
+
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.ws_url = f"ws://{host}:{self.port}/ws"
+        self._sock = sock
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=8 << 20,
+                                                     timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    @property
+    def worker(self):
+        return self.app.state.server.worker
+
+    def start(self) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self._sock.close()
+
+    def client(self, **headers) -> httpx.Client:
+        """An HTTP client with its own client id (as a browser tab would have)."""
+        c = httpx.Client(base_url=self.url, timeout=60, headers=headers)
+        r = c.get("/api/config")
+        assert r.status_code == 200, r.text
+        c.headers["X-Helios-Client"] = r.json()["client"]
+        return c
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.worker.stats()["running"] or self.worker.stats()["queued"]:
+            assert time.monotonic() < deadline, f"the worker is still busy: {self.worker.stats()}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def serve(pipe, tmp_path):
+    """serve(**create_app kwargs) -> a started LiveServer; all are stopped after the test."""
+    from helios.serve.app import create_app
+
+    servers = []
+
+    def start(**kwargs) -> LiveServer:
+        kwargs.setdefault("workdir", tmp_path / "serve")
+        server = LiveServer(create_app(kwargs.pop("pipeline", pipe), **kwargs)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(serve) -> LiveServer:
+    return serve()
+
+
+def wait_for(client: httpx.Client, job: str, states=("done", "stopped", "cancelled", "failed"),
+             timeout: float = 120) -> dict:
+    """Poll a job's status until it is in one of `states`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/api/jobs/{job}").json()
+        if status["state"] in states:
+            return status
+        assert time.monotonic() < deadline, f"job still {status['state']} after {timeout} s: {status}"
+        time.sleep(0.1)
+
+
+def wait_until(client: httpx.Client, job: str, predicate, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not predicate(status := client.get(f"/api/jobs/{job}").json()):
+        assert status["state"] not in ("done", "stopped", "cancelled", "failed"), status
+        assert time.monotonic() < deadline, f"gave up waiting: {status}"
+        time.sleep(0.02)
+    return status
+
+
+@contextmanager
+def live(server: LiveServer, client_id: str | None = None, **start):
+    """A WebSocket session whose start message has been sent: yields (socket, accepted message)."""
+    from websockets.sync.client import connect
+
+    headers = {"X-Helios-Client": client_id} if client_id else {}
+    # max_queue=None: a test that stops reading must still see the close handshake promptly.
+    with connect(server.ws_url, additional_headers=headers, max_size=None, max_queue=None, open_timeout=20) as ws:
+        upload = start.pop("upload_bytes", None)
+        ws.send(json.dumps({"type": "start", **SIZE, **start}))
+        if upload is not None:
+            ws.send(upload)
+        accepted = json.loads(ws.recv(timeout=60))
+        yield ws, accepted
+
+
+def next_json(ws, timeout: float = 120) -> dict:
+    """The next JSON message, skipping binary frames."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(message, str):
+            return json.loads(message)
