@@ -169,9 +169,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--init-vae", type=Path, default=None, help="continue training this vae/ folder")
     args = ap.parse_args()
     torch.manual_seed(0)
-    vae = build_vae()
+    if args.init_vae is not None:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args.init_vae)
+    else:
+        vae = build_vae()
     losses = train_vae(vae, args.steps, batch=args.batch, device=args.device, max_seconds=args.max_seconds)
     mean, std = latent_statistics(vae, device=args.device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
