@@ -23,7 +23,7 @@ from helios.train.corrupt import (
     history_segments,
     saturate_history,
 )
-from helios.train.history import HistoryLayout, history_from_sections, rope_indices, split_history
+from helios.train.history import HistoryLayout, history_from_sections, model_history_inputs
 
 L = HistoryLayout()  # official 16/2/1 + window 9
 
@@ -34,8 +34,8 @@ def history(B=1, C=4, h=4, w=4, seed=0, value=None):
         full = torch.full((B, C, 20, h, w), float(value))
     else:
         full = torch.randn(B, C, 20, h, w, generator=g)
-    hb = split_history(full[:, :, 1:], full[:, :, :1], L)
-    return hb.short, hb.mid, hb.long
+    kw = model_history_inputs(full[:, :, 1:], full[:, :, :1], L)
+    return kw["latents_history_short"], kw["latents_history_mid"], kw["latents_history_long"]
 
 
 def frames_of(short, mid, long):
@@ -44,11 +44,11 @@ def frames_of(short, mid, long):
 
 
 def test_layout_indices_and_segments():
-    ind = rope_indices(L, 2)
-    assert ind["short"].tolist()[0] == [0, 19]
-    assert ind["long"].tolist()[0] == list(range(1, 17))
-    assert ind["mid"].tolist()[0] == [17, 18]
-    assert ind["noisy"].tolist()[0] == list(range(20, 29))
+    ind = L.indices(2)
+    assert ind["indices_latents_history_short"].tolist()[0] == [0, 19]
+    assert ind["indices_latents_history_long"].tolist()[0] == list(range(1, 17))
+    assert ind["indices_latents_history_mid"].tolist()[0] == [17, 18]
+    assert ind["indices_hidden_states"].tolist()[0] == list(range(20, 29))
     segs = [(s["start"], s["end"], s["ratio"]) for s in history_segments(L)]
     assert segs == [(0, 1, "long"), (1, 10, "long"), (10, 12, "long"), (12, 19, "mid")]
     sections = torch.arange(3 * 2 * 9, dtype=torch.float32).reshape(3, 2, 9, 1, 1) + 1

@@ -128,7 +128,7 @@ def test_jsonl_captions_and_dataset(tmp_path):
     assert len(rep.built) == 2 and not rep.skipped
     ds = LatentCacheDataset(tmp_path / "c")
     assert len(ds) == 2 and ds[0]["latents"].shape == (3, 16, 3, 2, 2)
-    layout = HistoryLayout(long=4, mid=2, short=1, window=3)
+    layout = HistoryLayout((4, 2, 1), chunk_frames=3)
     ds = LatentCacheDataset(tmp_path / "c", layout=layout, seed=1)
     seen = set()
     for epoch in range(6):

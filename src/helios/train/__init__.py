@@ -1,11 +1,18 @@
-"""Training data and stage ingredients (the training loop itself lives elsewhere).
+"""Training: data, stage ingredients and the loop.
 
 * :mod:`helios.train.synthetic`  - procedural bouncing-shapes videos with captions (+ torch Dataset)
 * :mod:`helios.train.video_data` - mp4 folder -> one-time VAE-latent / text-embedding cache, and its Dataset
-* :mod:`helios.train.history`    - anchor + long/mid/short history layout, RoPE indices, sample cutting
+* :mod:`helios.train.history`    - (anchor, history, target) samples cut from a video's latent sections
+  (the layout and the split into memory terms are :mod:`helios.engine.history`'s)
 * :mod:`helios.train.corrupt`    - Easy Anti-Drifting history degradation and T2V/I2V/V2V task dropout
 * :mod:`helios.train.timesteps`  - timestep sampling, dynamic shifting, flow-matching targets, pyramid and DMD timesteps
 * :mod:`helios.train.recipes`    - official stage 1-3 hyper-parameters as YAML under our key names
+* :mod:`helios.train.config`     - recipe + user YAML + ``--set`` -> a checked config dict
+* :mod:`helios.train.data`       - the cache / synthetic sources and the resumable batch order
+* :mod:`helios.train.modeling`   - init weights (Helios or Wan2.1), LoRA, FSDP2 sharding, export
+* :mod:`helios.train.stages`     - what one step computes for stage 1 and stage 2
+* :mod:`helios.train.checkpoint` - atomic DCP checkpoints with every rank's RNG state
+* :mod:`helios.train.trainer`    - the loop (``helios train CONFIG.yaml``)
 
-See docs/training-notes.md for how the official training works per stage.
+See docs/training.md for running it and docs/training-notes.md for how the official training works.
 """

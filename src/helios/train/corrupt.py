@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .history import HistoryLayout
+from .history import HistoryLayout, history_frames
 
 __all__ = [
     "HistoryCorruptionConfig",
@@ -214,9 +214,10 @@ def history_segments(layout: HistoryLayout) -> list[dict[str, Any]]:
     """Segments of the 19-frame history (anchor excluded, oldest first) as the official code cuts
     them. Each segment: ``name``, ``start``, ``end`` (frame range), ``ratio`` (which noise level
     applies: long/mid), ``window`` (frame range whose sum decides whether it is skipped)."""
-    n, W = layout.history_len, layout.window
+    n, W = history_frames(layout), layout.chunk_frames
+    long, mid, _ = layout.term_sizes
     tail, n_windows = n % W, n // W
-    if tail > layout.long:
+    if tail > long:
         raise ValueError("history layout not supported: tail longer than the long memory")
     segs: list[dict[str, Any]] = []
     if tail:
@@ -224,7 +225,7 @@ def history_segments(layout: HistoryLayout) -> list[dict[str, Any]]:
     for k in range(n_windows):
         a, b = tail + k * W, tail + (k + 1) * W
         if k == n_windows - 1:
-            split = a + layout.mid
+            split = a + mid
             segs.append({"name": f"window{k}a", "start": a, "end": split, "ratio": "long", "window": (a, b)})
             segs.append({"name": f"window{k}b", "start": split, "end": b, "ratio": "mid", "window": (a, b)})
         else:
@@ -246,14 +247,14 @@ def _where_samples(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> 
 
 def _pack(short, mid, long, layout):
     """-> (anchor or None, H (B, C, 19, h, w) oldest first)."""
-    a = int(layout.keep_anchor)
+    a = int(layout.keep_first_frame)
     anchor = short[:, :, :a] if a else None
     hist = torch.cat([long, mid, short[:, :, a:]], dim=2)
     return anchor, hist
 
 
 def _unpack(anchor, hist, layout):
-    long, mid, last = hist.split([layout.long, layout.mid, layout.short], dim=2)
+    long, mid, last = hist.split(list(layout.term_sizes), dim=2)
     short = torch.cat([anchor, last], dim=2) if anchor is not None else last
     return short, mid, long
 

@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -280,7 +281,8 @@ def build_latent_cache(
     os.makedirs(out_dir, exist_ok=True)
     report = CacheReport(report_path=os.path.join(out_dir, REPORT_NAME))
     seen: set[str] = set()
-    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    # recent captions only: a dataset of unique captions would otherwise keep every embedding in memory
+    text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
     for e in read_captions(captions_file):
         if not e.path:
             report.skipped.append({"path": "", "line": e.line, "reason": "no path in captions file"})
@@ -319,6 +321,9 @@ def build_latent_cache(
             if e.caption not in text_cache:
                 emb, mask = _as_embeds(encode_text_fn(e.caption))
                 text_cache[e.caption] = (emb.to(embed_dtype).cpu(), None if mask is None else mask.cpu())
+                if len(text_cache) > 64:
+                    text_cache.popitem(last=False)
+            text_cache.move_to_end(e.caption)
             emb, mask = text_cache[e.caption]
         tensors = {"latents": latents, "prompt_embeds": emb}
         if mask is not None:

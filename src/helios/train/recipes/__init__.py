@@ -80,8 +80,11 @@ def load_recipe(name_or_path: str | os.PathLike, phase: str | None = None) -> di
 
 
 def history_layout(recipe: dict[str, Any]) -> HistoryLayout:
+    """The engine's layout from ``data.history_sizes`` (any order; sorted long, mid, short),
+    ``data.latent_window`` and ``data.keep_anchor``."""
     d = recipe["data"]
-    return HistoryLayout.from_sizes(d["history_sizes"], d["latent_window"], d.get("keep_anchor", True))
+    sizes = tuple(sorted((int(x) for x in d["history_sizes"]), reverse=True))
+    return HistoryLayout(sizes, chunk_frames=int(d["latent_window"]), keep_first_frame=bool(d.get("keep_anchor", True)))
 
 
 def corruption_config(recipe: dict[str, Any]) -> HistoryCorruptionConfig:

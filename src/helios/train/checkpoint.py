@@ -1,0 +1,143 @@
+"""Training checkpoints: sharded model / optimiser / EMA through ``torch.distributed.checkpoint``,
+plus the loop state and every rank's RNG states, written atomically.
+
+Layout of ``OUTPUT_DIR/checkpoints/step-00000500/``::
+
+    dcp/                    model (trainable parameters only) + optimiser + EMA, sharded (DCP)
+    trainer_state.pt        step, data position, LR schedule, world size, config (rank 0)
+    rng-rank00000.pt        torch / CUDA / numpy / python RNG states of each rank
+
+Everything is written into ``.tmp-step-...`` first and renamed when complete, so a crash at any
+moment leaves either the previous checkpoints or the new one, never half of one; the newest
+``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+__all__ = ["list_checkpoints", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state"]
+
+_NAME = re.compile(r"^step-(\d{8})$")
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the frozen base is re-read from model.init_from
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it saves 'in a single process' whenever no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None):
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    return {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
+
+
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a crash during an earlier save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    with _quiet_single_process():
+        dcp.save(_app_state(model, optimizer, ema), checkpoint_id=str(tmp / "dcp"))
+    torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
+    if rank == 0:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    _barrier()
+    if rank == 0:
+        if final.exists():  # the same step saved before a crash and then redone
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Collective. Loads model / optimiser / EMA in place and this rank's RNG states; returns the
+    loop state (``trainer_state.pt``)."""
+    path = Path(path)
+    state = _app_state(model, optimizer, ema)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {path} does not fit the model built from the config: missing "
+                           f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+    if ema is not None:
+        for k, v in state["ema"].items():
+            if ema[k] is not v:
+                ema[k].copy_(v)
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    rng = path / f"rng-rank{_rank():05d}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return trainer_state

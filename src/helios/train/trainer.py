@@ -1,0 +1,369 @@
+"""The training loop, top to bottom. Stage-specific losses are in stages.py.
+
+    from helios.train.config import load_config
+    from helios.train.trainer import train
+    train(load_config("run.yaml"), resume=True)
+
+One process (CPU or one GPU) or many under ``torchrun`` (FSDP2, NCCL on GPUs / gloo on CPUs):
+the process group is taken from the usual environment variables (RANK, WORLD_SIZE, ...).
+
+    1. processes and devices         6. the loop: batches -> stage.train_step (forward + backward)
+    2. the model (+ LoRA), sharded      -> clip -> AdamW -> LR schedule -> EMA -> log
+    3. optimiser, LR schedule, EMA      -> checkpoint -> validation video
+    4. data and the stage            7. export the model folder
+    5. resume from the newest checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError
+from .data import BatchStream, ModelParts, build_dataset, check_sample
+from .modeling import (
+    build_trainable,
+    check_components_folder,
+    export_model_folder,
+    load_init_transformer,
+    plain_transformer,
+    shard_model,
+    trainable_named_parameters,
+)
+from .recipes import history_layout
+from .stages import StepContext, make_stage
+
+__all__ = ["train", "TrainResult", "lr_factor"]
+
+# FSDP2 warns that attn2.key_value returns views; nothing writes into them in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # rank-averaged loss of each step run in this call
+    output_dir: Path
+    export_dir: Path | None
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: Any = None
+    owns_group: bool = False
+
+
+def _init_distributed(device_pref: str) -> _Dist:
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' = 'cuda' but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return _Dist(0, 1, device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    return _Dist(dist.get_rank(), world, device, mesh, owns)
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """diffusers' schedules (the official ones): ``constant`` ignores the warmup;
+    ``constant_with_warmup`` is ``s / warmup`` then 1; ``cosine`` warms up then decays to 0."""
+    def f(s: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if s < warmup:
+            return s / max(1, warmup)
+        if schedule == "constant_with_warmup":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return f
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _full_state(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective under FSDP: every tensor gathered whole (one at a time) onto rank 0's CPU; the other
+    ranks return an empty dict."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for k, v in named.items():
+        v = v.detach()
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        if keep:
+            out[k] = full.cpu().clone()
+    return out
+
+
+def train(cfg: dict[str, Any], resume: bool = False,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run (or continue) the training described by ``cfg`` (from :func:`helios.train.config.load_config`).
+
+    resume: continue from the newest checkpoint in ``output_dir`` and fail if there is none (with
+    ``checkpointing.resume: latest`` a run also continues from one when it exists).
+    on_step(step, metrics): called on every rank after each optimiser step (tests use it to stop a run).
+    """
+    out_dir = Path(cfg["output_dir"])
+    ckpt_dir = out_dir / "checkpoints"
+
+    # ---- 1. processes and devices ----------------------------------------------------------
+    env = _init_distributed(cfg["device"])
+    rank, world, device = env.rank, env.world, env.device
+    on_cuda = device.type == "cuda"
+    bf16 = on_cuda and cfg["model"]["mixed_precision"] == "bf16"  # CPU: float32 throughout
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["model"]["allow_tf32"])
+        torch.backends.cudnn.allow_tf32 = bool(cfg["model"]["allow_tf32"])
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    layout = history_layout(cfg)
+    needs_parts = cfg["data"]["source"] == "synthetic" or (cfg["validation"]["enabled"]
+                                                           and cfg["validation"]["every_steps"] > 0)
+    if cfg["export"]["enabled"] or needs_parts:
+        check_components_folder(cfg["model"]["components_from"])
+    try:
+        # ---- 2. the model ------------------------------------------------------------------
+        torch.manual_seed(int(cfg["seed"]))  # LoRA init: identical on every rank before sharding
+        base_dtype = torch.bfloat16 if bf16 and cfg["finetune"] == "lora" else torch.float32
+        model = load_init_transformer(cfg, dtype=base_dtype, device=device)
+        build_trainable(model, cfg)
+        model.enable_gradient_checkpointing(bool(cfg["model"]["gradient_checkpointing"]))
+        model.train()
+        if world > 1:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+            shard_model(model, env.mesh, mp)
+        named = trainable_named_parameters(model)
+        params = [p for _, p in named]
+        torch.manual_seed(int(cfg["seed"]) + rank)  # anything else drawing from the global RNG differs per rank
+
+        # ---- 3. optimiser, LR schedule, EMA ------------------------------------------------
+        o = cfg["optim"]
+        optimizer = torch.optim.AdamW(params, lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
+                                      weight_decay=float(o["weight_decay"]))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(o["lr_schedule"], int(o["warmup_steps"]), int(cfg["max_steps"])))
+        ema = {n: p.detach().clone() for n, p in named} if cfg["ema"]["enabled"] else None
+        if rank == 0:
+            per, accum = int(cfg["batch"]["per_gpu"]), int(cfg["batch"]["grad_accum"])
+            print(f"stage {cfg['stage']} ({cfg['recipe']}/{cfg['phase']}): {cfg['finetune']} fine-tuning, "
+                  f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, global batch "
+                  f"{per} x {world} process(es) x {accum} accumulation = {per * world * accum} on {device.type}",
+                  flush=True)
+
+        # ---- 4. data and the stage ---------------------------------------------------------
+        parts = None
+        if needs_parts:
+            text_dtype = torch.bfloat16 if bf16 else torch.float32
+            vae_dtype = torch.float32 if cfg["model"]["vae_fp32"] or not bf16 else torch.bfloat16
+            synthetic = cfg["data"]["source"] == "synthetic"
+            parts = ModelParts(cfg["model"]["components_from"], device if synthetic else "cpu", vae_dtype, text_dtype,
+                               int(cfg["data"]["text_max_length"]))
+        dataset = build_dataset(cfg, layout, parts)
+        workers = int(cfg["data"]["num_workers"]) if cfg["data"]["source"] == "cache" else 0
+        check_sample(dataset[0], model.config.in_channels, model.config.text_dim, layout,
+                     (int(cfg["data"]["height"]), int(cfg["data"]["width"])))
+        stage = make_stage(cfg)
+
+        # ---- 5. resume ---------------------------------------------------------------------
+        step, position = 0, None
+        latest = latest_checkpoint(ckpt_dir)
+        if resume and latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
+        if latest is not None and (resume or cfg["checkpointing"]["resume"] == "latest"):
+            state = load_checkpoint(latest, model, optimizer, ema)
+            scheduler.load_state_dict(state["scheduler"])
+            step, position = int(state["step"]), state["data"]
+            if position.get("global_batch") != int(cfg["batch"]["per_gpu"]) * world:
+                raise ConfigError(f"the checkpoint {latest} was made with a global batch of "
+                                  f"{position.get('global_batch')} samples; batch.per_gpu x processes is now "
+                                  f"{int(cfg['batch']['per_gpu']) * world}: keep it the same to resume")
+            if rank == 0:
+                print(f"resumed from {latest} at step {step}", flush=True)
+        elif latest is not None:
+            raise ConfigError(f"config key 'checkpointing.resume' = 'never' but {ckpt_dir} holds checkpoints: pass "
+                              "--resume to continue from the newest, or choose a new output_dir")
+        stream = BatchStream(dataset, int(cfg["batch"]["per_gpu"]), rank, world, int(cfg["seed"]), workers,
+                             position)
+
+        # ---- 6. the loop -------------------------------------------------------------------
+        writer = None
+        if rank == 0 and cfg["logging"]["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step)
+        metrics_file = out_dir / "metrics.jsonl"  # one JSON line per step (rank 0), cut back on resume
+        if rank == 0:
+            kept = [ln for ln in (metrics_file.read_text().splitlines() if metrics_file.exists() else [])
+                    if json.loads(ln)["step"] <= step]
+            metrics_file.write_text("".join(ln + "\n" for ln in kept))
+        bar = None
+        if rank == 0 and cfg["logging"]["progress"]:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(cfg["max_steps"]), initial=step, unit="step", dynamic_ncols=True)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        accum, clip = int(cfg["batch"]["grad_accum"]), o["grad_clip"]
+        ema_decay, ema_start = float(cfg["ema"]["decay"]), int(cfg["ema"]["start_step"])
+        losses: list[float] = []
+        while step < int(cfg["max_steps"]):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            metrics: dict[str, float] = {}
+            for micro in range(accum):
+                batch = stream.next()
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and v.is_floating_point() else v
+                         for k, v in batch.items()}
+
+                def backward(loss: torch.Tensor, last: bool = True, micro: int = micro) -> None:
+                    if world > 1:  # FSDP reduces gradients once, on the final backward of the step
+                        model.set_requires_gradient_sync(last and micro == accum - 1)
+                    (loss / accum).backward()
+
+                ctx = StepContext(model, layout, int(cfg["seed"]), step, micro, rank, batch["sample_ids"],
+                                  backward, autocast)
+                for k, v in stage.train_step(ctx, batch).items():
+                    metrics[k] = metrics.get(k, 0.0) + v / accum
+            if clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
+                metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in named:
+                        if step <= ema_start:  # official: the EMA follows the weights until ema.start_step
+                            ema[n].copy_(p.detach())
+                        else:
+                            ema[n].lerp_(p.detach(), 1.0 - ema_decay)
+            metrics = _mean_over_ranks(metrics, device)
+            metrics["step_seconds"] = time.perf_counter() - t0
+            losses.append(metrics["loss"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            if rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if writer is not None and step % int(cfg["logging"]["every_steps"]) == 0:
+                for k, v in metrics.items():
+                    writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
+            every = int(cfg["checkpointing"]["every_steps"])
+            if (every and step % every == 0) or step == int(cfg["max_steps"]):
+                save_checkpoint(ckpt_dir, step, model, optimizer, ema,
+                                {"step": step, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "world_size": world, "config": cfg}, int(cfg["checkpointing"]["keep_last"]))
+            vevery = int(cfg["validation"]["every_steps"])
+            if cfg["validation"]["enabled"] and vevery and step % vevery == 0:
+                _validate(cfg, model, named, parts, env, step, out_dir, writer, bf16)
+            if on_step is not None:
+                on_step(step, metrics)
+        if bar is not None:
+            bar.close()
+
+        # ---- 7. export ---------------------------------------------------------------------
+        export_dir = None
+        if cfg["export"]["enabled"]:
+            use_ema = ema is not None and cfg["export"]["use_ema"]
+            state = _full_state(ema if use_ema else dict(named))
+            export_dir = Path(cfg["export"]["dir"] or out_dir / "model")
+            if rank == 0:
+                with torch.random.fork_rng(devices=[]):
+                    plain = plain_transformer(cfg, state, dtype=None, device="cpu")
+                export_model_folder(plain, cfg["model"]["components_from"], export_dir,
+                                    (int(cfg["data"]["height"]), int(cfg["data"]["width"])))
+                del plain
+                print(f"exported the trained model to {export_dir}", flush=True)
+            if world > 1:
+                dist.barrier()
+        if writer is not None:
+            writer.close()
+        return TrainResult(step, losses, out_dir, export_dir)
+    finally:
+        if env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _validate(cfg: dict[str, Any], model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
+              parts: ModelParts | None, env: _Dist, step: int, out_dir: Path, writer, bf16: bool) -> None:
+    """Generate a short video from the current weights with the engine's sampler; write an mp4 and log
+    frames to TensorBoard. Under FSDP the trained weights are gathered and rank 0 samples from an
+    unsharded copy (the engine calls parts of the transformer outside its forward)."""
+    from helios.engine.components import Components
+    from helios.engine.pipeline import HeliosVideoPipeline
+    from helios.engine.video_io import VideoWriter
+
+    v = cfg["validation"]
+    state = _full_state(dict(named)) if env.world > 1 else None
+    if env.rank == 0 and parts is not None:
+        was_device = parts.device
+        vmodel = model
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            if state is not None:
+                vmodel = plain_transformer(cfg, state, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                           device=env.device)
+            parts.to(env.device)
+            sched = {**parts.scheduler_config, "use_dynamic_shifting": bool(v["use_dynamic_shifting"]),
+                     "time_shift_type": v["time_shift_type"]}
+            flags = {"is_distilled": bool(parts.index.get("is_distilled", False)),
+                     "is_cfg_zero_star": bool(parts.index.get("is_cfg_zero_star", False)),
+                     "default_size": (int(v["height"]), int(v["width"]))}
+            comps = Components(vmodel, parts.vae, parts.text_encoder, parts.tokenizer, sched,
+                               parts.index.get("_class_name", "HeliosPyramidPipeline"), flags, parts.folder)
+            pipe = HeliosVideoPipeline(comps, max_sequence_length=int(cfg["data"]["text_max_length"]))
+            steps = list(v["pyramid_steps"]) if int(parts.scheduler_config.get("stages", 1)) > 1 \
+                else int(v["num_inference_steps"])
+            vmodel.eval()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                frames = pipe.generate(v["prompt"], negative_prompt=cfg["data"].get("negative_prompt", ""),
+                                       num_frames=int(v["num_frames"]), height=int(v["height"]),
+                                       width=int(v["width"]), steps=steps, guidance_scale=float(v["guidance_scale"]),
+                                       seed=int(v["seed"]))
+            model.train()
+            parts.to(was_device)
+        folder = out_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:08d}.mp4"
+        with VideoWriter(path, fps=int(cfg["data"].get("fps", 24))) as w:
+            w.write(frames)
+        if writer is not None:
+            pick = torch.linspace(0, frames.shape[0] - 1, min(4, frames.shape[0])).long()
+            writer.add_images("validation/frames", frames[pick], step, dataformats="NHWC")
+            writer.add_text("validation/video", str(path), step)
+        del vmodel, pipe
+    if env.world > 1:
+        dist.barrier()
