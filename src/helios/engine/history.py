@@ -33,7 +33,8 @@ class HistoryLayout:
 
     @property
     def window(self) -> int:
-        return sum(self.sizes)
+        """Latent frames kept: 19 with the anchor; without it the short term takes one more (20)."""
+        return sum(self.term_sizes)
 
     @property
     def term_sizes(self) -> tuple[int, int, int]:

@@ -86,8 +86,10 @@ class HeliosVideoPipeline:
         self.c = components
         self.model = components.transformer
         self.codec = LatentCodec(components.vae)
+        # Small bundled models declare a shorter text length in their tokenizer; umT5's is 512 (or unset).
+        limit = getattr(components.tokenizer, "model_max_length", None) or max_sequence_length
         self.prompts = prompt_encoder or PromptEncoder(components.tokenizer, components.text_encoder,
-                                                       max_sequence_length)
+                                                       min(max_sequence_length, int(limit)))
         self.scheduler = load_scheduler(components.scheduler_config)
         self.default_preset = default_preset(components)
         self.fp8 = False
@@ -187,8 +189,13 @@ class HeliosVideoPipeline:
             log.info(plan.note)
         device = self.device
         if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else
-                                                                   torch.seed() % 2**63)
+            if seed is None:
+                seed = torch.seed() % 2**63
+                if getattr(self.model, "context_parallel", None) is not None:  # every rank must draw the same noise
+                    from helios.model.parallel import broadcast_seed
+
+                    seed = broadcast_seed(seed, self.model.context_parallel.group)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         layout = HistoryLayout(tuple(history_sizes), chunk_frames=9, keep_first_frame=keep_first_frame)
         h, w = height // self.codec.spatial, width // self.codec.spatial
         shape = (1, self.model.config.in_channels, layout.chunk_frames, h, w)

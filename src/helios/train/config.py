@@ -37,6 +37,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto (cuda when available) | cpu | cuda
     "finetune": "lora",  # lora (official) | full
     "max_steps": 1000,
+    "max_seconds": None,  # stop early (checkpoint + export as usual) after this much training wall time
     "model": {
         "init_from": None,  # Helios model folder (model_index.json + transformer/...), a transformer
         "init_subfolder": "transformer",  # folder, or a Wan2.1 transformer folder (stage-1 init)
@@ -49,6 +50,8 @@ RUN_DEFAULTS: dict[str, Any] = {
         "cache_dir": None,  # folder written by helios.train.video_data.build_latent_cache
         "num_workers": 0,  # DataLoader workers (cache source; the synthetic source encodes in-process)
         "text_max_length": 512,  # synthetic source: tokens per prompt (umT5: 512)
+        # validation's negative prompt; stage 3's real-score CFG (None: the official negative prompt there)
+        "negative_prompt": None,
     },
     "synthetic": {  # -> helios.train.synthetic.SyntheticConfig + dataset size and clip length
         "height": 64, "width": 64, "num_frames": 1440, "fps": 24, "min_objects": 1, "max_objects": 3,
@@ -83,6 +86,7 @@ RUN_DEFAULTS: dict[str, Any] = {
 
 # Keys whose value may legitimately take several types.
 _MULTI_TYPED = {"lora.targets": (str, list), "phase": (str, type(None)), "data.source": (str, type(None)),
+                "max_seconds": (int, float, type(None)),
                 "model.mixed_precision": (str, bool)}  # YAML reads an unquoted `no` as false
 _SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 _WEIGHTINGS = ("logit_normal", "none", "mode", "sigma_sqrt", "cosmap")
@@ -150,6 +154,8 @@ def load_config(source: str | os.PathLike | dict[str, Any] | None, overrides: li
         cfg["model"]["mixed_precision"] = "no"
     if "components_from" not in (user.get("model") or {}):  # the recipe's value names the official source
         cfg["model"]["components_from"] = cfg["model"]["init_from"]
+    if cfg["stage"] == 3 and "real_score_from" not in (user.get("model") or {}):  # likewise (official: Base)
+        cfg["model"]["real_score_from"] = cfg["model"]["init_from"]
     if cfg["data"]["source"] is None:
         cfg["data"]["source"] = "cache" if cfg["data"].get("precomputed_latents", True) else "synthetic"
     check_config(cfg, check_paths=check_paths)
@@ -207,9 +213,7 @@ def _need(cond: bool, key: str, message: str, cfg: dict[str, Any]) -> None:
 def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     """Value checks; each error names its key. ``check_paths`` also checks that folders exist."""
     n = _need
-    n(cfg["stage"] in (1, 2, 3), "stage", "must be 1 or 2", cfg)
-    n(cfg["stage"] != 3, "stage", "stage 3 (DMD + GAN distillation) is not implemented by `helios train` yet; "
-      "stages 1 and 2 are", cfg)
+    n(cfg["stage"] in (1, 2, 3), "stage", "must be 1, 2 or 3", cfg)
     n(isinstance(cfg["output_dir"], str) and bool(cfg["output_dir"]), "output_dir",
       "required: the folder for checkpoints, logs, validation videos and the exported model", cfg)
     n(cfg["device"] in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda", cfg)
@@ -303,6 +307,9 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
         n(not p["efficient_sample"], "pyramid.efficient_sample", "not implemented (false in every released config)",
           cfg)
 
+    if cfg["stage"] == 3:
+        _check_stage3(cfg)
+
     ck = cfg["checkpointing"]
     n(ck["every_steps"] >= 0, "checkpointing.every_steps", "must be >= 0 (0: only at the end)", cfg)
     n(ck["keep_last"] >= 1, "checkpointing.keep_last", "must be >= 1", cfg)
@@ -318,8 +325,45 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     if check_paths:
         _check_folder(cfg, "model.init_from")
         _check_folder(cfg, "model.components_from")
+        if cfg["stage"] == 3:
+            _check_folder(cfg, "model.real_score_from")
         if d["source"] == "cache":
             _check_folder(cfg, "data.cache_dir")
+
+
+def _check_stage3(cfg: dict[str, Any]) -> None:
+    """Stage 3 (helios.train.stage3): the DMD + GAN phase of the stage3 recipe."""
+    n = _need
+    d = cfg.get("distill")
+    n(isinstance(d, dict), "recipe", "stage 3 needs a recipe with a 'distill' section (recipe: stage3)", cfg)
+    n(bool(d["train_dmd"]) and not d["ode"]["only"], "phase", "only the DMD + GAN phase runs in `helios train` "
+      "(phase: dmd); the ODE-regression init is helios.train.distill.Distiller.train_ode_step", cfg)
+    n(not d["ode"]["enabled"], "distill.ode.enabled", "ODE regression during the DMD phase is not implemented", cfg)
+    n(cfg["pyramid"]["enabled"], "pyramid.enabled", "stage 3 distils a pyramid model: set it to true", cfg)
+    steps = d["rollout_steps_per_stage"]
+    n(isinstance(steps, list) and len(steps) == cfg["pyramid"]["num_stages"] and all(int(x) >= 1 for x in steps),
+      "distill.rollout_steps_per_stage", "needs one positive step count per pyramid stage", cfg)
+    n(d["critic_updates_per_generator_update"] >= 1, "distill.critic_updates_per_generator_update", "must be >= 1",
+      cfg)
+    n(d["critic_lr"] > 0, "distill.critic_lr", "must be > 0", cfg)
+    n(d["critic_grad_clip"] is None or d["critic_grad_clip"] > 0, "distill.critic_grad_clip",
+      "must be > 0 (or null: no clipping)", cfg)
+    n(d["critic_lora"]["rank"] >= 1, "distill.critic_lora.rank", "must be >= 1", cfg)
+    g = d["gan"]
+    n(not g["enabled"] or (g["head_dim"] >= 32 and g["head_dim"] % 32 == 0), "distill.gan.head_dim",
+      "must be a multiple of 32 (the heads' GroupNorm(32))", cfg)
+    n(not g["enabled"] or 0 < g["crop_scale"] <= 1, "distill.gan.crop_scale", "must be in (0, 1]", cfg)
+    n(not g["enabled"] or g["final_head"] or bool(g["head_blocks"]), "distill.gan.head_blocks",
+      "the GAN needs at least one tapped block or the final head", cfg)
+    n(not g["enabled"] or float((g.get("r2") or {}).get("weight", 0.0)) == 0.0, "distill.gan.r2",
+      "R2 is not implemented (weight 0 in every released config)", cfg)
+    for key in ("vae_decode_reencode", "multi_pyramid_stage_backward_simulated", "last_step_only",
+                "last_section_grad_only"):
+        n(not d[key], f"distill.{key}", "not implemented (false in every released config)", cfg)
+    n(d["rollout_sections"]["max"] == 1 and d["use_gt_history"], "distill.rollout_sections",
+      "only pure teacher forcing (one section on real history, the released setting) is implemented", cfg)
+    n(d["num_critic_input_frames"] == cfg["data"]["latent_window"], "distill.num_critic_input_frames",
+      "must equal data.latent_window (one section)", cfg)
 
 
 def _check_folder(cfg: dict[str, Any], key: str) -> None:

@@ -71,7 +71,7 @@ def build_vae():
 
 def transformer_config():
     return named_config("small", text_dim=TEXT_DIM, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024,
-                        num_layers=8, rope_dim=(24, 20, 20))
+                        num_layers=6, rope_dim=(24, 20, 20))
 
 
 def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-4, device: str = "cpu",
@@ -161,16 +161,62 @@ def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Pat
     return folder
 
 
+def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 132) -> None:
+    """Render synthetic videos, then VAE-encode them per 33-frame section into a training latent cache."""
+    from helios.train.data import ModelParts, seeded_generator
+    from helios.train.synthetic import SyntheticConfig, export_synthetic_videos
+    from helios.train.video_data import build_latent_cache
+
+    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=clip_frames)
+    mp4s = out.with_name(out.name + "-videos")
+    captions = export_synthetic_videos(mp4s, videos, cfg, num_frames=clip_frames)
+    parts = ModelParts(model_folder, device=device, text_max_length=MAX_TOKENS)
+    gen = seeded_generator(0)
+    build_latent_cache(mp4s, captions, out, lambda v: parts.encode_video(v, gen), parts.encode_text,
+                       num_frames=clip_frames, size=FRAME_SIZE)
+
+
+def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
+    """Copy a trained model folder as the shippable bundle: transformer in bf16, flags for `kind`."""
+    from helios.model.loading import load_transformer
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("transformer"))
+    save_transformer(load_transformer(src / "transformer"), tmp / "transformer", dtype=torch.bfloat16)
+    index = json.loads((tmp / "model_index.json").read_text())
+    index.update(is_distilled=(kind == "distilled"), is_cfg_zero_star=(kind == "mid"))
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
+    if size > max_mb:
+        raise SystemExit(f"the bundle is {size:.1f} MB, over the {max_mb} MB bound")
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    print(f"bundled {src} -> {dst} ({size:.1f} MB, {kind})")
+    return dst
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Train the small VAE and write a starting model folder.")
-    ap.add_argument("command", choices=["vae"])
-    ap.add_argument("out", type=Path)
+    ap = argparse.ArgumentParser(description="Build the small bundled Helios: VAE, latent cache, bundle.")
+    ap.add_argument("command", choices=["vae", "cache", "bundle"])
+    ap.add_argument("src", type=Path, help="vae: output model folder; cache/bundle: the model folder to read")
+    ap.add_argument("dst", type=Path, nargs="?", help="cache: cache folder; bundle: output folder")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--videos", type=int, default=384)
+    ap.add_argument("--kind", default="mid", choices=["base", "mid", "distilled"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--init-vae", type=Path, default=None, help="continue training this vae/ folder")
     args = ap.parse_args()
+    if args.command == "cache":
+        build_cache(args.src, args.dst, args.videos, args.device)
+        return
+    if args.command == "bundle":
+        bundle(args.src, args.dst, args.kind)
+        return
     torch.manual_seed(0)
     if args.init_vae is not None:
         from diffusers import AutoencoderKLWan
@@ -183,10 +229,10 @@ def main() -> None:
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
     transformer = build_transformer(transformer_config())
-    write_model_folder(args.out, vae, transformer, kind="mid")
-    (args.out / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": args.steps,
+    write_model_folder(args.src, vae, transformer, kind="mid")
+    (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
                                                              "batch": args.batch}))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.src}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from .modeling import (
     trainable_named_parameters,
 )
 from .recipes import history_layout
-from .stages import StepContext, make_stage
+from .stages import Stage, StepContext, make_stage
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
@@ -147,8 +147,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     layout = history_layout(cfg)
-    needs_parts = cfg["data"]["source"] == "synthetic" or (cfg["validation"]["enabled"]
-                                                           and cfg["validation"]["every_steps"] > 0)
+    needs_parts = cfg["data"]["source"] == "synthetic" or cfg["stage"] == 3 or (
+        cfg["validation"]["enabled"] and cfg["validation"]["every_steps"] > 0)
     if cfg["export"]["enabled"] or needs_parts:
         check_components_folder(cfg["model"]["components_from"])
     try:
@@ -159,26 +159,36 @@ def train(cfg: dict[str, Any], resume: bool = False,
         build_trainable(model, cfg)
         model.enable_gradient_checkpointing(bool(cfg["model"]["gradient_checkpointing"]))
         model.train()
+        stage = make_stage(cfg)
+        # stage 3: the critic (frozen real-score base + LoRA + GAN heads), trained beside the model
+        extra = stage.build(model, device, torch.bfloat16 if bf16 else torch.float32)
         if world > 1:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
             shard_model(model, env.mesh, mp)
+            if extra:
+                stage.shard(extra, env.mesh, mp)
+        # what checkpoints hold: the model alone (stages 1-2), or the model and the extra modules by name
+        ckpt_model = torch.nn.ModuleDict({"generator": model, **extra}) if extra else model
         named = trainable_named_parameters(model)
         params = [p for _, p in named]
         torch.manual_seed(int(cfg["seed"]) + rank)  # anything else drawing from the global RNG differs per rank
 
         # ---- 3. optimiser, LR schedule, EMA ------------------------------------------------
         o = cfg["optim"]
-        optimizer = torch.optim.AdamW(params, lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
-                                      weight_decay=float(o["weight_decay"]))
+        groups = stage.param_groups(params)  # AdamW skips parameters without a gradient: a group not
+        optimizer = torch.optim.AdamW(groups, lr=float(o["lr"]), betas=tuple(o["betas"]),  # trained this step
+                                      eps=float(o["eps"]), weight_decay=float(o["weight_decay"]))  # stays as is
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(o["lr_schedule"], int(o["warmup_steps"]), int(cfg["max_steps"])))
         ema = {n: p.detach().clone() for n, p in named} if cfg["ema"]["enabled"] else None
         if rank == 0:
             per, accum = int(cfg["batch"]["per_gpu"]), int(cfg["batch"]["grad_accum"])
+            n_extra = sum(p.numel() for g in groups[1:] for p in g["params"])
             print(f"stage {cfg['stage']} ({cfg['recipe']}/{cfg['phase']}): {cfg['finetune']} fine-tuning, "
-                  f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, global batch "
+                  f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters"
+                  + (f" + {n_extra / 1e6:.2f}M in {', '.join(extra)}" if extra else "") + ", global batch "
                   f"{per} x {world} process(es) x {accum} accumulation = {per * world * accum} on {device.type}",
                   flush=True)
 
@@ -190,11 +200,12 @@ def train(cfg: dict[str, Any], resume: bool = False,
             synthetic = cfg["data"]["source"] == "synthetic"
             parts = ModelParts(cfg["model"]["components_from"], device if synthetic else "cpu", vae_dtype, text_dtype,
                                int(cfg["data"]["text_max_length"]))
+        if parts is not None:
+            stage.bind_parts(parts)
         dataset = build_dataset(cfg, layout, parts)
         workers = int(cfg["data"]["num_workers"]) if cfg["data"]["source"] == "cache" else 0
         check_sample(dataset[0], model.config.in_channels, model.config.text_dim, layout,
                      (int(cfg["data"]["height"]), int(cfg["data"]["width"])))
-        stage = make_stage(cfg)
 
         # ---- 5. resume ---------------------------------------------------------------------
         step, position = 0, None
@@ -202,7 +213,7 @@ def train(cfg: dict[str, Any], resume: bool = False,
         if resume and latest is None:
             raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
         if latest is not None and (resume or cfg["checkpointing"]["resume"] == "latest"):
-            state = load_checkpoint(latest, model, optimizer, ema)
+            state = load_checkpoint(latest, ckpt_model, optimizer, ema)
             scheduler.load_state_dict(state["scheduler"])
             step, position = int(state["step"]), state["data"]
             if position.get("global_batch") != int(cfg["batch"]["per_gpu"]) * world:
@@ -234,10 +245,18 @@ def train(cfg: dict[str, Any], resume: bool = False,
 
             bar = tqdm(total=int(cfg["max_steps"]), initial=step, unit="step", dynamic_ncols=True)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        accum, clip = int(cfg["batch"]["grad_accum"]), o["grad_clip"]
-        ema_decay, ema_start = float(cfg["ema"]["decay"]), int(cfg["ema"]["start_step"])
+        accum = int(cfg["batch"]["grad_accum"])
+        synced = [model, *extra.values()]
         losses: list[float] = []
+        started, budget = time.perf_counter(), cfg.get("max_seconds")
         while step < int(cfg["max_steps"]):
+            if budget is not None and time.perf_counter() - started > float(budget):
+                if rank == 0:
+                    print(f"time budget of {budget}s reached at step {step}", flush=True)
+                save_checkpoint(ckpt_dir, step, ckpt_model, optimizer, ema,
+                                {"step": step, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "world_size": world, "config": cfg}, int(cfg["checkpointing"]["keep_last"]))
+                break
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             metrics: dict[str, float] = {}
@@ -248,27 +267,32 @@ def train(cfg: dict[str, Any], resume: bool = False,
 
                 def backward(loss: torch.Tensor, last: bool = True, micro: int = micro) -> None:
                     if world > 1:  # FSDP reduces gradients once, on the final backward of the step
-                        model.set_requires_gradient_sync(last and micro == accum - 1)
+                        for m in synced:
+                            m.set_requires_gradient_sync(last and micro == accum - 1)
                     (loss / accum).backward()
 
                 ctx = StepContext(model, layout, int(cfg["seed"]), step, micro, rank, batch["sample_ids"],
                                   backward, autocast)
                 for k, v in stage.train_step(ctx, batch).items():
                     metrics[k] = metrics.get(k, 0.0) + v / accum
-            if clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
-                metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            for group in optimizer.param_groups:  # each group clipped on its own (stage 3: generator, critic)
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                if group["clip"] is not None and with_grad:
+                    norm = torch.nn.utils.clip_grad_norm_(with_grad, float(group["clip"]))
+                    key = f"grad_norm/{group['name']}" if group["name"] else "grad_norm"
+                    metrics[key] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             step += 1
-            if ema is not None:
+            decay = stage.ema_decay(step) if ema is not None else None
+            if decay is not None:  # official: the EMA follows the weights until ema.start_step
                 with torch.no_grad():
                     for n, p in named:
-                        if step <= ema_start:  # official: the EMA follows the weights until ema.start_step
+                        if decay == 0.0:
                             ema[n].copy_(p.detach())
                         else:
-                            ema[n].lerp_(p.detach(), 1.0 - ema_decay)
+                            ema[n].lerp_(p.detach(), 1.0 - decay)
             metrics = _mean_over_ranks(metrics, device)
             metrics["step_seconds"] = time.perf_counter() - t0
             losses.append(metrics["loss"])
@@ -283,12 +307,12 @@ def train(cfg: dict[str, Any], resume: bool = False,
                     writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
             every = int(cfg["checkpointing"]["every_steps"])
             if (every and step % every == 0) or step == int(cfg["max_steps"]):
-                save_checkpoint(ckpt_dir, step, model, optimizer, ema,
+                save_checkpoint(ckpt_dir, step, ckpt_model, optimizer, ema,
                                 {"step": step, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
                                  "world_size": world, "config": cfg}, int(cfg["checkpointing"]["keep_last"]))
             vevery = int(cfg["validation"]["every_steps"])
             if cfg["validation"]["enabled"] and vevery and step % vevery == 0:
-                _validate(cfg, model, named, parts, env, step, out_dir, writer, bf16)
+                _validate(cfg, model, named, parts, env, step, out_dir, writer, bf16, stage)
             if on_step is not None:
                 on_step(step, metrics)
         if bar is not None:
@@ -303,8 +327,9 @@ def train(cfg: dict[str, Any], resume: bool = False,
             if rank == 0:
                 with torch.random.fork_rng(devices=[]):
                     plain = plain_transformer(cfg, state, dtype=None, device="cpu")
+                sched_over, index_over = stage.inference_overrides()  # stage 3: few-step scheduler, is_distilled
                 export_model_folder(plain, cfg["model"]["components_from"], export_dir,
-                                    (int(cfg["data"]["height"]), int(cfg["data"]["width"])))
+                                    (int(cfg["data"]["height"]), int(cfg["data"]["width"])), sched_over, index_over)
                 del plain
                 print(f"exported the trained model to {export_dir}", flush=True)
             if world > 1:
@@ -318,7 +343,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
 
 
 def _validate(cfg: dict[str, Any], model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
-              parts: ModelParts | None, env: _Dist, step: int, out_dir: Path, writer, bf16: bool) -> None:
+              parts: ModelParts | None, env: _Dist, step: int, out_dir: Path, writer, bf16: bool,
+              stage: Stage | None = None) -> None:
     """Generate a short video from the current weights with the engine's sampler; write an mp4 and log
     frames to TensorBoard. Under FSDP the trained weights are gathered and rank 0 samples from an
     unsharded copy (the engine calls parts of the transformer outside its forward)."""
@@ -336,10 +362,12 @@ def _validate(cfg: dict[str, Any], model: torch.nn.Module, named: list[tuple[str
                 vmodel = plain_transformer(cfg, state, dtype=torch.bfloat16 if bf16 else torch.float32,
                                            device=env.device)
             parts.to(env.device)
-            sched = {**parts.scheduler_config, "use_dynamic_shifting": bool(v["use_dynamic_shifting"]),
+            sched_over, index_over = stage.inference_overrides() if stage is not None else (None, {})
+            index = {**parts.index, **index_over}
+            sched = {**(sched_over or parts.scheduler_config), "use_dynamic_shifting": bool(v["use_dynamic_shifting"]),
                      "time_shift_type": v["time_shift_type"]}
-            flags = {"is_distilled": bool(parts.index.get("is_distilled", False)),
-                     "is_cfg_zero_star": bool(parts.index.get("is_cfg_zero_star", False)),
+            flags = {"is_distilled": bool(index.get("is_distilled", False)),
+                     "is_cfg_zero_star": bool(index.get("is_cfg_zero_star", False)),
                      "default_size": (int(v["height"]), int(v["width"]))}
             comps = Components(vmodel, parts.vae, parts.text_encoder, parts.tokenizer, sched,
                                parts.index.get("_class_name", "HeliosPyramidPipeline"), flags, parts.folder)
@@ -349,7 +377,7 @@ def _validate(cfg: dict[str, Any], model: torch.nn.Module, named: list[tuple[str
             vmodel.eval()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with autocast:
-                frames = pipe.generate(v["prompt"], negative_prompt=cfg["data"].get("negative_prompt", ""),
+                frames = pipe.generate(v["prompt"], negative_prompt=cfg["data"].get("negative_prompt") or "",
                                        num_frames=int(v["num_frames"]), height=int(v["height"]),
                                        width=int(v["width"]), steps=steps, guidance_scale=float(v["guidance_scale"]),
                                        seed=int(v["seed"]))
