@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -54,6 +55,8 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
     fp8: bool = typer.Option(False, "--fp8", help="FP8 matmuls in the transformer (CUDA, Hopper or newer)."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the blocks (CUDA only)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Context-parallel over N GPUs (re-launches under "
+                                       "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     import torch
@@ -77,6 +80,11 @@ def generate(
         fail(str(e))
     model = model or default_model()
     device = pick_device(device)
+    rank, world = _context_parallel_setup(gpus, device)
+    if world > 1:
+        from helios.model.parallel import init_distributed
+
+        device = str(init_distributed(device))
     torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
@@ -88,6 +96,8 @@ def generate(
                              optimize=compile and device.startswith("cuda"), fp8=fp8)
     except (ModelFolderError, ValueError) as e:
         fail(str(e))
+    if world > 1:
+        pipe.model.enable_context_parallel()
     height, width = height or pipe.default_size[0], width or pipe.default_size[1]
     try:
         start = _read_start(image, video, height, width)
@@ -101,18 +111,20 @@ def generate(
     except (InputError, ValueError) as e:
         fail(str(e))
     per_chunk = settings.total_steps
-    bar = _progress(plan.chunks * per_chunk + (per_chunk if settings.amplify_first_chunk else 0))
+    bar = _progress(plan.chunks * per_chunk + (per_chunk if settings.amplify_first_chunk else 0), rank == 0)
     t0 = time.perf_counter()
     written = 0
     try:
         from helios.engine.video_io import VideoWriter
 
-        with VideoWriter(out, fps=fps) as writer:
+        # Every rank runs the whole pipeline (identical latents and frames); only rank 0 writes the file.
+        with VideoWriter(out, fps=fps) if rank == 0 else contextlib.nullcontext() as writer:
             chunks = pipe.stream(schedule, num_frames=frames, height=height, width=width, settings=settings,
                                  negative_prompt=negative, seed=seed,
                                  on_step=lambda *_: bar.update(1), **start)
             for chunk in chunks:
-                writer.write(chunk.frames)
+                if writer is not None:
+                    writer.write(chunk.frames)
                 written += chunk.frames.shape[0]
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(chunk=f"{chunk.index + 1}/{chunk.total_chunks}", frames=written,
@@ -127,6 +139,8 @@ def generate(
         raise typer.Exit(130)
     bar.close()
     elapsed = time.perf_counter() - t0
+    if rank != 0:
+        return
     typer.echo(f"wrote {out}: {written} frames ({written / fps:.1f} s at {fps} fps) in {elapsed:.1f} s, "
                f"{written / elapsed:.2f} frames/s on {device}")
 
@@ -143,10 +157,38 @@ def _read_start(image: Path | None, video: Path | None, height: int, width: int)
     return {}
 
 
-def _progress(total: int):
+def _progress(total: int, show: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not show)
+
+
+def _context_parallel_setup(gpus: int | None, device: str) -> tuple[int, int]:
+    """(rank, world size) of this generate; with --gpus N > 1 outside torchrun, re-run it under torchrun."""
+    import os
+
+    from helios.model.parallel import launched_world_size
+
+    world = launched_world_size()
+    if gpus is None or gpus == world:
+        return int(os.environ.get("RANK", "0")), world
+    if gpus < 1:
+        fail(f"--gpus must be at least 1, got {gpus}")
+    if world > 1:
+        fail(f"--gpus {gpus} but torchrun started {world} processes: give the same number (or drop --gpus)")
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            fail(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if sys.argv[1:2] != ["generate"]:
+        fail(f"cannot re-launch this command under torchrun; run: torchrun --nproc_per_node {gpus} -m helios.cli "
+             "generate ...")
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "helios.cli", *sys.argv[1:]]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command("eval")

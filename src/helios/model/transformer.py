@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,11 @@ from torch.utils.checkpoint import checkpoint
 from helios.model.attention import attention
 from helios.model.config import HeliosConfig
 from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from helios.model.parallel import ContextParallel
 
 # Parameters kept in float32 whatever the model dtype (they are small and precision-sensitive).
 FP32_PARAMETERS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
@@ -42,6 +48,7 @@ class TokenLayout:
     sin: torch.Tensor
     num_history: int  # tokens before the noisy ones
     noisy_grid: tuple[int, int, int]  # (frames, height, width) of the noisy tokens
+    parallel: "ContextParallel | None" = None  # set on a rank's local layout: self-attention spans all ranks
 
 
 @dataclass
@@ -161,7 +168,8 @@ class Attention(nn.Module):
             gain = 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
             nh = layout.num_history
             k = torch.cat([k[:, :nh] * gain.view(1, 1, -1, 1), k[:, nh:]], dim=1)
-        return self.to_out[0](attention(q, k, v).flatten(2))
+        out = attention(q, k, v) if layout.parallel is None else layout.parallel.attention(q, k, v)
+        return self.to_out[0](out.flatten(2))
 
     def cross_attention(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self.heads_of(self.norm_q(self.to_q(x)))
@@ -260,6 +268,7 @@ class HeliosTransformer(nn.Module):
         self.norm_out = OutputNorm(dim, cfg.eps)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(p))
         self.gradient_checkpointing = False
+        self.context_parallel: ContextParallel | None = None  # see enable_context_parallel
 
     @property
     def dtype(self) -> torch.dtype:
@@ -370,6 +379,9 @@ class HeliosTransformer(nn.Module):
             self.prepare_text(encoder_hidden_states)
 
         x = self.embed_tokens(hidden_states, history)
+        cp = self.context_parallel
+        if cp is not None:  # from here on this rank holds its slice of the history and of the noisy tokens
+            x, layout = cp.split(x, layout)
 
         # Time conditioning: (B, 2, 6, D) projections for [history, noisy]; history is clean (t = 0).
         t = torch.as_tensor(timestep, device=x.device).reshape(-1)
@@ -388,6 +400,8 @@ class HeliosTransformer(nn.Module):
                 x = blk(x, kv, mod, layout)
 
         x = self.proj_out(self.norm_out(x[:, layout.num_history:], temb))
+        if cp is not None:
+            x = cp.gather_noisy(x)
         out = self.unpatchify(x, layout.noisy_grid)
         return TransformerOutput(out) if return_dict else (out,)
 
@@ -399,6 +413,12 @@ class HeliosTransformer(nn.Module):
 
     def enable_gradient_checkpointing(self, on: bool = True) -> None:
         self.gradient_checkpointing = on
+
+    def enable_context_parallel(self, group: "ProcessGroup | None" = None, strategy: str = "auto") -> "ContextParallel":
+        """Inference over the ranks of `group` (torch.distributed): see helios.model.parallel."""
+        from helios.model.parallel import enable_context_parallel
+
+        return enable_context_parallel(self, group, strategy)
 
     def fuse_projections_(self) -> "HeliosTransformer":
         """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes)."""
