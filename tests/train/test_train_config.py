@@ -37,7 +37,7 @@ def test_recipe_defaults_and_overrides(tmp_path, tiny_model):
     (["optim.lr=-1.0"], "config key 'optim.lr' = -1.0: must be > 0"),
     (["optim=3"], "config key 'optim' must be a mapping"),
     (["finetune=half"], "config key 'finetune' = 'half': must be lora or full"),
-    (["stage=3"], "config key 'stage' = 3: stage 3 (DMD + GAN distillation) is not implemented"),
+    (["stage=3"], "config key 'recipe' = 'tiny': stage 3 needs a recipe with a 'distill' section"),
     (["stage=2", "pyramid.enabled=false"], "config key 'pyramid.enabled' = False"),
     (["batch.per_gpu=0"], "config key 'batch.per_gpu' = 0: must be >= 1"),
     (["optim.lr_schedule=linear"], "config key 'optim.lr_schedule' = 'linear'"),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -47,9 +48,9 @@ from helios.model.transformer import HeliosTransformer
 from helios.sampling.dmd import DMDScheduler, flow_to_x0
 from helios.sampling.pyramid import first_stage_latents, initial_noise, pyramid_stage_mus, renoise_for_stage
 from helios.sampling.sampler import SamplerSettings, denoise_chunk
-from helios.sampling.schedulers import model_timestep
+from helios.sampling.schedulers import config_from_dict, model_timestep
 
-from .corrupt import HistoryCorruptionConfig, TaskDropoutConfig, apply_task_dropout, corrupt_history, saturate_history
+from .corrupt import HistoryCorruptionConfig, TaskDropoutConfig, apply_task_dropout, degrade_history, saturate_history
 from .timesteps import TimestepConfig, dmd_sigma_table, noise_at_timestep, sample_dmd_timesteps
 
 __all__ = [
@@ -58,7 +59,8 @@ __all__ = [
     "RolloutResult", "generator_rollout", "ODEStage", "ODEChunk", "student_timesteps", "teacher_trajectory",
     "teacher_video_trajectories", "ode_regression_loss", "SigmaTable", "sigma_table", "dmd_loss",
     "critic_flow_loss", "gan_crop", "gan_loss", "generator_gan_loss", "discriminator_loss", "EMA",
-    "DistillBatch", "Distiller",
+    "ema_decay_at", "distilled_scheduler_config", "OFFICIAL_NEGATIVE_PROMPT", "history_is_empty", "DistillBatch",
+    "Distiller",
 ]
 
 History = dict[str, torch.Tensor]  # the transformer's history keyword arguments (latents + RoPE indices)
@@ -177,16 +179,23 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def adapters_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Switch every LoRA adapter of ``model`` on/off inside the block (peft's disable_adapters): with
-    them off each adapted layer runs its base layer only, i.e. exactly the base model."""
+    them off each adapted layer runs its base layer only, i.e. exactly the base model. peft's switch
+    also flips the adapters' requires_grad; they are kept as the caller set them (a frozen critic must
+    stay frozen, and gradient checkpointing must recompute with the flags of the original forward)."""
     layers = _tuner_layers(model)
     before = [not m.disable_adapters for m in layers]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
     for m in layers:
         m.enable_adapters(enabled)
+    for p, g in grads:
+        p.requires_grad_(g)
     try:
         yield
     finally:
         for m, on in zip(layers, before):
             m.enable_adapters(on)
+        for p, g in grads:
+            p.requires_grad_(g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,12 +356,14 @@ def prepare_histories(anchor: torch.Tensor | None, history: torch.Tensor, layout
     a = anchor if layout.keep_first_frame else None
     a, long, mid, last, tasks = apply_task_dropout(a, long, mid, last, task_dropout, rng, window=layout.chunk_frames)
     terms = split_history(torch.cat([long, mid, last], dim=2), layout, a)
-    short, mid, long, _ = corrupt_history(terms["latents_history_short"], terms["latents_history_mid"],
-                                          terms["latents_history_long"], corruption, rng, layout)
+    short, mid, long, _ = degrade_history(terms["latents_history_short"], terms["latents_history_mid"],
+                                          terms["latents_history_long"], corruption, rng, layout,
+                                          with_saturation=False)
     idx = _indices(layout, history.shape[0], history.device)
     scores = {"latents_history_short": short, "latents_history_mid": mid, "latents_history_long": long, **idx}
-    s2, m2, l2, _ = saturate_history(short, mid, long, corruption, rng, layout)
-    rollout = {"latents_history_short": s2, "latents_history_mid": m2, "latents_history_long": l2, **idx}
+    if corruption.style == "official":  # (the paper's per-frame style draws saturation in the pass above)
+        short, mid, long, _ = saturate_history(short, mid, long, corruption, rng, layout)
+    rollout = {"latents_history_short": short, "latents_history_mid": mid, "latents_history_long": long, **idx}
     return scores, rollout, tasks
 
 
@@ -752,6 +763,40 @@ class EMA:
             self.shadow[n].copy_(v)
 
 
+def ema_decay_at(iteration: int, start_step: int, ratio: int, decay: float) -> float | None:
+    """The EMA decay the official loop applies after 0-based ``iteration`` (None: no EMA update then),
+    i.e. what :class:`EMA` gives when updated on every iteration before ``start_step`` and on generator
+    iterations (``iteration % ratio == 0``) after. Needs no state, so a resumed run continues exactly."""
+    if iteration >= start_step and iteration % ratio:
+        return None
+    n = min(iteration + 1, start_step)
+    if iteration >= start_step:
+        n += iteration // ratio - (start_step - 1) // ratio  # generator iterations in [start_step, iteration]
+    s = n - start_step - 1
+    return 0.0 if s <= 0 else min((1 + s) / (10 + s), decay)
+
+
+def distilled_scheduler_config(pyramid_config: dict[str, Any], use_dynamic_shifting: bool = True,
+                               time_shift_type: str = "linear") -> dict[str, Any]:
+    """The HeliosDMDScheduler config of the few-step model distilled from a pyramid model whose scheduler
+    config is ``pyramid_config``: same stages / gamma / table, DMD stepping. The rollout during training
+    and the exported model folder use this one config, so training and inference sample alike."""
+    base = config_from_dict(pyramid_config)
+    if base.stages < 2:
+        raise ValueError(f"stage 3 distils a pyramid model; this scheduler has {base.stages} stage(s)")
+    dmd = dataclasses.replace(base, scheduler_type="dmd", use_dynamic_shifting=use_dynamic_shifting,
+                              time_shift_type=time_shift_type)
+    return dmd.to_dict()
+
+
+# The official default negative prompt (helios/utils/train_config.py), used by the real score's CFG.
+OFFICIAL_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+
+
 @dataclass
 class DistillBatch:
     """One step's real data: prompt embeddings, the histories (:func:`prepare_histories`) and the real
@@ -779,7 +824,7 @@ class Distiller:
 
     def __init__(self, generator: nn.Module, critic: ScoreCritic, cfg: DistillConfig, scheduler: DMDScheduler,
                  timesteps: TimestepConfig, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 generator_params: Sequence[nn.Parameter] | None = None):
+                 generator_params: Sequence[nn.Parameter] | None = None, own_optimizers: bool = True):
         self.generator, self.critic, self.cfg, self.scheduler = generator, critic, cfg, scheduler
         self.timestep_cfg, self.autocast = timesteps, autocast
         gp = list(generator_params) if generator_params is not None else [
@@ -788,11 +833,13 @@ class Distiller:
         self.generator_named = [(n, p) for n, p in generator.named_parameters() if id(p) in ids]
         self.generator_params = [p for _, p in self.generator_named]
         self.critic_params = critic.trainable_parameters()
-        self.generator_opt = torch.optim.AdamW(self.generator_params, lr=cfg.generator_lr, betas=tuple(cfg.betas),
-                                               eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.critic_opt = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=tuple(cfg.betas),
-                                            eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.ema = EMA(self.generator_named, cfg.ema_decay, cfg.ema_start_step)
+        self.generator_opt = self.critic_opt = self.ema = None  # a training loop may own them instead
+        if own_optimizers:
+            self.generator_opt = torch.optim.AdamW(self.generator_params, lr=cfg.generator_lr, betas=tuple(cfg.betas),
+                                                   eps=cfg.eps, weight_decay=cfg.weight_decay)
+            self.critic_opt = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=tuple(cfg.betas),
+                                                eps=cfg.eps, weight_decay=cfg.weight_decay)
+            self.ema = EMA(self.generator_named, cfg.ema_decay, cfg.ema_start_step)
         self.step = 0
         self._tables: dict[tuple[int, ...], SigmaTable] = {}
 
@@ -868,6 +915,7 @@ class Distiller:
     def train_step(self, generator_batch: DistillBatch, critic_batch: DistillBatch, rng: torch.Generator | None,
                    shared: torch.Generator | None = None) -> dict[str, float]:
         """One iteration (generator update when due, critic update, EMA); returns float metrics."""
+        self._check_standalone()
         step, metrics = self.step, {}
         shared = shared if shared is not None else rng
         if self.trains_generator(step):
@@ -889,6 +937,7 @@ class Distiller:
 
     def train_ode_step(self, chunks: Sequence[ODEChunk], rng: torch.Generator | None) -> dict[str, float]:
         """One ODE-regression update of the generator (phase "ode"; EMA every step before its start)."""
+        self._check_standalone()
         self.generator_opt.zero_grad(set_to_none=True)
         with self.autocast():
             loss = ode_regression_loss(self.generator, chunks, rng, self.cfg.ode_weight)
@@ -899,6 +948,10 @@ class Distiller:
         self.ema.update(self.generator_named)
         self.step += 1
         return {"ode_loss": float(loss.detach()), "generator_grad_norm": norm}
+
+    def _check_standalone(self) -> None:
+        if self.generator_opt is None:
+            raise RuntimeError("this Distiller was built with own_optimizers=False: its training loop steps it")
 
     @torch.no_grad()
     def ema_state_into(self, model: nn.Module) -> nn.Module:

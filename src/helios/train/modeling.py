@@ -243,10 +243,13 @@ def plain_transformer(cfg: dict[str, Any], trainable_state: dict[str, torch.Tens
 
 
 def export_model_folder(transformer: HeliosTransformer, components_from: str | Path, out_dir: str | Path,
-                        default_size: tuple[int, int] | None = None) -> Path:
+                        default_size: tuple[int, int] | None = None, scheduler_config: dict[str, Any] | None = None,
+                        index_updates: dict[str, Any] | None = None) -> Path:
     """Write a model folder in the official layout: ``transformer/`` from ``transformer`` (our
     save_transformer), ``vae/ text_encoder/ tokenizer/ scheduler/`` and ``model_index.json`` copied
-    from ``components_from``. Written beside ``out_dir`` and renamed into place."""
+    from ``components_from``. Written beside ``out_dir`` and renamed into place. ``scheduler_config``
+    replaces the copied scheduler config and ``index_updates`` is merged into model_index.json (stage 3
+    writes the few-step HeliosDMDScheduler and ``is_distilled: true``)."""
     src, out = Path(components_from), Path(out_dir)
     check_components_folder(src)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -256,7 +259,10 @@ def export_model_folder(transformer: HeliosTransformer, components_from: str | P
     save_transformer(transformer, tmp / "transformer")
     for part in MODEL_PARTS:
         shutil.copytree(src / part, tmp / part)
+    if scheduler_config is not None:
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     index = json.loads((src / "model_index.json").read_text())
+    index.update(index_updates or {})
     if default_size is not None:
         index["helios_default_size"] = [int(default_size[0]), int(default_size[1])]  # our extension
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -10,6 +10,8 @@ redraws exactly what an uninterrupted one draws.
 
 * Stage 1 (:class:`FlowMatchingStage`): history-conditioned flow matching, official timesteps.
 * Stage 2 (:class:`PyramidStage`): Pyramid Unified Predictor-Corrector training, 3 scales.
+* Stage 3 (:class:`helios.train.stage3.DistillStage`): DMD + GAN distillation; it also trains a critic,
+  through the hooks below (``build``, ``param_groups``, ``ema_decay``, ``inference_overrides``).
 
 Both share :meth:`Stage.history_inputs`: split the real history into the memory terms, apply the
 T2V/I2V/V2V task dropout, then Easy Anti-Drifting corruption (each switchable in the config; the
@@ -82,6 +84,30 @@ class Stage:
 
     def train_step(self, ctx: StepContext, batch: dict[str, Any]) -> dict[str, float]:
         raise NotImplementedError
+
+    # ---- hooks for stages that train more than the model (stage 3's critic); defaults: stages 1-2 ----
+    def build(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+        """Extra trainable modules, checkpointed with the model under their names."""
+        return {}
+
+    def shard(self, modules: dict[str, nn.Module], mesh, mp_policy) -> None:
+        """FSDP2 for the modules :meth:`build` returned."""
+
+    def bind_parts(self, parts) -> None:
+        """Called once with the model folder's VAE / text encoder (when the run loads them)."""
+
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (``clip``: that group's gradient clipping; ``name``: its metric suffix)."""
+        return [{"params": params, "name": "", "clip": self.cfg["optim"]["grad_clip"]}]
+
+    def ema_decay(self, steps_done: int) -> float | None:
+        """EMA decay after ``steps_done`` optimiser steps (0: copy the weights; None: no update)."""
+        e = self.cfg["ema"]
+        return 0.0 if steps_done <= int(e["start_step"]) else float(e["decay"])
+
+    def inference_overrides(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(scheduler config, model_index.json updates) of the trained model; None: the components folder's."""
+        return None, {}
 
     def history_inputs(self, ctx: StepContext, anchor: torch.Tensor, history: torch.Tensor,
                        gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -183,6 +209,10 @@ STAGES: dict[int, type[Stage]] = {1: FlowMatchingStage, 2: PyramidStage}
 
 
 def make_stage(cfg: dict[str, Any]) -> Stage:
+    if cfg["stage"] == 3:  # imported here: it pulls in peft and the distillation code
+        from .stage3 import DistillStage
+
+        return DistillStage(cfg)
     if cfg["stage"] not in STAGES:
-        raise ValueError(f"stage {cfg['stage']} is not implemented (have {sorted(STAGES)})")
+        raise ValueError(f"stage {cfg['stage']} is not implemented (have {sorted(STAGES)} and 3)")
     return STAGES[cfg["stage"]](cfg)

@@ -103,6 +103,19 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def _zero_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """The state AdamW creates at a parameter's first update (step 0, zero moments), made up front:
+    the updates are unchanged, and a checkpoint saved before some parameters ever had a gradient still
+    holds their state, which loading it back requires."""
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     if not dist.is_initialized():
         return values
@@ -182,6 +195,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
                                       eps=float(o["eps"]), weight_decay=float(o["weight_decay"]))  # stays as is
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(o["lr_schedule"], int(o["warmup_steps"]), int(cfg["max_steps"])))
+        if extra:  # some of them train only later (GAN heads, the generator 1 step in 5): give every
+            _zero_adamw_state(optimizer)  # parameter its fresh AdamW state now, so each checkpoint holds all
         ema = {n: p.detach().clone() for n, p in named} if cfg["ema"]["enabled"] else None
         if rank == 0:
             per, accum = int(cfg["batch"]["per_gpu"]), int(cfg["batch"]["grad_accum"])

@@ -1,0 +1,154 @@
+"""Stage 3 in `helios train`: DMD + GAN distillation of a pyramid model into a few-step model.
+
+The trainer's model is the generator (LoRA or full, from ``model.init_from``, official: the ODE-phase
+result); this stage adds the critic (:class:`helios.train.distill.ScoreCritic`: the frozen real score
+from ``model.real_score_from`` with the critic LoRA and the GAN heads) as a second trainable module
+with its own optimiser parameter group (``distill.critic_lr``, ``distill.critic_grad_clip``). Each
+iteration trains the critic; every ``distill.critic_updates_per_generator_update``-th also the
+generator. Both are stepped together at the end of the iteration (the official loop steps the
+generator before the critic's rollout of the same iteration: one iteration of staleness in 5).
+
+The exported folder carries the few-step scheduler (HeliosDMDScheduler from the components folder's
+pyramid config) and ``is_distilled: true``, so ``helios.load_pipeline`` samples it with the distilled
+preset. The ODE-regression phase (``phase: ode``) is not run by ``helios train``; see
+:mod:`helios.train.distill` (``teacher_video_trajectories``, ``Distiller.train_ode_step``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from helios.model.loading import load_transformer
+from helios.sampling.schedulers import load_scheduler
+
+from .config import ConfigError
+from .data import seeded_generator
+from .distill import (OFFICIAL_NEGATIVE_PROMPT, DistillBatch, DistillConfig, Distiller, ScoreCritic,
+                      distilled_scheduler_config, ema_decay_at, history_is_empty, prepare_histories)
+from .stages import Stage, StepContext
+
+__all__ = ["DistillStage", "real_score_folder"]
+
+
+def real_score_folder(cfg: dict[str, Any]) -> Path:
+    """``model.real_score_from/model.real_score_subfolder`` when it exists, else ``model.real_score_from``."""
+    root = Path(cfg["model"]["real_score_from"])
+    sub = cfg["model"].get("real_score_subfolder")
+    if sub and (root / sub / "config.json").is_file():
+        return root / sub
+    if (root / "config.json").is_file():
+        return root
+    raise ConfigError(f"config key 'model.real_score_from' = {str(root)!r}: no transformer config.json in it "
+                      f"(nor in its {sub!r} subfolder)")
+
+
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` holds on every process (decisions that change the number of forwards must
+    agree across ranks when the transformers are sharded)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class DistillStage(Stage):
+    name = "stage3"
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.dcfg = DistillConfig.from_recipe(cfg)
+        sched_file = Path(cfg["model"]["components_from"]) / "scheduler" / "scheduler_config.json"
+        try:
+            pyramid = json.loads(sched_file.read_text())
+            self.scheduler_config = distilled_scheduler_config(pyramid, self.timesteps.use_dynamic_shifting,
+                                                               self.timesteps.time_shift_type)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'model.components_from': cannot make the few-step scheduler from "
+                              f"{sched_file}: {e}") from e
+        steps = self.dcfg.rollout_steps
+        if len(steps) != int(pyramid.get("stages", 1)):
+            raise ConfigError(f"config key 'distill.rollout_steps_per_stage' = {list(steps)}: the model's scheduler "
+                              f"has {pyramid.get('stages')} pyramid stages")
+        self.scheduler = load_scheduler(self.scheduler_config)
+        self.critic: ScoreCritic | None = None
+        self.distiller: Distiller | None = None
+        self.negative: torch.Tensor | None = None
+
+    # ---- trainer hooks ----
+    def build(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+        """The critic: the real-score transformer (frozen, ``dtype``) + critic LoRA + GAN heads."""
+        cl = self.cfg["distill"]["critic_lora"]
+        base = load_transformer(real_score_folder(self.cfg), dtype=dtype, device=device)
+        base.enable_gradient_checkpointing(bool(self.cfg["model"]["gradient_checkpointing"]))
+        gan = self.dcfg.gan if self.dcfg.gan.enabled else None
+        try:
+            self.critic = ScoreCritic(base, rank=int(cl["rank"]), alpha=float(cl["alpha"]), gan=gan)
+        except ValueError as e:
+            raise ConfigError(f"config key 'distill.gan': {e}") from e
+        self.critic.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.distiller = Distiller(model, self.critic, self.dcfg, self.scheduler, self.timesteps,
+                                   generator_params=params, own_optimizers=False)
+        return {"critic": self.critic}
+
+    def shard(self, modules: dict[str, nn.Module], mesh, mp_policy) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        from .modeling import shard_model
+
+        kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+        critic = modules["critic"]
+        shard_model(critic.transformer, mesh, mp_policy)
+        if critic.heads is not None:
+            fully_shard(critic.heads, **kw)
+        fully_shard(critic, **kw)
+
+    def bind_parts(self, parts) -> None:
+        """Embed the real score's negative prompt once (``data.negative_prompt``; default: the official one)."""
+        prompt = self.cfg["data"].get("negative_prompt")
+        self.negative = parts.encode_text(OFFICIAL_NEGATIVE_PROMPT if prompt is None else prompt)[None]
+
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        return [{"params": params, "name": "", "clip": self.cfg["optim"]["grad_clip"]},
+                {"params": self.critic.trainable_parameters(), "name": "critic", "lr": self.dcfg.critic_lr,
+                 "clip": self.dcfg.critic_grad_clip}]
+
+    def ema_decay(self, steps_done: int) -> float | None:
+        return ema_decay_at(steps_done - 1, int(self.cfg["ema"]["start_step"]),
+                            self.dcfg.critic_updates_per_generator_update, float(self.cfg["ema"]["decay"]))
+
+    def inference_overrides(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        return self.scheduler_config, {"is_distilled": True, "is_cfg_zero_star": False,
+                                       "scheduler": ["diffusers", self.scheduler_config["_class_name"]]}
+
+    # ---- one iteration ----
+    def train_step(self, ctx: StepContext, batch: dict[str, Any]) -> dict[str, float]:
+        if self.distiller is None or self.negative is None:
+            raise RuntimeError("DistillStage.build and bind_parts must run before train_step")
+        d = self.distiller
+        d.autocast = ctx.autocast
+        rng = ctx.batch_generator()  # noise, timesteps, crops, task dropout, corruption
+        shared = seeded_generator(ctx.seed, 12, ctx.step, ctx.micro)  # exit steps: the same on every rank
+        scores, rollout, tasks = prepare_histories(batch["anchor"], batch["history"], ctx.layout, self.task_dropout,
+                                                   self.corruption, rng)
+        text = self.text(ctx, batch["prompt_embeds"])
+        negative = self.negative.to(text.device, text.dtype)
+        amplify = self.dcfg.amplify_first_chunk and _on_every_rank(history_is_empty(rollout), text.device)
+        b = DistillBatch(text, negative, scores, rollout, batch["target"])
+
+        def backward(loss: torch.Tensor) -> None:
+            ctx.backward(loss, last=True)
+
+        metrics: dict[str, float] = {}
+        if d.trains_generator(ctx.step):
+            metrics.update(d.generator_backward(b, ctx.step, rng, shared, backward, amplify=amplify))
+        metrics.update(d.critic_backward(b, ctx.step, rng, shared, backward, amplify=amplify))
+        metrics["loss"] = metrics["critic_loss"]
+        return {**metrics, **self.task_metrics(tasks)}
