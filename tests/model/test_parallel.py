@@ -29,7 +29,7 @@ MODEL_CASES = {
     "ulysses": (2, "auto", ("short", "mid", "long"), False, 1),
     "ring": (3, "auto", ("short", "mid", "long"), False, 1),
     "ring-fused-no-history": (3, "ring", (), True, 1),
-    "ulysses-4-heads-short-only-batch-2": (4, "ulysses", ("short",), False, 2),
+    "ulysses-4-heads-fused-short-only-batch-2": (4, "ulysses", ("short",), True, 2),
 }
 GENERATE = dict(num_frames=40, height=64, width=64, seed=3, settings="distilled")
 PROMPT = "two red circles bouncing"

@@ -120,8 +120,10 @@ class ContextParallel:
         b, lr, h, d = q.shape
         n, hn, counts = self.world, h // self.world, self._counts
         # Send head group j of my tokens to rank j; chunks are (L_i, 3, B, Hn, D) so that what arrives,
-        # concatenated in rank order, is already the whole sequence.
-        send = torch.stack([q, k, v]).view(3, b, lr, n, hn, d).permute(3, 2, 0, 1, 4, 5).contiguous()
+        # concatenated in rank order, is already the whole sequence. One copy into the send buffer.
+        send = q.new_empty(n, lr, 3, b, hn, d)
+        for i, t in enumerate((q, k, v)):
+            send[:, :, i].copy_(t.unflatten(2, (n, hn)).permute(2, 1, 0, 3, 4))
         recv = q.new_empty(sum(counts) * 3 * b * hn * d)
         per_token = 3 * b * hn * d
         dist.all_to_all_single(recv, send.view(-1), [c * per_token for c in counts], [lr * per_token] * n,
