@@ -28,7 +28,7 @@ from helios.model.config import named_config
 from helios.model.loading import save_transformer
 from helios.model.transformer import build_transformer
 
-FRAME_SIZE = (128, 128)  # height, width of the shipped model's videos
+FRAME_SIZE = (64, 64)  # height, width of the shipped model's videos (small enough to train on a CPU)
 TEXT_DIM = 64
 MAX_TOKENS = 32
 
@@ -70,8 +70,8 @@ def build_vae():
 
 
 def transformer_config():
-    return named_config("small", text_dim=TEXT_DIM, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024,
-                        num_layers=6, rope_dim=(24, 20, 20))
+    return named_config("small", text_dim=TEXT_DIM, num_attention_heads=2, attention_head_dim=64, ffn_dim=512,
+                        num_layers=4, rope_dim=(24, 20, 20))
 
 
 def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-4, device: str = "cpu",
@@ -126,10 +126,24 @@ def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) 
     return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).clamp(min=1e-3).tolist()
 
 
-def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Path:
-    """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
+def write_scheduler(folder: Path, kind: str):
+    """scheduler/ for a preset: one-stage HeliosScheduler (base), three-stage (mid), DMD (distilled)."""
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
+    if kind == "base":
+        sched = HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
+    elif kind == "mid":
+        sched = HeliosScheduler(use_dynamic_shifting=True)
+    else:
+        sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    if (folder / "scheduler").exists():
+        shutil.rmtree(folder / "scheduler")
+    sched.save_pretrained(folder / "scheduler")
+    return sched
+
+
+def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Path:
+    """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -139,13 +153,7 @@ def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Pat
     build_text_encoder().save_pretrained(tmp / "text_encoder", safe_serialization=True)
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     save_transformer(transformer, tmp / "transformer", dtype=torch.bfloat16)  # halves the shipped size
-    if kind == "base":
-        sched = HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
-    elif kind == "mid":
-        sched = HeliosScheduler(use_dynamic_shifting=True)
-    else:
-        sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
-    sched.save_pretrained(tmp / "scheduler")
+    sched = write_scheduler(tmp, kind)
     index = {"_class_name": "HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
              "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", type(sched).__name__], "text_encoder": ["transformers", "T5EncoderModel"],
@@ -185,8 +193,10 @@ def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("transformer"))
     save_transformer(load_transformer(src / "transformer"), tmp / "transformer", dtype=torch.bfloat16)
+    write_scheduler(tmp, kind)
     index = json.loads((tmp / "model_index.json").read_text())
-    index.update(is_distilled=(kind == "distilled"), is_cfg_zero_star=(kind == "mid"))
+    index.update(_class_name="HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
+                 is_distilled=(kind == "distilled"), is_cfg_zero_star=(kind == "mid"))
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
     if size > max_mb:
@@ -229,7 +239,7 @@ def main() -> None:
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
     transformer = build_transformer(transformer_config())
-    write_model_folder(args.src, vae, transformer, kind="mid")
+    write_model_folder(args.src, vae, transformer, kind=args.kind)
     (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
                                                              "batch": args.batch}))
     print(f"wrote {args.src}")
