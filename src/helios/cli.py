@@ -98,7 +98,8 @@ def generate(
         fail(str(e))
     if world > 1:
         pipe.model.enable_context_parallel()
-    height, width = height or pipe.default_size[0], width or pipe.default_size[1]
+    height = pipe.default_size[0] if height is None else height
+    width = pipe.default_size[1] if width is None else width
     try:
         start = _read_start(image, video, height, width)
     except (ValueError, FileNotFoundError) as e:
