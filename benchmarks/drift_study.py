@@ -37,7 +37,8 @@ def captions(n: int, seed: int = 1000) -> list[str]:
     return [SyntheticVideo.from_index(seed + i, SyntheticConfig()).caption for i in range(n)]
 
 
-def generate(models: dict[str, Path], out: Path, videos: int, seconds: float, fps: int, device: str) -> None:
+def generate(models: dict[str, Path], out: Path, videos: int, seconds: float, fps: int, device: str,
+             steps: int | None = None) -> None:
     import torch
 
     import helios
@@ -52,12 +53,12 @@ def generate(models: dict[str, Path], out: Path, videos: int, seconds: float, fp
         for i, prompt in enumerate(prompts):
             path = out / f"{name}__{i:02d}.mp4"
             t0 = time.perf_counter()
-            frames = pipe.write(path, prompt, fps=fps, num_frames=int(seconds * fps), seed=i)
+            frames = pipe.write(path, prompt, fps=fps, num_frames=int(seconds * fps), seed=i, steps=steps)
             dt = time.perf_counter() - t0
             timing[name].append({"video": path.name, "frames": frames, "seconds": dt, "fps": frames / dt})
             (out / f"{name}__{i:02d}.txt").write_text(prompt)
             print(f"{name} video {i}: {frames} frames in {dt:.1f}s ({frames / dt:.1f} frames/s)", flush=True)
-    (out / "generation.json").write_text(json.dumps({"device": device, "timing": timing}, indent=2))
+    (out / "generation.json").write_text(json.dumps({"device": device, "steps": steps, "timing": timing}, indent=2))
 
 
 def report(folder: Path, docs: Path, window_seconds: float = 10.0) -> None:
@@ -140,13 +141,15 @@ def main() -> None:
     g.add_argument("--seconds", type=float, default=60.0)
     g.add_argument("--fps", type=int, default=24)
     g.add_argument("--device", default="cuda")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (per pyramid stage); default: preset's")
     r = sub.add_parser("report")
     r.add_argument("folder", type=Path)
     r.add_argument("--docs", type=Path, default=Path("docs/drift-study"))
     args = ap.parse_args()
     if args.cmd == "generate":
         models = dict(m.split("=", 1) for m in args.model)
-        generate({k: Path(v) for k, v in models.items()}, args.out, args.videos, args.seconds, args.fps, args.device)
+        generate({k: Path(v) for k, v in models.items()}, args.out, args.videos, args.seconds, args.fps, args.device,
+                 args.steps)
     else:
         report(args.folder, args.docs)
 
