@@ -24,14 +24,11 @@ SIZE = {"height": 64, "width": 64, "steps": 1}
 
 
 @pytest.fixture(scope="session")
-def model_folder(tmp_path_factory) -> Path:
-    from tiny_pipelines import save_model_folder
+def model_folder() -> Path:
+    """The small model shipped in the package (distilled, 64x64)."""
+    from helios.cli import default_model
 
-    folder = tmp_path_factory.mktemp("serve-model") / "helios-tiny"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_model_folder("distilled", folder)
-    return folder
+    return default_model()
 
 
 @pytest.fixture(scope="session")
