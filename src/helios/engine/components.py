@@ -69,36 +69,38 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None) -> Components:
     """Load every part of a model folder. dtype is the transformer's; the VAE and text encoder default to it."""
-    import transformers
-    from diffusers import AutoencoderKLWan
-
     folder = Path(path)
     index = read_model_index(folder)
     device = torch.device(device)
-
     transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
+    vae, text_encoder, tokenizer, scheduler_config = load_parts(folder, device, vae_dtype or dtype,
+                                                                 text_dtype or dtype)
+    flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
+    # Our own extension of model_index.json: the frame size a small model was trained at.
+    flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
+    return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"], flags,
+                      folder)
 
-    vae = _load_part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, torch_dtype=vae_dtype or dtype), folder)
+
+def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype):
+    """The parts around the transformer: (VAE, text encoder, tokenizer, scheduler config), frozen, on `device`."""
+    import transformers
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(folder)
+    vae = _load_part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, torch_dtype=vae_dtype), folder)
     vae.to(device).eval().requires_grad_(False)
-
     enc_cfg = _read_json(folder / "text_encoder" / "config.json", "text_encoder")
     arch = (enc_cfg.get("architectures") or ["UMT5EncoderModel"])[0]
     if not hasattr(transformers, arch) or "Encoder" not in arch:
         raise ModelFolderError(f"{folder / 'text_encoder'} holds a {arch!r}; expected a T5/umT5 encoder "
                                "(architectures: UMT5EncoderModel)")
     enc_cls = getattr(transformers, arch)
-    text_encoder = _load_part("text_encoder", lambda p: enc_cls.from_pretrained(p, torch_dtype=text_dtype or dtype),
-                              folder)
+    text_encoder = _load_part("text_encoder", lambda p: enc_cls.from_pretrained(p, torch_dtype=text_dtype), folder)
     text_encoder.to(device).eval().requires_grad_(False)
     tokenizer = _load_part("tokenizer", lambda p: transformers.AutoTokenizer.from_pretrained(p), folder)
-
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(sched_path, "scheduler")
-    flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
-    # Our own extension of model_index.json: the frame size a small model was trained at.
-    flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
-    return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"], flags,
-                      folder)
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
+    return vae, text_encoder, tokenizer, scheduler_config
 
 
 def _read_json(path: Path, part: str) -> dict[str, Any]:

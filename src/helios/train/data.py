@@ -47,9 +47,7 @@ class ModelParts:
 
     def __init__(self, folder: str | Path, device: torch.device | str = "cpu", vae_dtype: torch.dtype = torch.float32,
                  text_dtype: torch.dtype = torch.float32, text_max_length: int = 512):
-        import transformers
-        from diffusers import AutoencoderKLWan
-
+        from helios.engine.components import load_parts
         from helios.engine.conditioning import LatentCodec
         from helios.engine.text import PromptEncoder
 
@@ -58,15 +56,8 @@ class ModelParts:
         self.folder = Path(folder)
         check_components_folder(self.folder)
         self.index = json.loads((self.folder / "model_index.json").read_text())
-        self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
-        self.vae = AutoencoderKLWan.from_pretrained(str(self.folder / "vae"), torch_dtype=vae_dtype)
-        arch = (json.loads((self.folder / "text_encoder" / "config.json").read_text()).get("architectures")
-                or ["UMT5EncoderModel"])[0]
-        self.text_encoder = getattr(transformers, arch).from_pretrained(str(self.folder / "text_encoder"),
-                                                                         torch_dtype=text_dtype)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
-        for m in (self.vae, self.text_encoder):
-            m.eval().requires_grad_(False)
+        self.vae, self.text_encoder, self.tokenizer, self.scheduler_config = load_parts(
+            self.folder, device, vae_dtype, text_dtype)
         self.to(device)
         self.codec = LatentCodec(self.vae)
         self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, text_max_length, cache_size=1)
