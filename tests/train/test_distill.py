@@ -18,6 +18,7 @@ from helios.model.transformer import build_transformer
 from helios.sampling.dmd import DMDScheduler
 from helios.sampling.sampler import SamplerSettings, denoise_chunk
 from helios.sampling.schedulers import FlowScheduler, SchedulerConfig
+from test_train_loop import checkpoint_tensors  # the same flattening of a checkpoint's DCP part
 from helios.train.corrupt import HistoryCorruptionConfig, TaskDropoutConfig
 from helios.train.distill import (
     DistillBatch,
@@ -412,30 +413,6 @@ def stage3_config(tmp_path, tiny_model, latent_cache, out: str, **over) -> dict:
     return load_config(stage3_user(tmp_path, tiny_model, latent_cache, out), [f"{k}={v}" for k, v in over.items()])
 
 
-def dcp_tensors(run_dir, tmp_path, step: int) -> dict:
-    """Everything a checkpoint's DCP part holds (generator + critic trainables, optimiser, EMA), flat."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from helios.train.checkpoint import list_checkpoints
-
-    out = tmp_path / f"{run_dir.name}-{step}.pt"
-    dcp_to_torch_save(dict(list_checkpoints(run_dir / "checkpoints"))[step] / "dcp", out)
-    flat: dict = {}
-
-    def walk(prefix, x):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(f"{prefix}.{i}", v)
-        else:
-            flat[prefix] = x
-
-    walk("", torch.load(out, weights_only=False))
-    return flat
-
-
 def test_helios_train_stage3_distils_a_folder_that_loads_and_generates(tmp_path, tiny_model, latent_cache):
     import json
 
@@ -448,7 +425,7 @@ def test_helios_train_stage3_distils_a_folder_that_loads_and_generates(tmp_path,
     assert ["dmd_loss" in m for m in lines] == [True, False, False, False, False, True]  # generator 1 in 5
     assert all("critic_flow_loss" in m and "grad_norm/critic" in m for m in lines)
     assert ["gan_d_loss" in m for m in lines] == [False, False, True, True, True, True]  # GAN from step 2
-    ck = dcp_tensors(r.output_dir, tmp_path, 6)
+    ck = checkpoint_tensors(r.output_dir, tmp_path, 6)
     assert any(k.startswith(".model.critic.heads.") for k in ck)
     assert any(k.startswith(".model.generator.") and "lora_" in k for k in ck)
     assert not any(k.startswith(".model.critic.transformer.") and "lora_" not in k for k in ck)  # frozen base
@@ -481,7 +458,7 @@ def test_helios_train_stage3_resume_is_bitwise_identical(tmp_path, tiny_model, l
     resumed = train(stage3_config(tmp_path, tiny_model, latent_cache, "crashed", **{"export.enabled": False}),
                     resume=True)
     assert resumed.losses == whole.losses[2:]
-    a, b = dcp_tensors(whole.output_dir, tmp_path, 6), dcp_tensors(resumed.output_dir, tmp_path, 6)
+    a, b = checkpoint_tensors(whole.output_dir, tmp_path, 6), checkpoint_tensors(resumed.output_dir, tmp_path, 6)
     assert a.keys() == b.keys()
     for k in a:
         assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), k
