@@ -103,6 +103,12 @@ def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype,
     return vae, text_encoder, tokenizer, scheduler_config
 
 
+def vae_scale_factors(folder: str | Path) -> tuple[int, int]:
+    """(temporal, spatial) compression of the folder's VAE, from vae/config.json (Wan defaults: 4, 8)."""
+    cfg = _read_json(Path(folder) / "vae" / "config.json", "vae")
+    return int(cfg.get("scale_factor_temporal") or 4), int(cfg.get("scale_factor_spatial") or 8)
+
+
 def _read_json(path: Path, part: str) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(f"the {part}/ part has no {path.name} ({path})")

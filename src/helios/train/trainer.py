@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from helios.engine.components import vae_scale_factors
+
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import BatchStream, ModelParts, build_dataset, check_sample
@@ -219,8 +221,10 @@ def train(cfg: dict[str, Any], resume: bool = False,
             stage.bind_parts(parts)
         dataset = build_dataset(cfg, layout, parts)
         workers = int(cfg["data"]["num_workers"]) if cfg["data"]["source"] == "cache" else 0
+        components = cfg["model"]["components_from"]
         check_sample(dataset[0], model.config.in_channels, model.config.text_dim, layout,
-                     (int(cfg["data"]["height"]), int(cfg["data"]["width"])))
+                     (int(cfg["data"]["height"]), int(cfg["data"]["width"])),
+                     vae_scale_factors(components)[1] if components else 8)
 
         # ---- 5. resume ---------------------------------------------------------------------
         step, position = 0, None
