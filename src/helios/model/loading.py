@@ -143,11 +143,12 @@ def save_transformer(model: HeliosTransformer, folder: str | Path, max_shard_byt
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _write_text_atomic(folder / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
-    _write_text_atomic(folder / "config.json", json.dumps(model.config.to_dict(), indent=2))
+        write_text_atomic(folder / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
+    write_text_atomic(folder / "config.json", json.dumps(model.config.to_dict(), indent=2))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

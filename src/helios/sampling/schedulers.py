@@ -306,11 +306,13 @@ def build_schedule(
     mu: float | None = None,
     sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     amplify: bool = False,
+    extra_timesteps: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps (n,), sigmas (n+1,) ending in 0) on the CPU, in the reference's dtypes.
 
     For scheduler_type "dmd" the grid gets n+1 points (2n+1 when `amplify`) and then
-    drops its last interior point, which leaves n (2n) steps.
+    drops its last interior point, which leaves n (2n) steps. `extra_timesteps` (pyramid
+    euler/unipc only) are model timesteps the schedule must also visit: see `insert_timesteps`.
     """
     c = config
     _check_steps(num_steps)
@@ -354,7 +356,39 @@ def build_schedule(
         else:
             st = tables.stage_timesteps[stage_index]
             t = st.min() + s[:-1] * (st.max() - st.min())
+    if extra_timesteps is not None and len(extra_timesteps):
+        if c.stages == 1 or c.scheduler_type == "dmd":
+            raise ValueError("extra timesteps are only inserted into multi-step pyramid schedules (euler / unipc)")
+        t, s = insert_timesteps(t, s, extra_timesteps, tables.stage_timesteps[stage_index], c.use_dynamic_shifting)
     return t, s
+
+
+def insert_timesteps(t: torch.Tensor, s: torch.Tensor, extra: Sequence[float], stage_timesteps: torch.Tensor,
+                     shifted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the timesteps `extra` to a pyramid stage's schedule `(t, s)`, keeping it decreasing.
+
+    The official ODE-pair generation (tools/offload_data/get_ode-pairs.py with pipeline_helios_ode.py)
+    makes the teacher visit the few-step student's timesteps this way, so its states there are exact
+    training inputs. A new point gets the sigma of the stage's own timestep <-> sigma map, which is
+    affine: t = t_min + s (t_max - t_min) after the dynamic shift, and without it the two linspaces
+    t: stage_t[0] -> stage_t[-1], s: 0.999 -> 0.999 / N. Points within 1e-4 of an existing timestep
+    are already visited and are not added.
+    """
+    st = stage_timesteps
+    if shifted:
+        t0, t1, s0, s1 = st.max().item(), st.min().item(), 1.0, 0.0
+    else:
+        t0, t1, s0, s1 = st[0].item(), st[-1].item(), 0.999, 0.999 / len(st)
+    new = [float(x) for x in extra if bool((t - float(x)).abs().min() >= 1e-4)]
+    bad = [x for x in new if not min(t0, t1) - 1e-6 <= x <= max(t0, t1) + 1e-6]
+    if bad:
+        raise ValueError(f"timesteps {bad} lie outside this pyramid stage's range [{t1:.4f}, {t0:.4f}]")
+    if not new:
+        return t, s
+    nt = torch.tensor(new, dtype=t.dtype)
+    ns = (s0 + (nt.to(torch.float64) - t0) * (s1 - s0) / (t1 - t0)).to(s.dtype)
+    order = torch.argsort(torch.cat([t, nt]), descending=True, stable=True)
+    return torch.cat([t, nt])[order], torch.cat([torch.cat([s[:-1], ns])[order], s[-1:]])
 
 
 def _check_steps(num_steps: int) -> None:
@@ -533,9 +567,12 @@ class FlowScheduler:
         mu: float | None = None,
         sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        extra_timesteps: Sequence[float] | None = None,
     ) -> torch.Tensor:
-        """Build the schedule for one chunk (single stage) or one pyramid stage; resets state."""
-        t, s = build_schedule(self.config, self.tables, num_inference_steps, stage_index, mu, sigmas)
+        """Build the schedule for one chunk (single stage) or one pyramid stage; resets state.
+        `extra_timesteps`: model timesteps a pyramid stage must also visit (see `insert_timesteps`)."""
+        t, s = build_schedule(self.config, self.tables, num_inference_steps, stage_index, mu, sigmas,
+                              extra_timesteps=extra_timesteps)
         self.timesteps_cpu, self.sigmas = t, s
         self.timesteps = t.to(device) if device is not None else t
         if self.config.scheduler_type == "euler":

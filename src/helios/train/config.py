@@ -22,7 +22,7 @@ import yaml
 
 from .recipes import deep_merge, load_recipe, recipe_path
 
-__all__ = ["ConfigError", "RUN_DEFAULTS", "load_config", "parse_set", "check_config"]
+__all__ = ["ConfigError", "RUN_DEFAULTS", "load_config", "parse_set", "check_config", "check_folder", "is_ode_phase"]
 
 
 class ConfigError(ValueError):
@@ -239,6 +239,7 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
           "must be all-linear or a non-empty list of module names", cfg)
 
     d = cfg["data"]
+    ode = is_ode_phase(cfg)  # trains on the ODE-pair cache; data.cache_dir only feeds its generation
     n(d["source"] in ("cache", "synthetic"), "data.source", "must be cache or synthetic", cfg)
     sizes = d["history_sizes"]
     n(isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(x, int) and x >= 1 for x in sizes),
@@ -248,10 +249,7 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
       "must be (latent_window - 1) * 4 + 1 RGB frames (33 for 9 latent frames)", cfg)
     n(0 <= d["caption_dropout"] <= 1, "data.caption_dropout", "must be in [0, 1]", cfg)
     n(d["num_workers"] >= 0, "data.num_workers", "must be >= 0", cfg)
-    if d["source"] == "cache":
-        n(isinstance(d["cache_dir"], str) and bool(d["cache_dir"]), "data.cache_dir",
-          "required with data.source: cache (a folder written by helios.train.video_data.build_latent_cache)", cfg)
-    else:
+    if d["source"] == "synthetic":
         s = cfg["synthetic"]
         n(s["num_videos"] >= 1, "synthetic.num_videos", "must be >= 1", cfg)
         n(s["clip_frames"] >= d["section_frames"] and s["clip_frames"] % d["section_frames"] == 0,
@@ -259,6 +257,9 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
         n(s["clip_frames"] <= s["num_frames"], "synthetic.clip_frames", "must be <= synthetic.num_frames", cfg)
         n((s["height"], s["width"]) == (d["height"], d["width"]), "synthetic.height",
           f"synthetic frames must be data.height x data.width = {d['height']}x{d['width']}", cfg)
+    elif not ode:
+        n(isinstance(d["cache_dir"], str) and bool(d["cache_dir"]), "data.cache_dir",
+          "required with data.source: cache (a folder written by helios.train.video_data.build_latent_cache)", cfg)
 
     b = cfg["batch"]
     n(b["per_gpu"] >= 1, "batch.per_gpu", "must be >= 1", cfg)
@@ -323,22 +324,34 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     n(cfg["logging"]["every_steps"] >= 1, "logging.every_steps", "must be >= 1", cfg)
 
     if check_paths:
-        _check_folder(cfg, "model.init_from")
-        _check_folder(cfg, "model.components_from")
-        if cfg["stage"] == 3:
-            _check_folder(cfg, "model.real_score_from")
-        if d["source"] == "cache":
-            _check_folder(cfg, "data.cache_dir")
+        check_folder(cfg, "model.init_from")
+        check_folder(cfg, "model.components_from")
+        if ode:
+            check_folder(cfg, "distill.ode.data", " (make the ODE pairs first: python -m helios.train.ode CONFIG)")
+        elif cfg["stage"] == 3:
+            check_folder(cfg, "model.real_score_from")
+        if d["source"] == "cache" and not ode:
+            check_folder(cfg, "data.cache_dir")
+
+
+def is_ode_phase(cfg: dict[str, Any]) -> bool:
+    """Stage 3's ODE-regression phase (official ``is_use_ode_regression`` + ``is_only_ode_regression``)."""
+    ode = (cfg.get("distill") or {}).get("ode") or {}
+    return cfg.get("stage") == 3 and bool(ode.get("enabled")) and bool(ode.get("only"))
 
 
 def _check_stage3(cfg: dict[str, Any]) -> None:
-    """Stage 3 (helios.train.stage3): the DMD + GAN phase of the stage3 recipe."""
+    """Stage 3 (helios.train.stage3, helios.train.ode): the ODE phase or the DMD + GAN phase of the stage3 recipe."""
     n = _need
     d = cfg.get("distill")
     n(isinstance(d, dict), "recipe", "stage 3 needs a recipe with a 'distill' section (recipe: stage3)", cfg)
-    n(bool(d["train_dmd"]) and not d["ode"]["only"], "phase", "only the DMD + GAN phase runs in `helios train` "
-      "(phase: dmd); the ODE-regression init is helios.train.distill.Distiller.train_ode_step", cfg)
-    n(not d["ode"]["enabled"], "distill.ode.enabled", "ODE regression during the DMD phase is not implemented", cfg)
+    o = d["ode"]
+    n(not (d["train_dmd"] and o["enabled"]), "distill.ode.enabled", "ODE regression during the DMD phase (official "
+      "is_use_ode_regression with is_train_dmd) is not implemented; run phase ode, then phase dmd from its export", cfg)
+    n(bool(d["train_dmd"]) or is_ode_phase(cfg), "distill.train_dmd", "nothing to train: set distill.train_dmd "
+      "(phase: dmd) or distill.ode.enabled and distill.ode.only (phase: ode)", cfg)
+    if is_ode_phase(cfg):
+        _check_ode(cfg)
     n(cfg["pyramid"]["enabled"], "pyramid.enabled", "stage 3 distils a pyramid model: set it to true", cfg)
     steps = d["rollout_steps_per_stage"]
     n(isinstance(steps, list) and len(steps) == cfg["pyramid"]["num_stages"] and all(int(x) >= 1 for x in steps),
@@ -366,14 +379,33 @@ def _check_stage3(cfg: dict[str, Any]) -> None:
       "must equal data.latent_window (one section)", cfg)
 
 
-def _check_folder(cfg: dict[str, Any], key: str) -> None:
-    section, name = key.split(".")
-    value = cfg[section][name]
+def _check_ode(cfg: dict[str, Any]) -> None:
+    """The ODE phase: its loss, the sections it trains on and the teacher run that makes its data."""
+    n, o = _need, cfg["distill"]["ode"]
+    n(isinstance(o["data"], str) and bool(o["data"]), "distill.ode.data",
+      "required: the ODE-pair folder (written by python -m helios.train.ode CONFIG)", cfg)
+    n(o["weight"] > 0, "distill.ode.weight", "must be > 0", cfg)
+    n(1 <= o["sections"]["min"] <= o["sections"]["max"], "distill.ode.sections", "needs 1 <= min <= max", cfg)
+    n(o["dynamic"]["sample_type"] in ("uniform", "beta"), "distill.ode.dynamic.sample_type", "must be uniform or beta",
+      cfg)
+    te = o["teacher"]
+    steps = te["pyramid_steps"]
+    n(isinstance(steps, list) and len(steps) == cfg["pyramid"]["num_stages"] and all(int(x) >= 1 for x in steps),
+      "distill.ode.teacher.pyramid_steps", "needs one positive step count per pyramid stage", cfg)
+    n(te["guidance_scale"] >= 0, "distill.ode.teacher.guidance_scale", "must be >= 0", cfg)
+    n(te["num_sections"] >= o["sections"]["max"], "distill.ode.teacher.num_sections",
+      "must be >= distill.ode.sections.max (the sections one step trains on)", cfg)
+
+
+def check_folder(cfg: dict[str, Any], key: str, hint: str = "") -> None:
+    """The folder at dotted config key ``key`` exists (None passes); else a ConfigError naming the key."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = value[part]
     if value is None:
         return
     if not Path(value).is_dir():
-        hint = ""
-        if "/" in str(value) and not str(value).startswith(("/", ".")):
+        if not hint and "/" in str(value) and not str(value).startswith(("/", ".")):
             hint = (" (it looks like a Hugging Face repo id; download it first, e.g. "
                     f"`huggingface-cli download {value} --local-dir models/{Path(value).name}`, and give the folder)")
         raise ConfigError(f"config key '{key}' = {value!r}: folder not found{hint}")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError
+from .config import ConfigError, is_ode_phase
 from .history import HistoryLayout, choose_section, history_from_sections
 from .synthetic import SyntheticConfig, SyntheticVideoDataset
 from .video_data import LatentCacheDataset, collate_samples
@@ -160,6 +160,10 @@ class _CheckedCache(Dataset):
 
 
 def build_dataset(cfg: dict[str, Any], layout: HistoryLayout, parts: ModelParts | None) -> Dataset:
+    if is_ode_phase(cfg):  # stage 3, phase ode: the teacher's ODE pairs, not data.source
+        from .ode import ODEPairDataset  # (imported here: it pulls in the distillation code)
+
+        return ODEPairDataset(cfg)
     d = cfg["data"]
     if d["source"] == "cache":
         return _CheckedCache(d["cache_dir"], layout, int(cfg["seed"]), int(d.get("min_video_frames") or 0))

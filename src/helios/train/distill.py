@@ -473,16 +473,21 @@ def student_timesteps(scheduler: DMDScheduler, shape: Sequence[int], steps_per_s
 
 class _RecordingScheduler:
     """Wraps the teacher's scheduler: every step's input sample, timestep and sigma, and each stage's
-    final output, are kept. Everything else is the wrapped scheduler's."""
+    final output, are kept. With ``record_at``, stage k's schedule also visits the timesteps
+    ``record_at[k]`` (inserted, as the official ODE-pair generation does). Everything else is the
+    wrapped scheduler's."""
 
-    def __init__(self, sched):
+    def __init__(self, sched, record_at: Sequence[Sequence[float]] | None = None):
         self._s = sched
+        self._record_at = record_at
         self.stages: list[dict[str, list]] = []
 
     def __getattr__(self, name: str):
         return getattr(self._s, name)
 
     def set_timesteps(self, *args, **kwargs):
+        if self._record_at is not None:
+            kwargs["extra_timesteps"] = list(self._record_at[len(self.stages)])
         out = self._s.set_timesteps(*args, **kwargs)
         self.stages.append({"x": [], "t": [], "s": [], "out": None})
         return out
@@ -491,7 +496,7 @@ class _RecordingScheduler:
         i = self._s.step_index
         rec = self.stages[-1]
         rec["x"].append(sample.detach().clone())
-        rec["t"].append(math.trunc(float(self._s.timesteps_cpu[i])))
+        rec["t"].append(float(self._s.timesteps_cpu[i]))
         rec["s"].append(float(self._s.sigmas[i]))
         out = self._s.step(model_output, sample, *rest)
         rec["out"] = out.detach().clone()
@@ -504,8 +509,9 @@ def teacher_trajectory(teacher: nn.Module, text: torch.Tensor, history: History,
                        record_at: Sequence[Sequence[float]] | None = None,
                        negative_text: torch.Tensor | None = None, first_chunk: bool = False) -> ODEChunk:
     """Run the teacher's multi-step pyramid sampler (``denoise_chunk``, unchanged) on one chunk and keep,
-    per stage, the states nearest to the timesteps in ``record_at[k]`` (see :func:`student_timesteps`;
-    None keeps every step) and the stage's end point (official ``get_ode-pairs.py``)."""
+    per stage, the states at the timesteps ``record_at[k]`` (see :func:`student_timesteps`; the teacher's
+    schedule is made to visit them; None keeps every step) and the stage's end point (official
+    ``get_ode-pairs.py``). The kept timesteps are truncated to integers, as the pyramid samplers feed them."""
     device = next(teacher.parameters()).device
     if settings.pyramid_steps is None:
         raise ValueError("the ODE pairs come from a pyramid sampler (settings.pyramid_steps)")
@@ -518,15 +524,19 @@ def teacher_trajectory(teacher: nn.Module, text: torch.Tensor, history: History,
             raise ValueError("guidance_scale > 1 needs negative_text")
         return cond, teacher(x, t, negative_text.expand_as(text), **history).sample
 
-    rec = _RecordingScheduler(scheduler)
+    rec = _RecordingScheduler(scheduler, record_at)
     final = denoise_chunk(predict, tuple(shape), rec, settings, rng, device, first_chunk=first_chunk)
     stages = []
     for k, r in enumerate(rec.stages):
-        ts = torch.tensor(r["t"], dtype=torch.int64)
+        ts = torch.tensor(r["t"], dtype=torch.float64)
         keep = list(range(len(ts)))
         if record_at is not None:
-            keep = sorted({int(torch.argmin((ts.double() - float(t)).abs())) for t in record_at[k]})
-        stages.append(ODEStage(torch.stack([r["x"][i] for i in keep]), ts[keep],
+            missed = [t for t in record_at[k] if float((ts - float(t)).abs().min()) > 1e-6]
+            if missed:
+                raise RuntimeError(f"the teacher's stage {k} does not visit the timesteps {missed}: its scheduler "
+                                   "must take extra_timesteps (helios.sampling.schedulers.FlowScheduler)")
+            keep = sorted({int(torch.argmin((ts - float(t)).abs())) for t in record_at[k]})
+        stages.append(ODEStage(torch.stack([r["x"][i] for i in keep]), ts[keep].trunc().to(torch.int64),
                                torch.tensor([r["s"][i] for i in keep], dtype=torch.float64), r["out"]))
     if not torch.equal(stages[-1].target, final):
         raise RuntimeError("recorded trajectory does not end at the sampler's output")
@@ -557,17 +567,26 @@ def teacher_video_trajectories(teacher: nn.Module, text: torch.Tensor, layout: H
 
 
 def ode_regression_loss(generator: nn.Module, chunks: Sequence[ODEChunk], rng: torch.Generator | None,
-                        weight: float = 80.0) -> torch.Tensor:
+                        weight: float = 80.0, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                        backward: Callable[..., None] | None = None) -> torch.Tensor:
     """Official ``_ode_regression_loss``: per chunk and pyramid stage one recorded state ``x`` (random),
-    ``x0 = x - sigma G(x, t)``, ``0.5 MSE(x0, stage end)``; ``weight * mean`` over all of them."""
+    ``x0 = x - sigma G(x, t)``, ``0.5 MSE(x0, stage end)``; ``weight * mean`` over all of them.
+
+    With ``backward``, each term's share is handed to ``backward(loss, last=...)`` right after its forward
+    (the same gradient, with one forward's activations alive at a time) and the loss comes back detached."""
+    terms = [(chunk, st) for chunk in chunks for st in chunk.stages]
     losses = []
-    for chunk in chunks:
-        for st in chunk.stages:
-            j = int(torch.randint(len(st.timesteps), (1,), generator=rng).item())
-            x = st.states[j]
-            t = st.timesteps[j].expand(x.shape[0]).to(x.device)
+    for n, (chunk, st) in enumerate(terms):
+        j = int(torch.randint(len(st.timesteps), (1,), generator=rng).item())
+        x = st.states[j]
+        t = st.timesteps[j].expand(x.shape[0]).to(x.device)
+        with autocast():
             x0 = flow_to_x0(generator(x, t, chunk.text, **chunk.history).sample, x, float(st.sigmas[j]))
-            losses.append(0.5 * F.mse_loss(x0.float(), st.target.float()))
+        loss = 0.5 * F.mse_loss(x0.float(), st.target.float())
+        if backward is not None:
+            backward(loss * (weight / len(terms)), last=n == len(terms) - 1)
+            loss = loss.detach()
+        losses.append(loss)
     return weight * torch.stack(losses).mean()
 
 
@@ -939,8 +958,7 @@ class Distiller:
         """One ODE-regression update of the generator (phase "ode"; EMA every step before its start)."""
         self._check_standalone()
         self.generator_opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = ode_regression_loss(self.generator, chunks, rng, self.cfg.ode_weight)
+        loss = ode_regression_loss(self.generator, chunks, rng, self.cfg.ode_weight, self.autocast)
         loss.backward()
         norm = _clip(self.generator_params, self.cfg.grad_clip)
         self.generator_opt.step()

@@ -1,17 +1,19 @@
-"""Stage 3 in `helios train`: DMD + GAN distillation of a pyramid model into a few-step model.
+"""Stage 3 in `helios train`: distillation of a pyramid model into a few-step model, in two phases.
 
-The trainer's model is the generator (LoRA or full, from ``model.init_from``, official: the ODE-phase
-result); this stage adds the critic (:class:`helios.train.distill.ScoreCritic`: the frozen real score
-from ``model.real_score_from`` with the critic LoRA and the GAN heads) as a second trainable module
-with its own optimiser parameter group (``distill.critic_lr``, ``distill.critic_grad_clip``). Each
-iteration trains the critic; every ``distill.critic_updates_per_generator_update``-th also the
-generator. Both are stepped together at the end of the iteration (the official loop steps the
-generator before the critic's rollout of the same iteration: one iteration of staleness in 5).
+* ``phase: ode`` (:class:`helios.train.ode.ODERegressionStage`): the generator regresses onto the
+  teacher's ODE pairs (made once by :mod:`helios.train.ode`); no critic.
+* ``phase: dmd`` (:class:`DistillStage`): DMD + GAN. The trainer's model is the generator (LoRA or full,
+  from ``model.init_from``, official: the ODE-phase result); this stage adds the critic
+  (:class:`helios.train.distill.ScoreCritic`: the frozen real score from ``model.real_score_from`` with
+  the critic LoRA and the GAN heads) as a second trainable module with its own optimiser parameter group
+  (``distill.critic_lr``, ``distill.critic_grad_clip``). Each iteration trains the critic; every
+  ``distill.critic_updates_per_generator_update``-th also the generator. Both are stepped together at the
+  end of the iteration (the official loop steps the generator before the critic's rollout of the same
+  iteration: one iteration of staleness in 5).
 
-The exported folder carries the few-step scheduler (HeliosDMDScheduler from the components folder's
-pyramid config) and ``is_distilled: true``, so ``helios.load_pipeline`` samples it with the distilled
-preset. The ODE-regression phase (``phase: ode``) is not run by ``helios train``; see
-:mod:`helios.train.distill` (``teacher_video_trajectories``, ``Distiller.train_ode_step``).
+Both export a folder that carries the few-step scheduler (HeliosDMDScheduler from the components
+folder's pyramid config) and ``is_distilled: true``, so ``helios.load_pipeline`` samples it with the
+distilled preset, and the DMD phase can start from the ODE phase's export.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .distill import (OFFICIAL_NEGATIVE_PROMPT, DistillBatch, DistillConfig, Dis
                       distilled_scheduler_config, ema_decay_at, history_is_empty, prepare_histories)
 from .stages import Stage, StepContext
 
-__all__ = ["DistillStage", "real_score_folder"]
+__all__ = ["FewStepStage", "DistillStage", "real_score_folder", "pyramid_scheduler_config",
+           "few_step_scheduler_config"]
 
 
 def real_score_folder(cfg: dict[str, Any]) -> Path:
@@ -58,25 +61,59 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-class DistillStage(Stage):
-    name = "stage3"
+def pyramid_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The components folder's (teacher's) pyramid scheduler config."""
+    sched_file = Path(cfg["model"]["components_from"]) / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(sched_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model.components_from': cannot read the scheduler config {sched_file}: {e}") \
+            from e
+
+
+def few_step_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The generator's HeliosDMDScheduler config: the pyramid config with DMD stepping and the dynamic
+    shift of ``timesteps.*`` (what the rollout, the ODE pairs' timesteps and the export use)."""
+    pyramid = pyramid_scheduler_config(cfg)
+    t = cfg["timesteps"]
+    try:
+        out = distilled_scheduler_config(pyramid, bool(t["use_dynamic_shifting"]), str(t["time_shift_type"]))
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.components_from': cannot make the few-step scheduler: {e}") from e
+    steps = list(cfg["distill"]["rollout_steps_per_stage"])
+    if len(steps) != int(out.get("stages", 1)):
+        raise ConfigError(f"config key 'distill.rollout_steps_per_stage' = {steps}: the model's scheduler "
+                          f"has {out.get('stages')} pyramid stages")
+    return out
+
+
+class FewStepStage(Stage):
+    """What both stage-3 phases share: the recipe's distillation settings, the few-step scheduler the
+    generator samples with (and is exported with) and the official EMA schedule, updated after every
+    ``generator_every``-th iteration once ``ema.start_step`` is reached."""
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self.dcfg = DistillConfig.from_recipe(cfg)
-        sched_file = Path(cfg["model"]["components_from"]) / "scheduler" / "scheduler_config.json"
-        try:
-            pyramid = json.loads(sched_file.read_text())
-            self.scheduler_config = distilled_scheduler_config(pyramid, self.timesteps.use_dynamic_shifting,
-                                                               self.timesteps.time_shift_type)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'model.components_from': cannot make the few-step scheduler from "
-                              f"{sched_file}: {e}") from e
-        steps = self.dcfg.rollout_steps
-        if len(steps) != int(pyramid.get("stages", 1)):
-            raise ConfigError(f"config key 'distill.rollout_steps_per_stage' = {list(steps)}: the model's scheduler "
-                              f"has {pyramid.get('stages')} pyramid stages")
+        self.scheduler_config = few_step_scheduler_config(cfg)
         self.scheduler = load_scheduler(self.scheduler_config)
+        self.generator_every = 1
+
+    def ema_decay(self, steps_done: int) -> float | None:
+        return ema_decay_at(steps_done - 1, int(self.cfg["ema"]["start_step"]), self.generator_every,
+                            float(self.cfg["ema"]["decay"]))
+
+    def inference_overrides(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        return self.scheduler_config, {"is_distilled": True, "is_cfg_zero_star": False,
+                                       "scheduler": ["diffusers", self.scheduler_config["_class_name"]]}
+
+
+class DistillStage(FewStepStage):
+    name = "stage3"
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.generator_every = self.dcfg.critic_updates_per_generator_update
         self.critic: ScoreCritic | None = None
         self.distiller: Distiller | None = None
         self.negative: torch.Tensor | None = None
@@ -119,14 +156,6 @@ class DistillStage(Stage):
         return [{"params": params, "name": "", "clip": self.cfg["optim"]["grad_clip"]},
                 {"params": self.critic.trainable_parameters(), "name": "critic", "lr": self.dcfg.critic_lr,
                  "clip": self.dcfg.critic_grad_clip}]
-
-    def ema_decay(self, steps_done: int) -> float | None:
-        return ema_decay_at(steps_done - 1, int(self.cfg["ema"]["start_step"]),
-                            self.dcfg.critic_updates_per_generator_update, float(self.cfg["ema"]["decay"]))
-
-    def inference_overrides(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        return self.scheduler_config, {"is_distilled": True, "is_cfg_zero_star": False,
-                                       "scheduler": ["diffusers", self.scheduler_config["_class_name"]]}
 
     # ---- one iteration ----
     def train_step(self, ctx: StepContext, batch: dict[str, Any]) -> dict[str, float]:

@@ -10,8 +10,10 @@ redraws exactly what an uninterrupted one draws.
 
 * Stage 1 (:class:`FlowMatchingStage`): history-conditioned flow matching, official timesteps.
 * Stage 2 (:class:`PyramidStage`): Pyramid Unified Predictor-Corrector training, 3 scales.
-* Stage 3 (:class:`helios.train.stage3.DistillStage`): DMD + GAN distillation; it also trains a critic,
-  through the hooks below (``build``, ``param_groups``, ``ema_decay``, ``inference_overrides``).
+* Stage 3, phase ``dmd`` (:class:`helios.train.stage3.DistillStage`): DMD + GAN distillation; it also
+  trains a critic, through the hooks below (``build``, ``param_groups``, ``ema_decay``,
+  ``inference_overrides``). Phase ``ode`` (:class:`helios.train.ode.ODERegressionStage`): regression on
+  the teacher's ODE pairs (:class:`helios.train.ode.ODEPairDataset`).
 
 Both share :meth:`Stage.history_inputs`: split the real history into the memory terms, apply the
 T2V/I2V/V2V task dropout, then Easy Anti-Drifting corruption (each switchable in the config; the
@@ -210,6 +212,12 @@ STAGES: dict[int, type[Stage]] = {1: FlowMatchingStage, 2: PyramidStage}
 
 def make_stage(cfg: dict[str, Any]) -> Stage:
     if cfg["stage"] == 3:  # imported here: it pulls in peft and the distillation code
+        from .config import is_ode_phase
+
+        if is_ode_phase(cfg):
+            from .ode import ODERegressionStage
+
+            return ODERegressionStage(cfg)
         from .stage3 import DistillStage
 
         return DistillStage(cfg)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 __all__ = [
     "TimestepConfig",
     "sample_density",
+    "sample_dynamic_unit",
     "flow_sigma_table",
     "image_seq_len",
     "shift_mu",
@@ -409,6 +410,23 @@ def beta_schedule_params(alpha: float, beta: float, global_step: int, dynamic_st
     return 1.0 + (alpha - 1.0) * c, 1.0 + (beta - 1.0) * c
 
 
+def sample_dynamic_unit(n: int, sample_type: str = "uniform", alpha: float = 4.0, beta: float = 1.5,
+                        global_step: int = 0, dynamic_step: int = 500,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws in (0, 1]: ``uniform`` (``0.001 + 0.999 u``) or Beta(alpha, beta) decaying to uniform
+    over ``dynamic_step`` steps (official ``sample_dynamic_timestep`` / ``sample_dynamic_dmd_num_latent_sections``)."""
+    dev = _dev(generator)
+    if sample_type == "uniform":
+        return torch.rand(n, generator=generator, device=dev) * (1.0 - 0.001) + 0.001
+    if sample_type == "beta":
+        a, b = beta_schedule_params(alpha, beta, global_step, dynamic_step)
+        # Beta(a, b) = X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b), drawn from the generator
+        ga = _gamma(a, n, generator)
+        gb = _gamma(b, n, generator)
+        return ga / (ga + gb)
+    raise ValueError(f"unknown sample_type {sample_type!r}")
+
+
 def sample_dmd_timesteps(
     batch_size: int,
     *,
@@ -428,17 +446,7 @@ def sample_dmd_timesteps(
     """Integer timesteps for re-noising the generator output before the real/fake scores
     (generator: ``beta`` with (4, 1.5) -> (1, 1) over 500 steps; critic: ``uniform``).
     ``t = min + u (max - min)``, warped by ``shift`` if > 1, clamped to [20, 980], rounded."""
-    dev = _dev(generator)
-    if sample_type == "uniform":
-        u = torch.rand(batch_size, generator=generator, device=dev) * (1.0 - 0.001) + 0.001
-    elif sample_type == "beta":
-        a, b = beta_schedule_params(alpha, beta, global_step, dynamic_step)
-        # Beta(a, b) = X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b), drawn from the generator
-        ga = _gamma(a, batch_size, generator)
-        gb = _gamma(b, batch_size, generator)
-        u = ga / (ga + gb)
-    else:
-        raise ValueError(f"unknown sample_type {sample_type!r}")
+    u = sample_dynamic_unit(batch_size, sample_type, alpha, beta, global_step, dynamic_step, generator)
     t = min_timestep + u.double() * (max_timestep - min_timestep)
     if shift > 1:
         r = t / num_train_timesteps

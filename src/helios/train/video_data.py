@@ -52,6 +52,8 @@ __all__ = [
     "LatentCacheDataset",
     "load_cache_entry",
     "collate_samples",
+    "save_safetensors_atomic",
+    "is_valid_entry",
 ]
 
 CACHE_FORMAT = "helios-latent-cache-v1"
@@ -225,7 +227,8 @@ def _encode_sections(video: torch.Tensor, encode_video_fn, section_frames: int |
     return torch.stack(lat)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    """Write a safetensors file via a temporary file + ``os.replace``: a crash leaves the old file or none."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
     os.close(fd)
@@ -237,11 +240,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
             os.remove(tmp)
 
 
-def _is_valid_entry(path: str) -> bool:
+def is_valid_entry(path: str, fmt: str = CACHE_FORMAT, key: str = "latents") -> bool:
+    """A finished entry: it opens, has the format tag ``fmt`` and holds ``key``."""
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            return meta.get("format") == CACHE_FORMAT and "latents" in f.keys()
+            return meta.get("format") == fmt and key in f.keys()
     except Exception:
         return False
 
@@ -296,7 +300,7 @@ def build_latent_cache(
             continue
         seen.add(key)
         out_path = os.path.join(out_dir, key + ".safetensors")
-        if os.path.exists(out_path) and _is_valid_entry(out_path):
+        if os.path.exists(out_path) and is_valid_entry(out_path):
             report.already_cached.append(key)
             continue
         src = e.path if os.path.isabs(e.path) else os.path.join(folder, e.path)
@@ -340,7 +344,7 @@ def build_latent_cache(
             "stride": str(stride),
             "fps": fps,
         }
-        _atomic_save(tensors, meta, out_path)
+        save_safetensors_atomic(tensors, meta, out_path)
         report.built.append(key)
     with open(report.report_path, "w", encoding="utf-8") as f:
         json.dump(
