@@ -220,9 +220,16 @@ def serve(
     max_upload_mb: int = typer.Option(64, "--max-upload-mb", help="Largest image or video upload."),
     jobs_per_client: int = typer.Option(2, "--jobs-per-client", help="Queued + running jobs per client."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where videos are written (default: temp)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Serve with GPUs cuda:0..N-1 (docs/serving.md)."),
+    gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="GPUs per engine, K: N/K engines "
+                                               "take jobs from one queue; K > 1 runs each job context-parallel "
+                                               "(default: K = N, one engine on all N)."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
+    import torch
+
     from helios.serve import Limits, check_bind, run_server
+    from helios.serve.engines import EngineStartError, device_groups
 
     token = token or None  # an empty HELIOS_SERVE_TOKEN means none
     try:
@@ -231,15 +238,20 @@ def serve(
         fail(str(e))
     if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
         fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
+    try:
+        cuda_devices = torch.cuda.device_count() if gpus is not None and device in (None, "cuda") else 0
+        groups = device_groups(gpus, gpus_per_job, device if gpus is not None else pick_device(device), cuda_devices)
+    except ValueError as e:
+        fail(str(e))
     model = model or default_model()
     if not model.exists():
         fail(f"model folder {model} does not exist")
     limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20,
                     max_jobs_per_client=jobs_per_client)
     try:
-        run_server(model, host=host, port=port, token=token, device=pick_device(device), dtype=dtype,
-                   limits=limits, workdir=workdir)
-    except ValueError as e:
+        run_server(model, host=host, port=port, token=token, devices=groups, dtype=dtype, limits=limits,
+                   workdir=workdir)
+    except (ValueError, EngineStartError) as e:
         fail(str(e))
 
 

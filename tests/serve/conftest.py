@@ -98,7 +98,9 @@ def serve(pipe, tmp_path):
 
     def start(**kwargs) -> LiveServer:
         kwargs.setdefault("workdir", tmp_path / "serve")
-        server = LiveServer(create_app(kwargs.pop("pipeline", pipe), **kwargs)).start()
+        if "engines" not in kwargs:  # (engines= serves those instead of the one pipeline)
+            kwargs["pipe"] = kwargs.pop("pipeline", pipe)
+        server = LiveServer(create_app(**kwargs)).start()
         servers.append(server)
         return server
 

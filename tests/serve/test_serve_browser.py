@@ -108,8 +108,8 @@ def test_page_plays_frames_before_generation_ends(serve, model_folder, chromium)
     })()""")
     page.wait("window.helios.shown >= 12")  # half a second of video on screen
     # Playing, and the job is still generating: the server has made only some of its 44 chunks.
-    job = server.worker.running
-    assert job is not None and job.id == page.js("window.helios.job")
+    [job] = server.worker.running_jobs()
+    assert job.id == page.js("window.helios.job")
     assert job.state.value == "running" and job.chunks_done < job.request.chunks
     assert page.js("window.helios.state") == "running"
     page.wait("document.getElementById('st-chunks').textContent.includes('/44')")

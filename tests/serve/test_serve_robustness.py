@@ -40,7 +40,7 @@ class Exploding:
 def test_a_crashing_job_fails_alone(pipe, serve, tmp_path):
     server = serve(pipeline=Exploding(pipe))
     alice, bob = server.client(), server.client()
-    worker_thread = server.worker._thread
+    worker_thread = server.worker._slots[0].thread
     with live(server, alice.headers["X-Helios-Client"], prompt="please explode", frames=99) as (ws, accepted):
         # Bob's job waits behind the one about to crash.
         queued = bob.post("/api/jobs", json={"prompt": "a calm lake", "frames": 33, **SIZE}).json()
@@ -62,7 +62,7 @@ def test_a_crashing_job_fails_alone(pipe, serve, tmp_path):
     path = tmp_path / "bob.mp4"
     path.write_bytes(bob.get(f"/api/jobs/{queued['job']}/video").content)
     assert video_info(path).frames == 33
-    assert worker_thread.is_alive() and server.worker._thread is worker_thread  # the same worker carries on
+    assert worker_thread.is_alive() and server.worker._slots[0].thread is worker_thread  # the same thread carries on
 
 
 def rss_bytes() -> int:

@@ -73,6 +73,44 @@ def plan_frames(num_frames: int, window: int = 33, temporal: int = 4) -> FramePl
     return FramePlan(num_frames, chunks, produced)
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """The facts about a loaded pipeline that checking a request needs, and those checks.
+
+    Small and picklable: a server whose pipelines live in other processes (an engine group) checks
+    jobs in its own process against the spec its engines send back.
+    """
+
+    default_size: tuple[int, int]  # (height, width) the model was made for
+    default_preset: str
+    stages: int  # the scheduler's pyramid stages
+    pixels_per_token: int  # frame pixels per latent token along height/width: VAE factor x patch size
+
+    def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
+        stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
+        # Each pyramid stage halves the latents, and every stage needs whole patches.
+        multiple = max(self.pixels_per_token * 2 ** (stages - 1), 16)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % multiple:
+                raise InputError(f"{name}={v!r}: frame sizes must be positive multiples of {multiple} for this "
+                                 f"model and sampler (e.g. 384x640)")
+
+    def resolve_settings(self, settings: str | SamplerSettings | None, **overrides) -> SamplerSettings:
+        s = preset(settings or self.default_preset) if not isinstance(settings, SamplerSettings) else settings
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in overrides and s.pyramid_steps is not None:
+            n = overrides.pop("steps")
+            overrides["pyramid_steps"] = tuple([n] * len(s.pyramid_steps)) if isinstance(n, int) else tuple(n)
+        s = s.with_(**overrides) if overrides else s
+        if s.pyramid_steps is not None and len(s.pyramid_steps) != self.stages:
+            raise InputError(f"the sampler has {len(s.pyramid_steps)} pyramid stages but this model's scheduler "
+                             f"has {self.stages}; use preset {'base' if self.stages == 1 else 'mid or distilled'}")
+        if s.pyramid_steps is None and self.stages != 1:
+            raise InputError(f"preset 'base' samples at one resolution but this model's scheduler has {self.stages} "
+                             "pyramid stages; use the mid or distilled preset")
+        return s
+
+
 def default_preset(components: Components) -> str:
     if components.flags.get("is_distilled"):
         return "distilled"
@@ -119,32 +157,18 @@ class HeliosVideoPipeline:
         """(height, width) the model was made for: 384x640 for the released models."""
         return tuple(self.c.flags.get("default_size", (384, 640)))
 
+    @property
+    def spec(self) -> "PipelineSpec":
+        """What checking a request needs from this pipeline, without its weights (see PipelineSpec)."""
+        return PipelineSpec(self.default_size, self.default_preset, int(getattr(self.scheduler.config, "stages", 1)),
+                            self.codec.spatial * self.model.config.patch_size[1])
+
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
-        stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
-        # Latents are 1/8 of the frame; patches are 2x2; each pyramid stage halves the latents.
-        multiple = self.codec.spatial * self.model.config.patch_size[1] * 2 ** (stages - 1)
-        multiple = max(multiple, 16)
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % multiple:
-                raise InputError(f"{name}={v!r}: frame sizes must be positive multiples of {multiple} for this "
-                                 f"model and sampler (e.g. 384x640)")
+        self.spec.check_size(height, width, settings)
 
     def resolve_settings(self, settings: str | SamplerSettings | None, **overrides) -> SamplerSettings:
-        s = preset(settings or self.default_preset) if not isinstance(settings, SamplerSettings) else settings
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if "steps" in overrides and s.pyramid_steps is not None:
-            n = overrides.pop("steps")
-            overrides["pyramid_steps"] = tuple([n] * len(s.pyramid_steps)) if isinstance(n, int) else tuple(n)
-        s = s.with_(**overrides) if overrides else s
-        stages = getattr(self.scheduler.config, "stages", 1)
-        if s.pyramid_steps is not None and len(s.pyramid_steps) != stages:
-            raise InputError(f"the sampler has {len(s.pyramid_steps)} pyramid stages but this model's scheduler "
-                             f"has {stages}; use preset {'base' if stages == 1 else 'mid or distilled'}")
-        if s.pyramid_steps is None and stages != 1:
-            raise InputError(f"preset 'base' samples at one resolution but this model's scheduler has {stages} "
-                             "pyramid stages; use the mid or distilled preset")
-        return s
+        return self.spec.resolve_settings(settings, **overrides)
 
     # ---- the chunk loop ---------------------------------------------------------------------
     @torch.no_grad()

@@ -192,20 +192,28 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: str | None = None) -> torch.device:
-    """Initialise the default process group from torchrun's environment and return this rank's device.
+def init_distributed(device: str | None = None, *, rank: int | None = None, world_size: int | None = None,
+                     init_method: str | None = None) -> torch.device:
+    """Initialise the default process group and return this rank's device.
 
     device: "cuda" (NCCL, one GPU per local rank) or "cpu" (gloo, for tests); default cuda if available.
+    Without rank/world_size the group comes from torchrun's environment and rank r uses
+    cuda:$LOCAL_RANK. With them (processes a server starts itself, helios.serve.engines) `device`
+    is this rank's own device, e.g. "cuda:3", and the ranks meet at `init_method` (e.g. "file:///...").
     """
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    explicit = rank is not None
     if cuda:
         no_multicast_env()
-        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = torch.device(device) if explicit else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if local.index is None:
+            local = torch.device("cuda", 0)
         torch.cuda.set_device(local)
     else:
         local = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=local if cuda else None)
+        where = {"init_method": init_method, "rank": rank, "world_size": world_size} if explicit else {}
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=local if cuda else None, **where)
         atexit.register(_destroy)  # NCCL warns at exit about a group left alive
     return local
 

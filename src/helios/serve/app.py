@@ -1,4 +1,5 @@
-"""The ASGI app: HTTP job API, the /ws live session, and the web page, around one Worker.
+"""The ASGI app: HTTP job API, the /ws live session, and the web page, around one Worker (its queue
+and engines).
 
 Every /api route and /ws needs the token when the server has one; every job route answers only
 the client that made the job (anyone else gets the same 404 as for a job that never existed).
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 from fastapi import Depends, FastAPI, Request, Response, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
@@ -21,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from helios.serve.auth import ClientIds, authorized, same_origin
+from helios.serve.engines import Engine
 from helios.serve.jobs import FINAL, Job, State, Worker
 from helios.serve.limits import Limits, RequestError, check_prompt, human_bytes
 from helios.serve.params import attach_upload, parse_params
@@ -43,20 +46,26 @@ PAGE_HEADERS = {
 class Server:
     """Everything the routes share."""
 
-    def __init__(self, pipe, limits: Limits, token: str | None, workdir: Path, fps: int, model_name: str):
-        self.pipe, self.limits, self.token, self.fps, self.model_name = pipe, limits, token, fps, model_name
+    def __init__(self, engines, limits: Limits, token: str | None, workdir: Path, fps: int, model_name: str):
+        self.limits, self.token, self.fps, self.model_name = limits, token, fps, model_name
         self.clients = ClientIds()
-        self.worker = Worker(pipe, workdir, limits)
+        self.worker = Worker(engines, workdir, limits)
+        # Requests are checked here, against the spec of the (one) model every engine runs.
+        self.spec = self.worker.engines[0].spec
 
 
-def create_app(pipe, *, limits: Limits | None = None, token: str | None = None, workdir: str | Path | None = None,
-               fps: int = 24, model_name: str = "") -> FastAPI:
-    """An app serving `pipe` (a loaded HeliosVideoPipeline). Files go to a fresh folder under
-    `workdir` (default: the system temp folder), removed when the app shuts down."""
+def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Limits | None = None,
+               token: str | None = None, workdir: str | Path | None = None, fps: int = 24,
+               model_name: str = "") -> FastAPI:
+    """An app serving `pipe` (a loaded HeliosVideoPipeline), or `engines` (serve.engines, e.g. from
+    load_engines: one queue feeds them all). Files go to a fresh folder under `workdir` (default: the
+    system temp folder), removed when the app shuts down. The engines stay up: their owner closes them."""
+    if (pipe is None) == (engines is None):
+        raise ValueError("give create_app a pipeline or a list of engines (not both)")
     root = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="helios-serve-", dir=root))
-    server = Server(pipe, limits or Limits(), token, run_dir, fps, model_name)
+    server = Server(pipe if engines is None else list(engines), limits or Limits(), token, run_dir, fps, model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,10 +124,13 @@ def create_app(pipe, *, limits: Limits | None = None, token: str | None = None, 
         from helios.sampling.sampler import PRESETS
 
         stats = server.worker.stats()  # (other clients' job ids stay private)
-        return {"client": client, "model": server.model_name, "device": str(pipe.device),
-                "default_size": list(pipe.default_size), "presets": sorted(PRESETS),
-                "default_preset": pipe.default_preset, "fps": server.fps, "chunk_frames": 33,
-                "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["running"] is not None}
+        engines = [{"devices": e["devices"], "alive": e["alive"], "busy": e["busy"]} for e in stats["engines"]]
+        spec = server.spec
+        return {"client": client, "model": server.model_name, "device": engines[0]["devices"][0],
+                "engines": engines, "devices_per_engine": len(engines[0]["devices"]),
+                "default_size": list(spec.default_size), "presets": sorted(PRESETS),
+                "default_preset": spec.default_preset, "fps": server.fps, "chunk_frames": 33,
+                "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)
     async def submit(request: Request, wait: bool = False, client: str = Depends(caller)):
@@ -253,7 +265,7 @@ async def _job_from_request(request: Request, server: Server, client: str) -> Jo
     else:
         raise RequestError("send the job as multipart/form-data (with an optional 'image' or 'video' file) or "
                            "as JSON", status=415)
-    request_params = parse_params(fields, server.pipe, limits, fps=server.fps)
+    request_params = parse_params(fields, server.spec, limits, fps=server.fps)
     if upload is not None:
         request_params = await asyncio.to_thread(attach_upload, request_params, upload[0], upload[1], upload[2],
                                                  limits, server.worker.workdir)

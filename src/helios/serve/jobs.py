@@ -1,9 +1,11 @@
-"""Generation jobs, their queue, and the one worker thread that runs them on the pipeline's device.
+"""Generation jobs, their queue, and the worker threads that run them, one per engine.
 
-The worker pulls chunks from `pipeline.stream` one at a time, so every control is a check between
-(or inside) chunks: pause = stop pulling, stop/cancel = raise out of the engine's per-step callback
-and close the generator (the device is free within one solver step), steer = LivePrompt.steer.
-Other threads (the event loop) only flip flags under a lock; they never wait for the device.
+One FIFO queue feeds every engine (serve.engines): a job goes to whichever engine is free. Each
+engine has one thread here that pulls the job's chunks one at a time, so every control is a check
+between (or inside) chunks: pause = stop pulling, stop/cancel = raise out of the engine's per-step
+callback and close the chunk iterator (the device is free within one solver step), steer =
+LivePrompt.steer. Other threads (the event loop) only flip flags under a lock; they never wait for
+a device.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from helios.engine.prompts import LivePrompt
+from helios.serve.engines import Engine, EngineError, as_engines, describe_failure
 from helios.serve.limits import Limits, RequestError
 from helios.serve.params import JobRequest
 from helios.serve.protocol import video_url
@@ -38,6 +41,7 @@ class State(str, Enum):
 
 
 FINAL = frozenset({State.DONE, State.STOPPED, State.CANCELLED, State.FAILED})
+NO_ENGINE = "no engine is running on this server (they stopped; see the server log)"
 
 
 class Interrupted(Exception):
@@ -75,6 +79,7 @@ class Job:
         self.gen_seconds = 0.0  # time spent generating (not queued, not paused)
         self.last_prompt = request.prompt  # the prompt of the newest chunk
         self.queue_position: int | None = None
+        self.engine: int | None = None  # which of the server's engines runs (or ran) it
         self.created = self.last_seen = time.monotonic()
         self.finished_at: float | None = None
         self.finished = threading.Event()
@@ -92,6 +97,7 @@ class Job:
                 "chunks_done": self.chunks_done, "chunks_total": self.request.chunks,
                 "frames_done": self.frames_done, "frames_total": self.request.frames_out,
                 "fps": round(fps, 3) if fps else None, "queue_position": self.queue_position,
+                "engine": self.engine,
                 "prompt": self.last_prompt, "next_prompt": self.prompt.schedule.entries[-1][1],
                 "error": self.error, "video": video_url(self.id) if self.video_path else None,
                 "params": self.request.public(),
@@ -187,47 +193,68 @@ class Job:
         self._emit({"type": "end", **self.snapshot()})
 
 
-class Worker:
-    """The queue and the single thread that runs jobs on the pipeline's device, one at a time."""
+class _Slot:
+    """One engine, the thread that feeds it, and the job it runs."""
 
-    def __init__(self, pipe, workdir: Path, limits: Limits):
-        self.pipe = pipe
+    def __init__(self, index: int, engine: Engine, target):
+        self.index, self.engine = index, engine
+        self.job: Job | None = None
+        self.jobs_run = 0
+        self.thread = threading.Thread(target=target, args=(self,), name=f"helios-engine-{index}", daemon=True)
+
+
+class Worker:
+    """The queue and the engines' threads: each engine runs one job at a time, all take from one queue."""
+
+    ENGINE_CHECK_S = 1.0  # an idle thread looks this often whether its engine is still alive
+
+    def __init__(self, engines, workdir: Path, limits: Limits):
+        """engines: an Engine, a pipeline (run in this process), or a list of either."""
+        self.engines: list[Engine] = as_engines(engines)
         self.workdir = Path(workdir)
         self.limits = limits
-        self.running: Job | None = None
-        self.jobs_run = 0
+        self._slots = [_Slot(i, e, self._loop) for i, e in enumerate(self.engines)]
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="helios-worker", daemon=True)
+        self._all_lost = False  # every engine has stopped
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._thread.start()
+        for slot in self._slots:
+            slot.thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
+        """Cancel what is queued, interrupt what runs and wait for the threads (engines stay up:
+        whoever started them closes them)."""
         with self._lock:
             self._closing = True
             queued = list(self._queue)
             self._queue.clear()
-            running = self.running
+            running = [s.job for s in self._slots if s.job is not None]
             self._wake.notify_all()
         for job in queued:
             job._finish(State.CANCELLED, "the server is shutting down")
-        if running is not None:
-            running.interrupt("the server is shutting down")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for job in running:
+            job.interrupt("the server is shutting down")
+        deadline = time.monotonic() + timeout
+        for slot in self._slots:
+            if slot.thread.is_alive():
+                slot.thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- queue -------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        if not any(e.alive for e in self.engines):  # (checked directly: a thread may not have noticed yet)
+            raise RequestError(NO_ENGINE, status=503)
         with self._lock:
             if self._closing:
                 raise RequestError("the server is shutting down", status=503)
-            active = [j for j in (*self._queue, self.running) if j is not None]
+            if self._all_lost:
+                raise RequestError(NO_ENGINE, status=503)
+            active = [*self._queue, *(s.job for s in self._slots if s.job is not None)]
             mine = sum(1 for j in active if j.owner == job.owner)
             if mine >= self.limits.max_jobs_per_client:
                 raise RequestError(f"you already have {mine} job(s) queued or running (at most "
@@ -253,6 +280,10 @@ class Worker:
         with self._lock:
             return [j for j in self._jobs.values() if j.owner == owner]
 
+    def running_jobs(self) -> list[Job]:
+        with self._lock:
+            return [s.job for s in self._slots if s.job is not None]
+
     def cancel(self, job: Job, reason: str) -> None:
         with self._lock:
             queued = job in self._queue
@@ -274,11 +305,15 @@ class Worker:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"queued": len(self._queue), "running": self.running.id if self.running else None,
-                    "known_jobs": len(self._jobs), "jobs_run": self.jobs_run}
+            slots = [(s, s.job) for s in self._slots]
+            out = {"queued": len(self._queue), "known_jobs": len(self._jobs)}
+        engines = [{**s.engine.describe(), "busy": job is not None, "jobs_run": s.jobs_run} for s, job in slots]
+        return {**out, "running": [job.id for _, job in slots if job is not None],
+                "jobs_run": sum(s.jobs_run for s, _ in slots), "engines": engines,
+                "free_engines": sum(1 for e in engines if e["alive"] and not e["busy"])}
 
     def _renumber(self) -> None:
-        ahead = 1 if self.running is not None else 0
+        ahead = sum(1 for s in self._slots if s.job is not None)  # the running jobs are ahead too
         for i, job in enumerate(self._queue):
             job.queue_position = ahead + i
 
@@ -308,34 +343,58 @@ class Worker:
                 self._jobs.pop(job.id, None)
             shutil.rmtree(self.workdir / job.id, ignore_errors=True)
 
-    # ---- the worker thread -------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
-                if self._closing:
-                    return
-                job = self._queue.popleft()
-                self.running = job
-                self._renumber()
+    # ---- the engines' threads ----------------------------------------------------------------
+    def _loop(self, slot: _Slot) -> None:
+        slot.engine.enter_thread()
+        while (job := self._next_job(slot)) is not None:
             self._announce_positions()
             try:
-                self._run(job)
-            except BaseException:  # the worker must outlive any job
+                self._run(job, slot.engine)
+            except BaseException:  # the thread must outlive any job
                 log.exception("job %s: unexpected error in the worker", job.id)
                 job._finish(State.FAILED, "internal server error")
             finally:
                 with self._lock:
-                    self.running = None
-                    self.jobs_run += 1
+                    slot.job = None
+                    slot.jobs_run += 1
                     self._renumber()
                 self._announce_positions()
                 del job
                 gc.collect()  # large CPU tensors of the finished job go now, not at some later collection
-                _empty_device_cache()
+                slot.engine.after_job()
+        if not self._closing:
+            self._engine_lost(slot)
 
-    def _run(self, job: Job) -> None:
+    def _next_job(self, slot: _Slot) -> Job | None:
+        """The next queued job for this engine; None when the server closes or the engine has stopped."""
+        while True:
+            alive = slot.engine.alive  # (may stop a dead group's processes: not under the lock)
+            with self._lock:
+                if self._closing or not alive:
+                    return None
+                if self._queue:
+                    job = self._queue.popleft()
+                    slot.job = job
+                    job.engine = slot.index
+                    self._renumber()
+                    return job
+                self._wake.wait(self.ENGINE_CHECK_S)
+
+    def _engine_lost(self, slot: _Slot) -> None:
+        """An engine stopped (its processes exited): the others carry on; with none left, nothing waits."""
+        left = sum(1 for s in self._slots if s is not slot and s.engine.alive)
+        log.error("engine %d (%s) is out of service; %d engine(s) left", slot.index, ",".join(slot.engine.devices),
+                  left)
+        if left:
+            return
+        with self._lock:
+            self._all_lost = True  # from now on submit refuses (nothing would take the job)
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            job._finish(State.FAILED, NO_ENGINE)
+
+    def _run(self, job: Job, engine: Engine) -> None:
         from helios.engine.video_io import VideoWriter
 
         req = job.request
@@ -344,14 +403,11 @@ class Worker:
         path = folder / "video.mp4"
         writer = VideoWriter(path, fps=req.fps)  # writes .video.partial.mp4, renamed only when complete
         job._start()
-        log.info("job %s started", job.id)
+        log.info("job %s started on engine %s", job.id, job.engine)
         chunks = None
         try:
             job.check()
-            chunks = self.pipe.stream(job.prompt, num_frames=req.frames, height=req.height, width=req.width,
-                                      settings=req.preset, steps=req.steps, guidance_scale=req.guidance,
-                                      seed=req.seed, negative_prompt=req.negative, on_step=job.check,
-                                      **req.engine_inputs())
+            chunks = engine.run(req, job.prompt, job.check)
             while True:
                 job.wait_while_paused(self.limits.max_pause_s)
                 t0 = time.perf_counter()
@@ -379,11 +435,14 @@ class Worker:
                 job._finish(State.CANCELLED, e.reason)
             log.info("job %s %s: %s", job.id, job.state.value, e.reason)
         except Exception as e:  # a crash fails this job only
-            log.exception("job %s failed", job.id)
+            if isinstance(e, EngineError):  # already logged where it happened (the engine's processes)
+                log.error("job %s failed: %s", job.id, e)
+            else:
+                log.exception("job %s failed", job.id)
             _close(chunks)
             writer.abort()
             shutil.rmtree(folder, ignore_errors=True)
-            job._finish(State.FAILED, _describe(e))
+            job._finish(State.FAILED, describe_failure(e))
 
 
 def _close(chunks) -> None:
@@ -392,20 +451,3 @@ def _close(chunks) -> None:
             chunks.close()
         except Exception:
             log.exception("closing the chunk stream failed")
-
-
-def _describe(e: Exception) -> str:
-    from helios.engine.pipeline import InputError
-
-    if isinstance(e, InputError):
-        return str(e)
-    if type(e).__name__ == "OutOfMemoryError":
-        return "the device ran out of memory: try fewer frames, a smaller size or fewer steps"
-    return f"generation failed: {type(e).__name__}: {str(e)[:300]}"
-
-
-def _empty_device_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

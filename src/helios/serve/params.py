@@ -69,15 +69,17 @@ def _number(fields: Mapping[str, object], name: str, kind: type, default):
     return number
 
 
-def parse_params(fields: Mapping[str, object], pipe, limits: Limits, fps: int = 24) -> JobRequest:
+def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 24) -> JobRequest:
     """Check everything that does not need the upload; the engine's own checks run here too, so a
-    request that would fail at its first chunk is refused before it waits in the queue."""
+    request that would fail at its first chunk is refused before it waits in the queue.
+
+    spec: the model's PipelineSpec (or a pipeline: it has the same checks)."""
     from helios.engine.pipeline import InputError, plan_frames
 
     prompt = check_prompt(fields.get("prompt"), limits)
     frames = _number(fields, "frames", int, 132)
     check_frames(frames, limits)
-    default_h, default_w = pipe.default_size
+    default_h, default_w = spec.default_size
     height = _number(fields, "height", int, default_h)
     width = _number(fields, "width", int, default_w)
     check_size(height, width, limits)
@@ -99,8 +101,8 @@ def parse_params(fields: Mapping[str, object], pipe, limits: Limits, fps: int = 
     if not isinstance(negative, str) or len(negative) > limits.max_prompt_chars:
         raise RequestError(f"the negative prompt must be text of at most {limits.max_prompt_chars} characters")
     try:
-        settings = pipe.resolve_settings(preset, steps=steps, guidance_scale=guidance)
-        pipe.check_size(height, width, settings)
+        settings = spec.resolve_settings(preset, steps=steps, guidance_scale=guidance)
+        spec.check_size(height, width, settings)
         plan = plan_frames(frames)
     except (InputError, ValueError) as e:
         raise RequestError(str(e)) from None

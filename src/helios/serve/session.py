@@ -105,7 +105,7 @@ async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListen
     start = _json(message)
     if start.get("type") != "start":
         raise RequestError('the first message must be {"type": "start", "prompt": ...}')
-    request = parse_params(start, server.pipe, server.limits, fps=server.fps)
+    request = parse_params(start, server.spec, server.limits, fps=server.fps)
     kind = start.get("upload")
     if kind:
         if kind not in ("image", "video"):

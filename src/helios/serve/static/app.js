@@ -46,7 +46,10 @@ async function loadConfig() {
   }
   S.config = body;
   S.fps = body.fps;
-  $("server-info").textContent = `${body.model || "model"} on ${body.device} · ${body.queued} queued`;
+  const engines = body.engines || [];
+  const where = engines.length > 1 || body.devices_per_engine > 1
+    ? `${engines.length} engine(s) of ${body.devices_per_engine} device(s)` : body.device;
+  $("server-info").textContent = `${body.model || "model"} on ${where} · ${body.queued} queued`;
   for (const name of body.presets) {
     const o = document.createElement("option");
     o.value = name; o.textContent = name + (name === body.default_preset ? " (default)" : "");
