@@ -11,6 +11,10 @@
 * :mod:`helios.train.data`       - the cache / synthetic sources and the resumable batch order
 * :mod:`helios.train.modeling`   - init weights (Helios or Wan2.1), LoRA, FSDP2 sharding, export
 * :mod:`helios.train.stages`     - what one step computes for stage 1 and stage 2
+* :mod:`helios.train.distill`    - stage 3's pieces: rollout, DMD, critic, GAN, ODE pairs and loss, EMA
+* :mod:`helios.train.stage3`     - stage 3, phase dmd in the loop (generator + critic)
+* :mod:`helios.train.ode`        - stage 3, phase ode: the teacher's ODE pairs (``python -m helios.train.ode``)
+  and the regression phase in the loop
 * :mod:`helios.train.checkpoint` - atomic DCP checkpoints with every rank's RNG state
 * :mod:`helios.train.trainer`    - the loop (``helios train CONFIG.yaml``)
 

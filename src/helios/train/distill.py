@@ -9,9 +9,10 @@ recipe as plain functions around any :class:`~helios.model.transformer.HeliosTra
   frozen teacher. The GAN heads (:class:`GANHeads`) read the critic's noisy-token features after a few
   blocks and its output. :class:`ScoreCritic` bundles the three.
 * **(a) ODE init** - :func:`teacher_trajectory` runs the teacher's multi-step pyramid sampler
-  (:func:`helios.sampling.sampler.denoise_chunk`, unchanged) and records the states at the timesteps
-  the few-step student will visit plus every stage's end point; :func:`ode_regression_loss` regresses
-  G's x0 prediction from those states onto the stage end points (weight 80).
+  (:func:`helios.sampling.sampler.denoise_chunk`, unchanged), makes each stage's schedule also visit the
+  timesteps the few-step student will visit (as the official ODE-pair pipeline) and records the states
+  there plus every stage's end point; :func:`ode_regression_loss` regresses G's x0 prediction from those
+  states onto the stage end points (weight 80). :mod:`helios.train.ode` stores them and trains on them.
 * **(b) rollout** - :func:`generator_rollout` is the distilled inference sampler (DMDScheduler over the
   pyramid, 2 steps per stage) with one random *exit* step per stage: steps before it run without
   gradients, the exit step with them, and its x0 starts the next stage. Its output is x0 at full size.
