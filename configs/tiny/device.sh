@@ -1,37 +1,36 @@
 #!/usr/bin/env bash
-# The one call on the lent H100 that trains the shipped bundle and renders the studies' videos:
-#   bash configs/tiny/device.sh OUT_DIR
-# 1. configs/tiny/train.sh up to the stage-2 ("mid") bundle; the mid bundle is packed at once, so a
-#    later failure still leaves it.
-# 2. While stage 3 distils, 60-second videos of the stage-1 models with and without Easy Anti-Drifting
-#    (docs/drift-study.md) and of the mid model render in the background.
-# 3. 60-second videos of the distilled model, then a clean speed run (one model at a time, nothing
-#    else on the GPU): 10-second videos from the mid and the distilled bundles.
-# Everything lands in runs/tiny and is packed into OUT_DIR as tar parts of at most 15 MB.
+# The calls on the lent H100 that train the shipped bundle (each must end inside a 10-minute call):
+#   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
+#   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid: stage 3 (ode, dmd), then the
+#                                                  # 60-second study videos and the speed runs
+# Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
+# at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
-OUT=${1:?usage: device.sh OUT_DIR}
+OUT=${1:?usage: device.sh OUT_DIR mid|distilled}
+PART=${2:?usage: device.sh OUT_DIR mid|distilled}
 R=runs/tiny
-export VAE_SECONDS=${VAE_SECONDS:-80} VIDEOS=${VIDEOS:-300} S1_SECONDS=${S1_SECONDS:-100} \
-       S2_SECONDS=${S2_SECONDS:-50} S3_SECONDS=${S3_SECONDS:-90}
 D="python3 benchmarks/drift_study.py generate --device ${DEVICE:-cuda}"
 L=${LONG_SECONDS:-60}  # length of the study videos
-N=${STUDY_VIDEOS:-3}
+N=${STUDY_VIDEOS:-2}
 pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back from the device
     local name=$1; shift
     tar czf - "$@" 2>/dev/null | split -b 15M -d - "$OUT/$name.tgz.part"
 }
 mkdir -p "$R/logs"
-bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
-pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json"
-
-$D --model anti-drift="$R/helios-tiny-base" --videos $N --seconds $L --out "$R/drift-ad" > "$R/logs/drift-ad.log" 2>&1 &
-$D --model plain="$R/helios-tiny-plain-base" --videos $N --seconds $L --out "$R/drift-plain" > "$R/logs/drift-plain.log" 2>&1 &
-$D --model mid="$R/helios-tiny-mid" --videos $N --seconds $L --out "$R/drift-mid" > "$R/logs/drift-mid.log" 2>&1 &
-bash configs/tiny/train.sh stage3 bundle3
-$D --model distilled="$R/helios-tiny-distilled" --videos $N --seconds $L --out "$R/drift-distilled" \
-    > "$R/logs/drift-distilled.log" 2>&1
-wait
-for m in mid distilled; do
-    $D --model "$m=$R/helios-tiny-$m" --videos 1 --seconds 10 --out "$R/speed-$m" > "$R/logs/speed-$m.log" 2>&1
-done
-pack final "$R/helios-tiny-distilled" "$R"/stage3/metrics.jsonl "$R"/drift-* "$R"/speed-* "$R/logs"
+case "$PART" in
+mid)
+    bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
+    $D --model mid="$R/helios-tiny-mid" --videos 1 --seconds 10 --out "$R/sample-mid" > "$R/logs/sample-mid.log" 2>&1
+    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/sample-mid" "$R/logs" ;;
+distilled)
+    CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode stage3 bundle3 || exit 1
+    for m in distilled mid; do  # speed first, alone on the GPU: 10-second videos
+        $D --model "$m=$R/helios-tiny-$m" --videos 1 --seconds 10 --out "$R/speed-$m" > "$R/logs/speed-$m.log" 2>&1
+    done
+    for m in distilled mid; do
+        $D --model "$m=$R/helios-tiny-$m" --videos "$N" --seconds "$L" --out "$R/drift-$m" > "$R/logs/drift-$m.log" 2>&1
+    done
+    pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R"/speed-* "$R"/drift-* "$R/logs" ;;
+*)
+    echo "unknown part '$PART' (mid or distilled)" >&2; exit 2 ;;
+esac

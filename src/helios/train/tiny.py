@@ -96,9 +96,12 @@ class _SyntheticClips(torch.utils.data.IterableDataset):
 
 
 def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-4, device: str = "cpu",
-              kl_weight: float = 1e-6, log_every: int = 50, seed: int = 0,
+              latent_l2: float = 1e-6, log_every: int = 50, seed: int = 0,
               max_seconds: float | None = None) -> list[float]:
-    """Fit the VAE to synthetic clips (1 + 4k frames): L1 + MSE reconstruction and a small KL."""
+    """Fit the VAE to synthetic clips (1 + 4k frames): L1 + MSE reconstruction of the posterior mean's
+    decoding and a tiny L2 on the latents. A deterministic autoencoder: with a KL-regularised posterior
+    sample, a young VAE's posterior noise (std ~1) swamped the means (std ~0.7) and the decoder learnt
+    blur; `make_posterior_sharp` then pins the posterior's std near zero for the training cache."""
     import os
 
     workers = min(8, max(0, (os.cpu_count() or 1) - 1))
@@ -116,11 +119,9 @@ def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                             enabled=torch.device(device).type == "cuda"):
-            post = vae.encode(x).latent_dist
-            z = post.sample(generator=None)
+            z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample.float()
-        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1 - post.logvar.float()).mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + latent_l2 * z.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -132,7 +133,18 @@ def train_vae(vae, steps: int, batch: int = 4, frames: int = 17, lr: float = 3e-
             print(f"vae: time budget of {max_seconds:.0f}s reached at step {step}", flush=True)
             break
     vae.eval()
+    make_posterior_sharp(vae)
     return losses
+
+
+@torch.no_grad()
+def make_posterior_sharp(vae, log_std: float = -6.0) -> None:
+    """Set the encoder's log-variance outputs to a constant (std = e^log_std): posterior samples, which
+    the training cache draws as the official one does, then equal the means the decoder was trained on."""
+    conv = vae.quant_conv
+    z = conv.weight.shape[0] // 2  # outputs are [mean | logvar]
+    conv.weight[z:] = 0.0
+    conv.bias[z:] = 2.0 * log_std
 
 
 @torch.no_grad()
@@ -141,7 +153,10 @@ def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) 
     from helios.train.synthetic import SyntheticConfig, SyntheticVideo
 
     cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], seed=seed)
-    zs = [vae.encode(SyntheticVideo.from_index(i, cfg).clip(0, 17)[None].to(device)).latent_dist.mean
+    g = torch.Generator(device=device).manual_seed(seed)
+    # Posterior samples, not means: the training cache holds samples, and while the VAE is young its
+    # posterior noise can be larger than the spread of the means.
+    zs = [vae.encode(SyntheticVideo.from_index(i, cfg).clip(0, 17)[None].to(device)).latent_dist.sample(g)
           for i in range(clips)]
     z = torch.cat(zs, dim=2).float()
     return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).clamp(min=1e-3).tolist()
