@@ -497,6 +497,9 @@ def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: st
     from helios.model.parallel import init_distributed
 
     logging.basicConfig(level=logging.INFO, format=f"engine {','.join(devices)} rank {rank}: %(message)s")
+    # Ctrl-C in the terminal reaches every process of the group: the server stops the engines itself
+    # (after its running jobs), and if the server is gone, rank 0's pipe and then the others' gloo fail.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     world = len(devices)
     try:
         device = init_distributed(devices[rank], rank=rank, world_size=world, init_method=store)
