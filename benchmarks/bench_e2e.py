@@ -3,13 +3,16 @@
 Both sides get the same work: the default 14B transformer with random bf16 weights made on the GPU,
 the default Wan VAE (random weights), random prompt embeddings of the real shape (1, 512, 4096),
 384x640, pyramid 2/2/2 with the DMD scheduler, no CFG, amplified first chunk (the official script).
-Ours runs its default engine path (`HeliosVideoPipeline.stream`, frames handed over as uint8 on the
-host); the reference runs `HeliosPyramidPipeline` with tensor output.
+Ours runs its default optimized engine path (`pipe.optimize()`, as `helios generate` on CUDA: compiled
+blocks, and each chunk's VAE decode overlapped with the next chunk's denoising; then
+`HeliosVideoPipeline.stream`, frames handed over as uint8 on the host); `ours-no-overlap` is the same
+with the decode after the denoising, for the overlap's effect in one run. The reference runs
+`HeliosPyramidPipeline` with tensor output.
 
 Seconds per chunk = (time for 165 frames - time for 33 frames) / 4, after warm-up (as in
 shared/reference/anchors.md). Writes a JSON and appends rows to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_e2e.py --configs ours,ours-fp8 --out result.json
+    python benchmarks/bench_e2e.py --configs ours,ours-no-overlap,ours-fp8 --out result.json
     python benchmarks/bench_e2e.py --configs reference-eager,reference-compiled --out ref.json
 """
 
@@ -62,7 +65,7 @@ class FixedPrompt:
         return self.emb.to(dtype) if dtype else self.emb
 
 
-def build_ours(fp8: bool, compile: bool):
+def build_ours(fp8: bool, compile: bool, overlap: bool = True):
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
 
     from helios.engine.components import Components
@@ -78,7 +81,7 @@ def build_ours(fp8: bool, compile: bool):
              **HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config}
     comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
     pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
-    return pipe.optimize(compile=compile, fp8=fp8)
+    return pipe.optimize(compile=compile, fp8=fp8, overlap_decode=overlap)
 
 
 def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS):
@@ -93,10 +96,11 @@ def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS):
     return time.perf_counter() - t0, first, chunks
 
 
-def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True) -> None:
+def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
+                 overlap: bool = True) -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = build_ours(fp8, compile)
+    pipe = build_ours(fp8, compile, overlap)
     sync()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -108,7 +112,8 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
     steady = chunks[1:]
     per_chunk = (t165 - t33) / 4
     out = {
-        "steps": list(steps), "build_s": build_s, "warmup_s": warmup_s, "s_per_chunk": per_chunk, "fps": 33 / per_chunk,
+        "steps": list(steps), "overlap_decode": overlap, "build_s": build_s, "warmup_s": warmup_s,
+        "s_per_chunk": per_chunk, "fps": 33 / per_chunk,
         "first_frame_s": first, "t33_s": t33, "t165_s": t165,
         "denoise_s": sum(c.denoise_seconds for c in steady) / len(steady),
         "decode_s": sum(c.decode_seconds for c in steady) / len(steady),
@@ -235,7 +240,7 @@ def _num(v, digits: int = 3) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="ours,ours-fp8,reference-eager")
+    ap.add_argument("--configs", default="ours,ours-no-overlap,ours-fp8,reference-eager")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--results-md", default=str(Path(__file__).parent / "RESULTS.md"))
     args = ap.parse_args()
@@ -246,6 +251,8 @@ def main() -> None:
     for name in args.configs.split(","):
         if name == "ours":
             measure_ours(name, fp8=False, compile=True, res=res)
+        elif name == "ours-no-overlap":  # the same, decode after denoising: the overlap's effect in one run
+            measure_ours(name, fp8=False, compile=True, res=res, overlap=False)
         elif name == "ours-eager":
             measure_ours(name, fp8=False, compile=False, res=res)
         elif name == "ours-fp8":

@@ -44,6 +44,8 @@ class LatentCodec:
         if callable(getattr(vae, "clear_cache", None)):
             vae.clear_cache()  # creates the causal-convolution caches the batched decode drives
         self.frames_per_decode = 4
+        self._device_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stats()  # made now, on the default stream, rather than first inside an engine loop
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,8 +55,14 @@ class LatentCodec:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
-    def _stats(self):
-        return self._mean.to(self.device, self.dtype), self._inv_std.to(self.device, self.dtype)
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) on the VAE's device and dtype, kept: a copy from the host would make every
+        decode wait for the work queued before it (the engine decodes while it queues the next chunk)."""
+        cached = self._device_stats
+        if cached is None or cached[0].device != self.device or cached[0].dtype != self.dtype:
+            cached = self._device_stats = (self._mean.to(self.device, self.dtype),
+                                           self._inv_std.to(self.device, self.dtype))
+        return cached
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -7,11 +7,13 @@
 
 Per chunk: sample 9 latent frames conditioned on the history buffer (sampling.sampler), push them
 into the buffer, decode them with the VAE, hand the frames over. Nothing grows with the length of
-the video except the output file.
+the video except the output file. On CUDA after `optimize()`, chunk k is decoded on a side stream
+while chunk k+1 is denoised (see `HeliosVideoPipeline.stream`, overlap_decode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -44,7 +46,7 @@ class Chunk:
     frames: torch.Tensor  # (T, H, W, 3) uint8 on the CPU
     first_frame: int  # position of frames[0] in the output video
     prompt: str
-    seconds: float  # wall time spent on this chunk (sampling + decode)
+    seconds: float  # wall time from handing over the previous chunk (or starting) to this one
     total_chunks: int
     denoise_seconds: float = float("nan")  # device time of the sampler (CUDA events; wall time on CPU)
     decode_seconds: float = float("nan")  # device time of the VAE decode
@@ -131,12 +133,17 @@ class HeliosVideoPipeline:
         self.scheduler = load_scheduler(components.scheduler_config)
         self.default_preset = default_preset(components)
         self.fp8 = False
+        self.overlap_decode = False  # stream's default; optimize() turns it on
+        self._decode_stream: torch.cuda.Stream | None = None
 
-    def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True) -> "HeliosVideoPipeline":
-        """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks.
+    def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
+                 overlap_decode: bool = True) -> "HeliosVideoPipeline":
+        """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
+        and on CUDA each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
 
         Compilation happens lazily on the first chunk (one graph per pyramid stage size).
         """
+        self.overlap_decode = overlap_decode
         if fuse:
             self.model.fuse_projections_()
         if fp8:
@@ -194,12 +201,28 @@ class HeliosVideoPipeline:
         image_noise: tuple[float, float] = (0.111, 0.135),
         video_noise: tuple[float, float] = (0.111, 0.135),
         on_step: Callable[[int, int, int], None] | None = None,
+        overlap_decode: bool | None = None,
     ) -> Iterator[Chunk]:
         """Generate a video chunk by chunk, yielding each chunk's frames as soon as they are decoded.
 
         image: (3, H, W) or (1, 3, H, W) in [-1, 1] for image-to-video; video: (3, T, H, W) or
         (1, 3, T, H, W) in [-1, 1] for video-to-video (see engine.video_io to read files).
-        on_step(chunk, stage, step) is called after every solver step.
+        on_step(chunk, stage, step) is called after every solver step is queued.
+
+        overlap_decode (CUDA only; elsewhere the chunks run one after the other): None follows
+        `optimize()` (on), except for a LivePrompt, which stays sequential unless asked. With it,
+        chunk k's VAE decode and copy to the host are queued on a side stream, chunk k+1's denoising
+        is queued on the main stream without the host waiting (no sync until then), and only then
+        is chunk k waited for and yielded, so the GPU is not idle while the host takes a chunk and
+        the decode shares the GPU with the transformer. The frames, the chunk count and the random
+        draws are the same. What moves is the order seen from outside: chunk k+1's prompt is read
+        (a LivePrompt steer lands one chunk later) and its on_step calls run (an exception there ends
+        the stream without chunk k) before chunk k is yielded; hence the LivePrompt default, which
+        keeps the server's steer and stop where they were. Timings under overlap: `seconds` is the
+        wall time between hand-overs (the rate chunks arrive); `denoise_seconds` and
+        `decode_seconds` are device intervals on the two streams, overlapping in time and stretched
+        by sharing the GPU (mostly the denoising: the decode's stream has priority), so together
+        they exceed `seconds`.
         """
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
         height = self.default_size[0] if height is None else height
@@ -232,33 +255,54 @@ class HeliosVideoPipeline:
             history.set_anchor(start.anchor)
         indices = {k: v.to(device) for k, v in layout.indices().items()}
         window = (layout.chunk_frames - 1) * self.codec.temporal + 1
+        cuda = device.type == "cuda"
+        if overlap_decode is None:
+            overlap_decode = self.overlap_decode and not isinstance(schedule, LivePrompt)
+        overlap = cuda and overlap_decode
+        if overlap and (self._decode_stream is None or self._decode_stream.device != device):
+            # One per pipeline: the caching allocator keeps a memory pool per stream. High priority:
+            # as SMs free up the decode's blocks go first, so chunk k is ready about as early as
+            # without overlap, and the transformer fills the rest.
+            self._decode_stream = torch.cuda.Stream(device, priority=-1)
+        side = self._decode_stream if overlap else None
+        # Page-locked buffers the frames are copied into (two under overlap: chunk k+1's copy is
+        # queued before chunk k is read out of its buffer).
+        pinned = [torch.empty((window, height, width, 3), dtype=torch.uint8, pin_memory=True)
+                  for _ in range(2 if overlap else 1)] if cuda else [None]
         uncond_embeds = None
         produced = 0
-        for k in range(plan.chunks):
-            t0 = time.perf_counter()
-            text_prompt, embeds = self._prompt_embeds(schedule, k)
-            text = self.model.prepare_text(embeds)
-            uncond = None
-            if s.guidance_scale > 1.0:
-                if uncond_embeds is None:
-                    uncond_embeds = self.prompts(negative_prompt, dtype=self.model.dtype)
-                uncond = self.model.prepare_text(uncond_embeds)
-            predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
-            step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
-            marks = _Marks(device)
-            latents = denoise_chunk(predict, shape, self.scheduler, s, generator, device, first_chunk=(k == 0),
-                                    noise_dtype=self.model.dtype, on_step=step_cb)
-            marks.mark()
-            if keep_first_frame and ((k == 0 and history.anchor is None) or (skip_first_chunk and k == 1)):
-                history.set_anchor(latents[:, :, :1])
-            history.push(latents)
-            frames = to_uint8_frames(self.codec.decode(latents))[0]
-            marks.mark()
-            keep = min(window, plan.frames - produced)
-            frames = frames[:keep].cpu()  # waits for the device: the chunk is done
-            denoise_s, decode_s = marks.intervals()
-            yield Chunk(k, frames, produced, text_prompt, time.perf_counter() - t0, plan.chunks, denoise_s, decode_s)
-            produced += keep
+        pending: list[_Handoff] = []  # chunks being decoded, oldest first
+        resumed = time.perf_counter()
+        try:
+            for k in range(plan.chunks):
+                text_prompt, embeds = self._prompt_embeds(schedule, k)
+                text = self.model.prepare_text(embeds)
+                uncond = None
+                if s.guidance_scale > 1.0:
+                    if uncond_embeds is None:
+                        uncond_embeds = self.prompts(negative_prompt, dtype=self.model.dtype)
+                    uncond = self.model.prepare_text(uncond_embeds)
+                predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
+                step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
+                marks = _Marks(device)
+                latents = denoise_chunk(predict, shape, self.scheduler, s, generator, device, first_chunk=(k == 0),
+                                        noise_dtype=self.model.dtype, on_step=step_cb, non_blocking=overlap)
+                marks.mark()
+                if keep_first_frame and ((k == 0 and history.anchor is None) or (skip_first_chunk and k == 1)):
+                    history.set_anchor(latents[:, :, :1])
+                history.push(latents)
+                keep = min(window, plan.frames - produced)
+                pending.append(_Handoff(self.codec, latents, keep, side, pinned[k % len(pinned)], marks,
+                                        {"index": k, "first_frame": produced, "prompt": text_prompt,
+                                         "total_chunks": plan.chunks}))
+                produced += keep
+                # Under overlap chunk k-1 goes out only now, once chunk k's work is queued behind its decode.
+                while len(pending) > (1 if overlap and k < plan.chunks - 1 else 0):
+                    yield pending.pop(0).chunk(since=resumed)
+                    resumed = time.perf_counter()
+        finally:
+            for handoff in pending:  # stopped early: queued copies land before their buffers are freed
+                handoff.wait()
 
     def generate(self, prompt: str | PromptSchedule, **kwargs) -> torch.Tensor:
         """The whole video as one (T, H, W, 3) uint8 tensor (for short videos; use stream/write for long ones)."""
@@ -319,16 +363,21 @@ class HeliosVideoPipeline:
 
 
 class _Marks:
-    """Interval timing without host synchronisation: CUDA events on the GPU, the wall clock elsewhere."""
+    """Interval timing without host synchronisation: CUDA events on the GPU, the wall clock elsewhere.
+
+    On CUDA the events go on the device's current stream, so the intervals are those of the work
+    queued there (the side stream's, for a decode under overlap).
+    """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.points = [self._now()]
 
     def _now(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
-            e.record()
+            e.record(torch.cuda.current_stream(self.device))
             return e
         return time.perf_counter()
 
@@ -340,6 +389,47 @@ class _Marks:
         if self.cuda:
             return [a.elapsed_time(b) / 1000 for a, b in pairs]
         return [b - a for a, b in pairs]
+
+
+class _Handoff:
+    """One chunk's frames on their way to the host: VAE decode, uint8 and (CUDA) copy, queued when made.
+
+    side: the CUDA stream to queue them on (overlap). It first waits for everything queued so far on
+    the current stream (this chunk's denoising and history push); `latents`, made on the current
+    stream and read on the side one, is held until the copy is known to be done, so its memory cannot
+    be handed out again meanwhile. None: queued in line on the current stream.
+    pinned: the page-locked buffer the frames land in on CUDA (None elsewhere: they are on the host).
+    """
+
+    def __init__(self, codec: LatentCodec, latents: torch.Tensor, keep: int, side: torch.cuda.Stream | None,
+                 pinned: torch.Tensor | None, denoise: _Marks, fields: dict) -> None:
+        self.latents, self.denoise, self.fields = latents, denoise, fields
+        self.copied: torch.cuda.Event | None = None
+        device = latents.device
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self.decode = _Marks(device)
+            frames = to_uint8_frames(codec.decode(latents))[0, :keep]
+            self.decode.mark()
+            if pinned is not None:
+                frames = pinned[:keep].copy_(frames, non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record(torch.cuda.current_stream(device))
+        self.frames = frames
+
+    def wait(self) -> None:
+        """Block until the frames are on the host (the one wait for the device per chunk)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def chunk(self, since: float) -> Chunk:
+        self.wait()
+        frames = self.frames
+        if self.copied is not None:  # out of the pinned buffer, which a later chunk reuses
+            frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)
+        return Chunk(frames=frames, seconds=time.perf_counter() - since, denoise_seconds=self.denoise.intervals()[0],
+                     decode_seconds=self.decode.intervals()[0], **self.fields)
 
 
 def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) -> torch.Tensor:
@@ -361,7 +451,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
                   fp8: bool = False) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
 
-    optimize: the fast path (fused projections, compiled blocks); default on for CUDA, off elsewhere.
+    optimize: the fast path (fused projections, compiled blocks, decode overlapped with denoising);
+    default on for CUDA, off elsewhere.
     fp8: FP8 matmuls in the transformer blocks (CUDA, Hopper or newer).
     """
     pipe = HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))

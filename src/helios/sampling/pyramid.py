@@ -37,6 +37,20 @@ import torch.nn.functional as F
 from helios.sampling.schedulers import SchedulerConfig, compute_mu, token_count
 
 
+def to_device(t: torch.Tensor, device: torch.device | str | None, non_blocking: bool = False) -> torch.Tensor:
+    """`t.to(device)`, the same values either way.
+
+    non_blocking: a host tensor bound for a CUDA device goes through pinned memory and an
+    asynchronous copy, so the host does not wait for the device (a plain copy from pageable memory
+    synchronises the stream). The caching host allocator keeps the pinned block until the copy has run.
+    """
+    if device is None:
+        return t
+    if non_blocking and torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply a 4-D (N, C, H, W) op to every frame of a (B, C, T, H, W) latent."""
     b, c, t, h, w = x.shape
@@ -111,11 +125,13 @@ def sample_block_noise(
     patch_size: Sequence[int] = (1, 2, 2),
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
+    non_blocking: bool = False,
 ) -> torch.Tensor:
     """Gaussian noise of `shape` (B, C, T, H, W), correlated within each ph x pw patch.
 
     One randn draw of (B*C*T*(H/ph)*(W/pw), ph*pw) on the generator's device. A list of
     generators uses the first; no generator uses a fresh default-seeded one (as the reference).
+    non_blocking: see `to_device`.
     """
     if isinstance(generator, list):
         generator = generator[0]
@@ -125,7 +141,7 @@ def sample_block_noise(
     _, ph, pw = patch_size
     L = block_noise_cholesky(gamma, patch_size, device)
     z = torch.randn(b * c * t * (h // ph) * (w // pw), ph * pw, generator=generator, device=generator.device)
-    noise = z.to(device=device) @ L.T
+    noise = to_device(z, device, non_blocking) @ L.T
     noise = noise.view(b, c, t, h // ph, w // pw, ph, pw).permute(0, 1, 2, 3, 5, 4, 6)
     return noise.reshape(b, c, t, h, w)
 
@@ -138,17 +154,18 @@ def renoise_for_stage(
     generator: torch.Generator | list[torch.Generator] | None,
     patch_size: Sequence[int] = (1, 2, 2),
     noise_dtype: torch.dtype | None = None,
+    non_blocking: bool = False,
 ) -> torch.Tensor:
     """Stage boundary: nearest x2 upsample, then alpha * x + beta * block_noise (one draw).
 
     `ori_start_sigmas` and `gamma` come from the scheduler (`sched.ori_start_sigmas`,
-    `sched.config.gamma`). The output is the new stage's start point.
+    `sched.config.gamma`). The output is the new stage's start point. non_blocking: see `to_device`.
     """
     if stage_index < 1:
         raise ValueError(f"renoising happens at the start of stages >= 1, got stage_index={stage_index}")
     x = upsample_latents(x)
     alpha, beta = renoise_coefficients(ori_start_sigmas[stage_index], gamma)
-    noise = sample_block_noise(x.shape, gamma, patch_size, generator, x.device)
+    noise = sample_block_noise(x.shape, gamma, patch_size, generator, x.device, non_blocking)
     if noise_dtype is not None:
         noise = noise.to(noise_dtype)
     return alpha * x + beta * noise
@@ -175,10 +192,11 @@ def initial_noise(
     generator: torch.Generator | list[torch.Generator] | None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    non_blocking: bool = False,
 ) -> torch.Tensor:
     """The chunk's starting noise, drawn like diffusers' `randn_tensor` (CPU generator -> CPU draw, then moved).
 
-    A list of generators draws one batch element from each, in order.
+    A list of generators draws one batch element from each, in order. non_blocking: see `to_device`.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if isinstance(generator, list) and len(generator) == 1:
@@ -187,10 +205,10 @@ def initial_noise(
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
         one = (1, *shape[1:])
-        return torch.cat([torch.randn(one, generator=g, device=_draw_device(g, device), dtype=dtype)
-                          for g in generator]).to(device)
+        return to_device(torch.cat([torch.randn(one, generator=g, device=_draw_device(g, device), dtype=dtype)
+                                    for g in generator]), device, non_blocking)
     noise = torch.randn(tuple(shape), generator=generator, device=_draw_device(generator, device), dtype=dtype)
-    return noise.to(device)
+    return to_device(noise, device, non_blocking)
 
 
 def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:

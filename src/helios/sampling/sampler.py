@@ -15,7 +15,7 @@ import torch
 from helios.sampling.dmd import DMDScheduler
 from helios.sampling.guidance import cfg, cfg_zero_star, is_zero_init_step, uses_cfg
 from helios.sampling.pyramid import (check_pyramid_shape, first_stage_latents, initial_noise, pyramid_stage_mus,
-                                     renoise_for_stage)
+                                     renoise_for_stage, to_device)
 from helios.sampling.schedulers import base_sigmas, compute_mu, model_timestep, token_count
 
 Predict = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -77,24 +77,30 @@ def guided(settings: SamplerSettings, cond: torch.Tensor, uncond: torch.Tensor |
 def denoise_chunk(predict: Predict, shape: tuple[int, ...], scheduler, settings: SamplerSettings,
                   generator: torch.Generator | None, device: torch.device, first_chunk: bool = False,
                   noise_dtype: torch.dtype | None = None,
-                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  on_step: Callable[[int, int], None] | None = None, non_blocking: bool = False) -> torch.Tensor:
     """Sample one chunk of latents of `shape` (B, C, T, H, W), float32, starting from fresh noise.
 
-    on_step(stage, step) is called after every solver step (progress reporting).
+    on_step(stage, step) is called after every solver step is queued (progress reporting).
+    non_blocking: the host-made tensors (noise from a CPU generator, timesteps) reach a CUDA device
+    without the host waiting for it, so the whole chunk is queued at once (see pyramid.to_device);
+    otherwise each copy waits for the work queued before it, as diffusers does.
     """
     with_uncond = uses_cfg(settings.guidance_scale)
-    x = initial_noise(shape, generator, device)
+    x = initial_noise(shape, generator, device, non_blocking=non_blocking)
     if settings.pyramid_steps is None:
-        return _single_stage(predict, x, scheduler, settings, with_uncond, on_step)
-    return _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step)
+        return _single_stage(predict, x, scheduler, settings, with_uncond, on_step, non_blocking)
+    return _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step,
+                    non_blocking)
 
 
-def _single_stage(predict, x, scheduler, settings, with_uncond, on_step):
+def _single_stage(predict, x, scheduler, settings, with_uncond, on_step, non_blocking):
     b = x.shape[0]
     mu = compute_mu(token_count(x.shape[2:]), scheduler.config) if scheduler.config.use_dynamic_shifting else None
-    scheduler.set_timesteps(settings.steps, mu=mu, sigmas=base_sigmas(settings.steps), device=x.device)
+    # Built on the host and moved here, so that the move can be non-blocking.
+    timesteps = to_device(scheduler.set_timesteps(settings.steps, mu=mu, sigmas=base_sigmas(settings.steps)),
+                          x.device, non_blocking)
     for i in range(scheduler.num_steps):
-        t = scheduler.timesteps[i]
+        t = timesteps[i]
         cond, uncond = predict(x, model_timestep(t, b, truncate=False), with_uncond)
         x = scheduler.step(guided(settings, cond, uncond, 0, i), x)
         if on_step:
@@ -102,7 +108,7 @@ def _single_stage(predict, x, scheduler, settings, with_uncond, on_step):
     return x
 
 
-def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step):
+def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step, non_blocking):
     b = x.shape[0]
     stages = len(settings.pyramid_steps)
     check_pyramid_shape(x.shape[-2], x.shape[-1], stages)
@@ -112,13 +118,14 @@ def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chun
     x = first_stage_latents(x, stages)
     for k, steps in enumerate(settings.pyramid_steps):
         kwargs = {"amplify": settings.amplify_first_chunk and first_chunk} if distilled else {}
-        scheduler.set_timesteps(steps, stage_index=k, mu=mus[k], device=x.device, **kwargs)
+        timesteps = to_device(scheduler.set_timesteps(steps, stage_index=k, mu=mus[k], **kwargs), x.device,
+                              non_blocking)
         if k > 0:
             x = renoise_for_stage(x, k, scheduler.ori_start_sigmas, scheduler.config.gamma, generator,
-                                  noise_dtype=noise_dtype)
+                                  noise_dtype=noise_dtype, non_blocking=non_blocking)
         start = x
         for i in range(scheduler.num_steps):
-            t = scheduler.timesteps[i]
+            t = timesteps[i]
             cond, uncond = predict(x, model_timestep(t, b, truncate=True), with_uncond)
             v = guided(settings, cond, uncond, k, i)
             x = scheduler.step(v, x, start) if distilled else scheduler.step(v, x)
