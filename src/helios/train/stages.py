@@ -184,7 +184,7 @@ class PyramidStage(Stage):
         x0, B = batch["target"], batch["target"].shape[0]
         if x0.shape[-1] % 2 ** (self.schedule.num_stages - 1) or x0.shape[-2] % 2 ** (self.schedule.num_stages - 1):
             raise ValueError(f"latents {x0.shape[-2]}x{x0.shape[-1]} cannot be halved {self.schedule.num_stages - 1} "
-                             "times: choose data.height/width divisible by 8 * 2 ** (pyramid.num_stages - 1) * 2")
+                             "times: choose data.height/width divisible by (VAE scale) * 2 ** (pyramid.num_stages - 1) * 2")
         per_sample = [sample_pyramid_training_inputs(x0[i : i + 1], self.schedule, self.ratios, self.timesteps,
                                                      ctx.sample_generator(i)) for i in range(B)]
         history, tasks = self.history_inputs(ctx, batch["anchor"], batch["history"], ctx.batch_generator())
