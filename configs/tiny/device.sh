@@ -3,11 +3,12 @@
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
 #   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid: stage 3 (ode, dmd), then the
 #                                                  # 60-second study videos and the speed runs
+#   bash configs/tiny/device.sh OUT_DIR all        # both, with short budgets, after a trained VAE
 # Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
 # at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
-OUT=${1:?usage: device.sh OUT_DIR mid|distilled}
-PART=${2:?usage: device.sh OUT_DIR mid|distilled}
+OUT=${1:?usage: device.sh OUT_DIR mid|distilled|all}
+PART=${2:?usage: device.sh OUT_DIR mid|distilled|all}
 R=runs/tiny
 D="python3 benchmarks/drift_study.py generate --device ${DEVICE:-cuda}"
 L=${LONG_SECONDS:-60}  # length of the study videos
@@ -22,6 +23,11 @@ mid)
     bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
     $D --model mid="$R/helios-tiny-mid" --videos 1 --seconds 10 --out "$R/sample-mid" > "$R/logs/sample-mid.log" 2>&1
     pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/sample-mid" "$R/logs" ;;
+all)  # one call for everything after the VAE (VAE_FROM: a trained vae/ folder), short budgets
+    bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
+    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/logs"
+    bash configs/tiny/train.sh ode stage3 bundle3 || exit 1
+    pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs" ;;
 distilled)
     CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode stage3 bundle3 || exit 1
     for m in distilled mid; do  # speed first, alone on the GPU: 10-second videos
@@ -32,5 +38,5 @@ distilled)
     done
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R"/speed-* "$R"/drift-* "$R/logs" ;;
 *)
-    echo "unknown part '$PART' (mid or distilled)" >&2; exit 2 ;;
+    echo "unknown part '$PART' (mid, distilled or all)" >&2; exit 2 ;;
 esac
