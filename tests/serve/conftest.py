@@ -158,3 +158,10 @@ def next_json(ws, timeout: float = 120) -> dict:
         message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
         if isinstance(message, str):
             return json.loads(message)
+
+
+def next_matching(ws, predicate) -> dict:
+    """The next JSON message for which predicate(message) holds, skipping the others."""
+    while not predicate(message := next_json(ws)):
+        pass
+    return message

@@ -6,7 +6,7 @@ import json
 import socket
 import time
 
-from conftest import SIZE, live, next_json, wait_for
+from conftest import SIZE, live, next_matching, wait_for
 
 from helios.serve.protocol import FRAME_HEADER, parse_frame
 
@@ -49,9 +49,7 @@ def test_frames_arrive_while_the_job_is_still_running(server):
 
 def test_steering_applies_from_the_next_chunk(server):
     with live(server, prompt="a red circle", frames=33 * 3) as (ws, accepted):
-        chunk0 = next_json(ws)
-        while chunk0["type"] != "chunk":
-            chunk0 = next_json(ws)
+        chunk0 = next_matching(ws, lambda m: m["type"] == "chunk")
         assert chunk0["index"] == 0 and chunk0["prompt"] == "a red circle"
         ws.send(json.dumps({"type": "steer", "prompt": "a blue dog"}))
         messages, _ = collect(ws)
@@ -66,12 +64,9 @@ def test_steering_applies_from_the_next_chunk(server):
 
 def test_pause_holds_the_job_and_resume_continues(server):
     with live(server, prompt="a red circle", frames=33 * 3) as (ws, accepted):
-        msg = next_json(ws)
-        while msg["type"] != "chunk":
-            msg = next_json(ws)
+        next_matching(ws, lambda m: m["type"] == "chunk")
         ws.send(json.dumps({"type": "pause"}))
-        while (msg := next_json(ws))["type"] != "status" or msg["state"] != "paused":
-            pass
+        next_matching(ws, lambda m: m["type"] == "status" and m["state"] == "paused")
         job = server.worker.get(accepted["job"], accepted["client"])
         settle = 2 * job.gen_seconds + 0.5  # longer than any chunk so far (gen_seconds sums them)
         time.sleep(settle)  # the chunk under way when pause arrived may still finish
@@ -85,9 +80,7 @@ def test_pause_holds_the_job_and_resume_continues(server):
 
 def test_stop_keeps_the_frames_made_so_far(server):
     with live(server, prompt="a red circle", frames=33 * 40) as (ws, accepted):
-        msg = next_json(ws)
-        while msg["type"] != "chunk":
-            msg = next_json(ws)
+        next_matching(ws, lambda m: m["type"] == "chunk")
         ws.send(json.dumps({"type": "stop"}))
         messages, frames = collect(ws)
     end = messages[-1]

@@ -48,15 +48,16 @@ _ARCH_FLAGS = {"memory_patches": "has_multi_term_memory_patch", "zero_history_ti
                "history_scale_mode": "history_scale_mode"}
 
 
-def transformer_folder(cfg: dict[str, Any]) -> Path:
-    """``model.init_from/model.init_subfolder`` when it exists, else ``model.init_from`` itself."""
-    root = Path(cfg["model"]["init_from"])
-    sub = cfg["model"].get("init_subfolder")
+def transformer_folder(cfg: dict[str, Any], key: str = "init") -> Path:
+    """``model.<key>_from/model.<key>_subfolder`` when it exists, else ``model.<key>_from`` itself
+    (key "init": the model trained; "real_score": stage 3's frozen real score)."""
+    root = Path(cfg["model"][f"{key}_from"])
+    sub = cfg["model"].get(f"{key}_subfolder")
     if sub and (root / sub / "config.json").is_file():
         return root / sub
     if (root / "config.json").is_file():
         return root
-    raise ConfigError(f"config key 'model.init_from' = {str(root)!r}: no transformer config.json in it "
+    raise ConfigError(f"config key 'model.{key}_from' = {str(root)!r}: no transformer config.json in it "
                       f"(nor in its {sub!r} subfolder)")
 
 

@@ -33,6 +33,7 @@ from .config import ConfigError
 from .data import seeded_generator
 from .distill import (OFFICIAL_NEGATIVE_PROMPT, DistillBatch, DistillConfig, Distiller, ScoreCritic,
                       distilled_scheduler_config, ema_decay_at, history_is_empty, prepare_histories)
+from .modeling import transformer_folder
 from .stages import Stage, StepContext
 
 __all__ = ["FewStepStage", "DistillStage", "real_score_folder", "pyramid_scheduler_config",
@@ -41,14 +42,7 @@ __all__ = ["FewStepStage", "DistillStage", "real_score_folder", "pyramid_schedul
 
 def real_score_folder(cfg: dict[str, Any]) -> Path:
     """``model.real_score_from/model.real_score_subfolder`` when it exists, else ``model.real_score_from``."""
-    root = Path(cfg["model"]["real_score_from"])
-    sub = cfg["model"].get("real_score_subfolder")
-    if sub and (root / sub / "config.json").is_file():
-        return root / sub
-    if (root / "config.json").is_file():
-        return root
-    raise ConfigError(f"config key 'model.real_score_from' = {str(root)!r}: no transformer config.json in it "
-                      f"(nor in its {sub!r} subfolder)")
+    return transformer_folder(cfg, "real_score")
 
 
 def _on_every_rank(flag: bool, device: torch.device) -> bool:
