@@ -86,6 +86,35 @@ def test_bad_data_is_reported(make_config, tmp_path, latent_cache):
         train(make_config(**{"data.height": 128, "data.width": 128}))
 
 
+def test_latent_size_check_uses_the_folders_vae_scale(make_config, tmp_path, tiny_model):
+    import json
+    import shutil
+
+    folder = tmp_path / "scale16"
+    shutil.copytree(tiny_model, folder)
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    vae_cfg["scale_factor_spatial"] = 16  # the cache was made by the 8x VAE: 64x64 -> 8x8
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_cfg))
+    with pytest.raises(DataError, match="latents are 8x8, data.height x data.width = 64x64 gives 4x4"):
+        train(make_config(**{"model.init_from": str(folder)}))
+
+
+def test_transformer_folder_errors_name_the_key(tmp_path):
+    from helios.train.modeling import transformer_folder
+    from helios.train.stage3 import real_score_folder
+
+    cfg = {"model": {"init_from": str(tmp_path), "init_subfolder": "transformer",
+                     "real_score_from": str(tmp_path), "real_score_subfolder": None}}
+    with pytest.raises(ConfigError, match=r"'model.init_from' = .*: no transformer config.json in it "
+                                          r"\(nor in its 'transformer' subfolder\)"):
+        transformer_folder(cfg)
+    with pytest.raises(ConfigError, match=r"'model.real_score_from' = .*: no transformer config.json"):
+        real_score_folder(cfg)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    assert transformer_folder(cfg) == tmp_path / "transformer"
+
+
 def test_cli_train_and_errors(make_config, tmp_path, tiny_model, latent_cache):
     from helios.cli import app
 
