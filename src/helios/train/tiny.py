@@ -1,8 +1,9 @@
 """The small Helios we ship: parts sized for a laptop CPU, in the official model-folder layout.
 
     text_encoder/ + tokenizer/   a word-level tokenizer over the synthetic captions' vocabulary and a
-                                 2-layer T5 encoder with fixed random weights (frozen: the transformer
-                                 learns to read it, as Helios reads a frozen umT5)
+                                 2-layer T5 encoder pretrained here to read captions (every token's output
+                                 predicts the background colour and the count of each coloured shape),
+                                 then frozen: the transformer reads it as Helios reads a frozen umT5
     vae/                         a small Wan-architecture VAE (AutoencoderKLWan), trained here on the
                                  synthetic videos (reconstruction + a light KL term)
     transformer/                 a small Helios transformer, trained by `helios train` (stages 1-3)
@@ -54,13 +55,72 @@ def build_tokenizer():
                                    model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(seed: int = 0):
+def build_text_encoder(seed: int = 0, pretrain_steps: int = 600):
+    """The tiny T5 encoder, pretrained on synthetic captions (`pretrain_text_encoder`) unless
+    `pretrain_steps` is 0. A random encoder was not enough: with it the GPU-trained transformers ignored
+    their prompts (docs/tiny-model.md), as a Wan model would with an untrained umT5."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=len(vocabulary()), d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
-    return T5EncoderModel(cfg).eval()
+    encoder = T5EncoderModel(cfg)
+    if pretrain_steps > 0:
+        pretrain_text_encoder(encoder, build_tokenizer(), steps=pretrain_steps, seed=seed)
+    return encoder.eval()
+
+
+def caption_targets(caption: str) -> tuple[int, list[int]]:
+    """What a caption says, as class indices: its background colour, and how many objects of each
+    (colour, shape) pair it names (0 for pairs it does not name), in `COLORS` x `SHAPES` order."""
+    from helios.eval.palette import parse_caption
+
+    scene = parse_caption(caption)
+    colors = list(COLORS)
+    counts = [0] * (len(colors) * len(SHAPES))
+    for obj in scene.objects:
+        counts[colors.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)] += obj.count or 2
+    return colors.index(scene.background), counts
+
+
+def pretrain_text_encoder(encoder, tokenizer, steps: int = 600, batch: int = 64, lr: float = 2e-3,
+                          seed: int = 0, captions: int = 4096) -> list[float]:
+    """Teach the tiny T5 to read the synthetic captions: linear heads on every token's output must
+    name the caption's background colour and the count of every (colour, shape) pair. Every token then
+    carries the whole scene, so any attention pattern of the transformer's cross-attention can read it.
+    Captions come from synthetic videos of another seed than the training data's. A few seconds on a CPU."""
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+
+    cfg = SyntheticConfig(seed=10_000 + seed)
+    texts = [SyntheticVideo.from_index(i, cfg).caption for i in range(captions)]
+    bg, counts = zip(*(caption_targets(t) for t in texts))
+    bg, counts = torch.tensor(bg), torch.tensor(counts)
+    max_count = int(counts.max()) + 1
+    tok = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    heads = torch.nn.ModuleDict({"background": torch.nn.Linear(TEXT_DIM, len(COLORS)),
+                                 "counts": torch.nn.Linear(TEXT_DIM, counts.shape[1] * max_count)})
+    params = [*encoder.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    encoder.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(texts), (batch,), generator=g)
+        mask = tok.attention_mask[idx].bool()
+        h = encoder(input_ids=tok.input_ids[idx], attention_mask=tok.attention_mask[idx]).last_hidden_state[mask]
+        per_token = mask.sum(1)  # the targets of each caption, repeated for each of its tokens
+        want_bg = bg[idx].repeat_interleave(per_token)
+        want_counts = counts[idx].repeat_interleave(per_token, dim=0)
+        loss = F.cross_entropy(heads["background"](h), want_bg) + F.cross_entropy(
+            heads["counts"](h).unflatten(-1, (-1, max_count)).flatten(0, 1), want_counts.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:  # cosine decay
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        losses.append(loss.item())
+    encoder.eval()
+    return losses
 
 
 def build_vae():

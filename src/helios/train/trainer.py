@@ -81,8 +81,10 @@ def _init_distributed(device_pref: str) -> _Dist:
     if world == 1:
         return _Dist(0, 1, device)
     owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if owns:  # one way to start NCCL/gloo: the engine's, which also keeps NVLink multicast off
+        from helios.model.parallel import init_distributed
+
+        init_distributed("cuda" if use_cuda else "cpu")
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
@@ -125,6 +127,14 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def _full_state(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -313,6 +323,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
                         else:
                             ema[n].lerp_(p.detach(), 1.0 - decay)
             metrics = _mean_over_ranks(metrics, device)
+            if on_cuda:  # the largest rank's peak so far: what the run needs per GPU
+                metrics["peak_memory_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated(device) / 2**30, device)
             metrics["step_seconds"] = time.perf_counter() - t0
             losses.append(metrics["loss"])
             if bar is not None:
