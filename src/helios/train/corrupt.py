@@ -185,13 +185,23 @@ def noise_corrupt(x: torch.Tensor, noise_max: float, generator, frame_independen
 def downsample_corrupt(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Bilinear antialiased resize of every frame by ``ratio`` and back to the original size."""
     B, C, T, H, W = x.shape
-    h1, w1 = max(1, int(round(H * ratio))), max(1, int(round(W * ratio)))
     y = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
-    dt = y.dtype
-    y = y.float()
-    y = F.interpolate(y, size=(h1, w1), mode="bilinear", align_corners=False, antialias=True)
-    y = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
-    return y.to(dt).reshape(B, T, C, H, W).permute(0, 2, 1, 3, 4)
+    y = _resize_down_up(y, _downsample_size(H, W, ratio))
+    return y.reshape(B, T, C, H, W).permute(0, 2, 1, 3, 4)
+
+
+def _downsample_size(H: int, W: int, ratio: float) -> tuple[int, int]:
+    return max(1, int(round(H * ratio))), max(1, int(round(W * ratio)))
+
+
+def _resize_down_up(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` resized to ``size`` and back (float32, antialiased); each image on its own,
+    so images that share ``size`` can go in one call."""
+    dt, hw = images.dtype, images.shape[-2:]
+    y = images.float()
+    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False, antialias=True)
+    y = F.interpolate(y, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    return y.to(dt)
 
 
 def saturation_corrupt(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
@@ -415,16 +425,16 @@ def frame_aware_corrupt(
         noise_max[0] = cfg.noise_max_short
     sig = (sig.cpu() * noise_max).to(frames.device, frames.dtype)
     eps = _randn_like(frames, generator)
-    out = frames.clone()
     noise_mask = (ops == OP_NOISE).to(frames.device)
     noisy = sig[:, None, :, None, None] * eps + (1 - sig[:, None, :, None, None]) * frames
-    out = torch.where(noise_mask[:, None, :, None, None], noisy, out)
-    for b, f in (ops == OP_DOWNSAMPLE).nonzero().tolist():
-        r = _uniform(generator, cfg.downsample_min, cfg.downsample_max)
-        out[b : b + 1, :, f : f + 1] = downsample_corrupt(frames[b : b + 1, :, f : f + 1], r)
-    for b, f in (ops == OP_SATURATION).nonzero().tolist():
-        k = _saturation_factor(generator, cfg.saturation_min, cfg.saturation_max)
-        out[b : b + 1, :, f : f + 1] = saturation_corrupt(frames[b : b + 1, :, f : f + 1], k)
+    out = torch.where(noise_mask[:, None, :, None, None], noisy, frames)
+    # host draws in the order of the frames (all ratios, then all factors), then batched tensor work
+    down = (ops == OP_DOWNSAMPLE).nonzero().tolist()
+    ratios = [_uniform(generator, cfg.downsample_min, cfg.downsample_max) for _ in down]
+    sat = (ops == OP_SATURATION).nonzero().tolist()
+    factors = [_saturation_factor(generator, cfg.saturation_min, cfg.saturation_max) for _ in sat]
+    _downsample_frames_(out, frames, down, ratios)
+    _saturate_frames_(out, frames, sat, factors)
     log.frame_ops = ops
     if anchor is not None:
         anchor, hist = out[:, :, :1], out[:, :, 1:]
@@ -432,6 +442,38 @@ def frame_aware_corrupt(
         hist = out
     s, m, l_ = _unpack(anchor, hist, layout)
     return s, m, l_, log
+
+
+def _frame_index(frames: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[[b, f], ...]`` -> (rows, frames) index tensors on ``device`` (one host -> device copy)."""
+    bf = torch.tensor(frames, dtype=torch.long).reshape(-1, 2).to(device)
+    return bf[:, 0], bf[:, 1]
+
+
+def _downsample_frames_(out: torch.Tensor, frames: torch.Tensor, where: list[list[int]],
+                        ratios: list[float]) -> None:
+    """``out[b, :, f] = downsample_corrupt(frames[b, :, f], r)`` for each ``(b, f)`` of ``where``, in place.
+    The resize depends on ``r`` only through the reduced size, so there is one call per distinct size
+    (a handful for a resolution and the ratio range), not one per frame."""
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for bf, r in zip(where, ratios):
+        groups.setdefault(_downsample_size(*frames.shape[-2:], r), []).append(bf)
+    for size, group in groups.items():
+        b, f = _frame_index(group, out.device)
+        out[b, :, f] = _resize_down_up(frames[b, :, f], size)  # (n, C, H, W): one image per frame
+
+
+def _saturate_frames_(out: torch.Tensor, frames: torch.Tensor, where: list[list[int]],
+                      factors: list[float]) -> None:
+    """``out[b, :, f] = saturation_corrupt(frames[b, :, f], k)`` for each ``(b, f)`` of ``where``, in place."""
+    if not where:
+        return
+    b, f = _frame_index(where, out.device)
+    x = frames[b, :, f]  # (n, C, H, W)
+    m = x.mean(dim=1, keepdim=True)
+    k = torch.tensor(factors, dtype=torch.float32).to(out.device).view(-1, 1, 1, 1)
+    # the product in float32 then x's dtype, as with the Python-float factor of saturation_corrupt
+    out[b, :, f] = ((x - m) * k).to(x.dtype) + m
 
 
 def degrade_history(
@@ -486,35 +528,39 @@ def corrupt_model_input(x: torch.Tensor, cfg: ModelInputCorruptionConfig, genera
 # task dropout
 
 
-def _drop_oldest(long, mid, last, n_drop: int):
-    long, mid, last = long.clone(), mid.clone(), last.clone()
-    for t in (long, mid, last):
-        k = min(n_drop, t.shape[2])
-        if k > 0:
-            t[:, :, :k] = 0
-        n_drop -= k
-        if n_drop <= 0:
-            break
-    return long, mid, last
-
-
-def _task_dropout_batch(anchor, long, mid, last, cfg: TaskDropoutConfig, generator, window: int):
+def _draw_task(cfg: TaskDropoutConfig, generator, n: int, window: int) -> tuple[str, int]:
+    """One task decision (host draws, official order) -> ``(label, k)``: zero the ``k`` oldest of the
+    ``n`` history frames; ``t2v`` zeroes them all and the anchor."""
     if cfg.t2v_ratio > 0 and _rand(generator, 1).item() < cfg.t2v_ratio:
-        z = torch.zeros_like
-        return (z(anchor) if anchor is not None else None), z(long), z(mid), z(last), "t2v"
-    n = long.shape[2] + mid.shape[2] + last.shape[2]
+        return "t2v", n
     if cfg.i2v_ratio > 0 and _rand(generator, 1).item() < cfg.i2v_ratio:
-        # keep the anchor and the most recent frame only
-        long, mid, last = _drop_oldest(long, mid, last, max(0, n - 1))
-        return anchor, long, mid, last, "i2v"
+        return "i2v", max(0, n - 1)  # keep the anchor and the most recent frame only
     if cfg.v2v_ratio > 0 and _rand(generator, 1).item() < cfg.v2v_ratio:
         n_windows = n // window
         n_drop = n % window
         if n_windows > 0:
             n_drop += _randint(generator, 0, n_windows + 1) * window
-        long, mid, last = _drop_oldest(long, mid, last, n_drop)
-        return anchor, long, mid, last, f"v2v_drop{n_drop}"
-    return anchor, long, mid, last, "full"
+        return f"v2v_drop{n_drop}", n_drop
+    return "full", 0
+
+
+def _keep_frames(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x (B, C, T, h, w)`` with the frames where ``keep (B or 1, T)`` is False set to zero."""
+    return torch.where(keep[:, None, :, None, None], x, 0.0)
+
+
+def _drop_frames(anchor, long, mid, last, tasks: list[str], n_drops: list[int]):
+    """Zero, per row (one row: the whole batch), its ``n_drop`` oldest history frames (oldest first over
+    ``long, mid, last``) and, for ``t2v``, its anchor: one masked select per tensor."""
+    if not any(n_drops) and "t2v" not in tasks:  # nothing dropped: the inputs as they are
+        return anchor, long, mid, last
+    sizes = [long.shape[2], mid.shape[2], last.shape[2]]
+    keep = torch.arange(sum(sizes))[None, :] >= torch.tensor(n_drops)[:, None]  # (rows, n), made on the host
+    keep = keep.to(long.device).split(sizes, dim=1)
+    long, mid, last = (_keep_frames(t, k) for t, k in zip((long, mid, last), keep))
+    if anchor is not None:
+        anchor = _keep_frames(anchor, torch.tensor([[t != "t2v"] for t in tasks]).to(anchor.device))
+    return anchor, long, mid, last
 
 
 def apply_task_dropout(
@@ -538,15 +584,9 @@ def apply_task_dropout(
     B = long.shape[0]
     if not cfg.enabled:
         return anchor, long, mid, last, ["full"] * B
-    if not cfg.per_sample:
-        a, lo, mi, la, task = _task_dropout_batch(anchor, long, mid, last, cfg, generator, window)
-        return a, lo, mi, la, [task] * B
-    outs, tasks = [], []
-    for b in range(B):
-        sl = slice(b, b + 1)
-        a = anchor[sl] if anchor is not None else None
-        r = _task_dropout_batch(a, long[sl], mid[sl], last[sl], cfg, generator, window)
-        outs.append(r[:4])
-        tasks.append(r[4])
-    a = torch.cat([o[0] for o in outs]) if anchor is not None else None
-    return a, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), torch.cat([o[3] for o in outs]), tasks
+    n = long.shape[2] + mid.shape[2] + last.shape[2]
+    # the decisions are host draws (one, or one per sample in sample order); the zeroing is batched
+    decisions = [_draw_task(cfg, generator, n, window) for _ in range(B if cfg.per_sample else 1)]
+    tasks = [t for t, _ in decisions]
+    a, lo, mi, la = _drop_frames(anchor, long, mid, last, tasks, [k for _, k in decisions])
+    return a, lo, mi, la, (tasks if cfg.per_sample else tasks * B)

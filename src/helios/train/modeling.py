@@ -197,14 +197,20 @@ def shard_model(model: HeliosTransformer, mesh, mp_policy=None) -> None:
     Every block's text K/V are computed up front (``prepare_text``) outside the block's forward, so
     each block's cross-attention is a unit of its own whose ``key_value`` / ``cross_attention``
     methods gather its weights."""
+    import dataclasses
+
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    # Only the root casts its inputs. A block's inputs include the float32 RoPE tables; FSDP2 casts
+    # them in the forward but not when activation checkpointing recomputes the block in the backward
+    # (it skips its pre-forward cast then), and the recompute's dtypes must match (found on 2 H100s).
+    inner = kw if mp_policy is None else {**kw, "mp_policy": dataclasses.replace(mp_policy, cast_forward_inputs=False)}
     for blk in model.blocks:
-        fully_shard(blk.attn2, **kw)
+        fully_shard(blk.attn2, **inner)
         register_fsdp_forward_method(blk.attn2, "key_value")
         register_fsdp_forward_method(blk.attn2, "cross_attention")
-        fully_shard(blk, **kw)
+        fully_shard(blk, **inner)
     fully_shard(model, **kw)
 
 

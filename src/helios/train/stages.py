@@ -45,8 +45,9 @@ from .timesteps import (
     build_pyramid_schedule,
     flow_matching_loss,
     flow_target,
-    sample_pyramid_training_inputs,
-    sample_training_sigmas,
+    per_sample_noise,
+    sample_pyramid_training_inputs_per_sample,
+    sample_training_sigmas_per_sample,
 )
 
 __all__ = ["StepContext", "Stage", "FlowMatchingStage", "PyramidStage", "STAGES", "make_stage"]
@@ -66,6 +67,10 @@ class StepContext:
 
     def sample_generator(self, row: int) -> torch.Generator:
         return seeded_generator(self.seed, 10, self.step, self.micro, self.sample_ids[row])
+
+    def sample_generators(self, batch: int) -> list[torch.Generator]:
+        """One fresh generator per row (CPU: the draws are host work, batched before they reach the device)."""
+        return [self.sample_generator(i) for i in range(batch)]
 
     def batch_generator(self) -> torch.Generator:
         return seeded_generator(self.seed, 11, self.step, self.micro, self.rank)
@@ -129,9 +134,9 @@ class Stage:
         """Caption dropout: a sample's prompt embeddings are zeroed with ``data.caption_dropout``."""
         if self.caption_dropout <= 0:
             return embeds
-        keep = torch.tensor([float(torch.rand(1, generator=ctx.sample_generator(i)).item() >= self.caption_dropout)
-                             for i in range(embeds.shape[0])])
-        return embeds * keep.to(embeds.device, embeds.dtype).view(-1, 1, 1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in ctx.sample_generators(embeds.shape[0])])
+        keep = (draws >= self.caption_dropout).to(embeds.device, embeds.dtype)  # one host -> device copy
+        return embeds * keep.view(-1, 1, 1)
 
     @staticmethod
     def task_metrics(tasks: list[str]) -> dict[str, float]:
@@ -145,12 +150,12 @@ class FlowMatchingStage(Stage):
     name = "stage1"
 
     def train_step(self, ctx: StepContext, batch: dict[str, Any]) -> dict[str, float]:
-        x0, B = batch["target"], batch["target"].shape[0]
-        gens = [ctx.sample_generator(i) for i in range(B)]
-        draws = [sample_training_sigmas(1, self.timesteps, x0.shape, g) for g in gens]
-        sigmas = torch.cat([d[0] for d in draws]).to(x0.device)
-        timesteps = torch.cat([d[1] for d in draws]).to(x0.device)
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device, x0.dtype)
+        x0 = batch["target"]
+        # per-sample draws on the host (each generator: timestep, then noise), moved to the device once
+        gens = ctx.sample_generators(x0.shape[0])
+        sigmas, timesteps = sample_training_sigmas_per_sample(self.timesteps, x0.shape, gens)
+        sigmas, timesteps = sigmas.to(x0.device), timesteps.to(x0.device)
+        noise = per_sample_noise(x0.shape[1:], gens).to(x0.device, x0.dtype)
         gen = ctx.batch_generator()
         history, tasks = self.history_inputs(ctx, batch["anchor"], batch["history"], gen)
         x_in, _ = corrupt_model_input(x0, self.input_corruption, gen)  # off in every released config
@@ -181,29 +186,26 @@ class PyramidStage(Stage):
         self.ratios = [int(r) for r in p["sample_ratios"]]
 
     def train_step(self, ctx: StepContext, batch: dict[str, Any]) -> dict[str, float]:
-        x0, B = batch["target"], batch["target"].shape[0]
+        x0 = batch["target"]
         if x0.shape[-1] % 2 ** (self.schedule.num_stages - 1) or x0.shape[-2] % 2 ** (self.schedule.num_stages - 1):
             raise ValueError(f"latents {x0.shape[-2]}x{x0.shape[-1]} cannot be halved {self.schedule.num_stages - 1} "
                              "times: choose data.height/width divisible by (VAE scale) * 2 ** (pyramid.num_stages - 1) * 2")
-        per_sample = [sample_pyramid_training_inputs(x0[i : i + 1], self.schedule, self.ratios, self.timesteps,
-                                                     ctx.sample_generator(i)) for i in range(B)]
+        # per-sample draws (each row its own generator), the pyramid maths once for the batch: one
+        # entry per (level, draw), lowest level first
+        draws = sample_pyramid_training_inputs_per_sample(x0, self.schedule, self.ratios, self.timesteps,
+                                                          ctx.sample_generators(x0.shape[0]))
         history, tasks = self.history_inputs(ctx, batch["anchor"], batch["history"], ctx.batch_generator())
         text = self.text(ctx, batch["prompt_embeds"])
-        n = len(per_sample[0])
+        n = len(draws)
         metrics: dict[str, float] = {"loss": 0.0}
-        for j in range(n):
-            draws = [s[j] for s in per_sample]
-            noisy = torch.cat([d.noisy for d in draws])
-            target = torch.cat([d.target for d in draws])
-            sigmas = torch.cat([d.sigmas for d in draws]).to(x0.device)
-            timesteps = torch.cat([d.timesteps for d in draws]).to(x0.device)
+        for j, d in enumerate(draws):
             with ctx.autocast():
-                pred = ctx.model(noisy, timesteps, text, **history).sample
-            loss = flow_matching_loss(pred, target, sigmas, "none")
+                pred = ctx.model(d.noisy, d.timesteps.to(x0.device), text, **history).sample
+            loss = flow_matching_loss(pred, d.target, d.sigmas.to(x0.device), "none")
             ctx.backward(loss / n, last=(j == n - 1))
             metrics["loss"] += float(loss.detach()) / n
-            key = f"loss/level{draws[0].stage}"
-            metrics[key] = metrics.get(key, 0.0) + float(loss.detach()) / self.ratios[draws[0].stage]
+            key = f"loss/level{d.stage}"
+            metrics[key] = metrics.get(key, 0.0) + float(loss.detach()) / self.ratios[d.stage]
         return {**metrics, **self.task_metrics(tasks)}
 
 

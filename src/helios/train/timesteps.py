@@ -38,6 +38,8 @@ __all__ = [
     "dynamic_shift_factor",
     "apply_shift",
     "sample_training_sigmas",
+    "sample_training_sigmas_per_sample",
+    "per_sample_noise",
     "add_noise",
     "flow_target",
     "flow_to_x0",
@@ -49,6 +51,8 @@ __all__ = [
     "pyramid_noise",
     "PyramidSample",
     "sample_pyramid_training_inputs",
+    "sample_pyramid_training_inputs_per_sample",
+    "pyramid_training_inputs",
     "beta_schedule_params",
     "sample_dmd_timesteps",
     "dmd_sigma_table",
@@ -153,6 +157,26 @@ def apply_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def _unit_draws(cfg: TimestepConfig, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` draws of ``u`` from the config's sampling density."""
+    return sample_density(cfg.weighting_scheme, n, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                          mode_scale=cfg.mode_scale, generator=generator)
+
+
+def _training_sigmas(u: torch.Tensor, cfg: TimestepConfig,
+                     latent_shape: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u (B,)`` -> ``(sigmas, timesteps)`` through the (shifted) training table."""
+    N = cfg.num_train_timesteps
+    idx = (u * N).long().clamp(0, N - 1).cpu()
+    table = flow_sigma_table(N, cfg.shift)
+    if cfg.use_dynamic_shifting:
+        if latent_shape is None:
+            raise ValueError("dynamic shifting needs latent_shape")
+        table = apply_shift(table, dynamic_shift_factor(image_seq_len(latent_shape, cfg.patch_size), cfg))
+    sigmas = table[idx].float()
+    return sigmas, sigmas * N
+
+
 def sample_training_sigmas(
     batch_size: int,
     cfg: TimestepConfig,
@@ -163,23 +187,24 @@ def sample_training_sigmas(
 
     ``latent_shape`` (of the noisy chunk, ``(..., T, H, W)``) is needed only for dynamic shifting.
     """
-    N = cfg.num_train_timesteps
-    u = sample_density(
-        cfg.weighting_scheme,
-        batch_size,
-        logit_mean=cfg.logit_mean,
-        logit_std=cfg.logit_std,
-        mode_scale=cfg.mode_scale,
-        generator=generator,
-    )
-    idx = (u * N).long().clamp(0, N - 1).cpu()
-    table = flow_sigma_table(N, cfg.shift)
-    if cfg.use_dynamic_shifting:
-        if latent_shape is None:
-            raise ValueError("dynamic shifting needs latent_shape")
-        table = apply_shift(table, dynamic_shift_factor(image_seq_len(latent_shape, cfg.patch_size), cfg))
-    sigmas = table[idx].float()
-    return sigmas, sigmas * N
+    return _training_sigmas(_unit_draws(cfg, batch_size, generator), cfg, latent_shape)
+
+
+def sample_training_sigmas_per_sample(
+    cfg: TimestepConfig,
+    latent_shape: Sequence[int] | None,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_training_sigmas` of one sample per generator (the same values as calling it with
+    ``batch_size=1`` per sample); only the draws are per sample, the table look-up is done once."""
+    u = torch.cat([_unit_draws(cfg, 1, g) for g in generators])
+    return _training_sigmas(u, cfg, latent_shape)
+
+
+def per_sample_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """``randn(shape)`` from each generator (one per sample), stacked on the generators' device:
+    ``(len(generators), *shape)``; move it to the model's device once."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=_dev(g)) for g in generators])
 
 
 def _bcast(s: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -353,47 +378,86 @@ def sample_pyramid_training_inputs(
     the per-sample losses. Weighting (stage 2: ``none``) -> uniform ``u``.
     """
     cfg = cfg or TimestepConfig(weighting_scheme="none")
+    noise, u = _pyramid_draws(x0.shape, sum(sample_ratios), cfg, generator)
+    return pyramid_training_inputs(x0, noise, u, schedule, sample_ratios, cfg)
+
+
+def sample_pyramid_training_inputs_per_sample(
+    x0: torch.Tensor,
+    schedule: PyramidSchedule,
+    sample_ratios: Sequence[int],
+    cfg: TimestepConfig | None,
+    generators: Sequence[torch.Generator],
+) -> list[PyramidSample]:
+    """:func:`sample_pyramid_training_inputs` of each row of ``x0`` with its own generator (the same
+    values as calling it per sample); only the draws are per sample, the pyramid maths is batched."""
+    cfg = cfg or TimestepConfig(weighting_scheme="none")
+    if len(generators) != x0.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {x0.shape[0]}")
+    draws = [_pyramid_draws((1, *x0.shape[1:]), sum(sample_ratios), cfg, g) for g in generators]
+    noise, u = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    return pyramid_training_inputs(x0, noise, u, schedule, sample_ratios, cfg)
+
+
+def _pyramid_draws(shape: Sequence[int], n_draws: int, cfg: TimestepConfig,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of the pyramid inputs of a batch ``shape = (B, ...)``, in the official order:
+    the noise, then ``B`` values of ``u`` per timestep draw. Returns ``(noise, u (B, n_draws))``."""
+    noise = torch.randn(tuple(shape), generator=generator, device=_dev(generator))
+    u = torch.stack([_unit_draws(cfg, shape[0], generator) for _ in range(n_draws)], dim=1)
+    return noise, u
+
+
+def _pyramid_path(clean: list[torch.Tensor], noises: list[torch.Tensor], schedule: PyramidSchedule,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start_k, end_k)`` of pyramid stage ``k`` (docstring of :func:`sample_pyramid_training_inputs`)."""
+    K = schedule.num_stages
+    if k == 0:
+        start = noises[0]
+    else:
+        prev = clean[k - 1]
+        up = _resize_frames(prev, (prev.shape[-2] * 2, prev.shape[-1] * 2), "nearest")
+        if up.shape[-2:] != clean[k].shape[-2:]:
+            raise ValueError("latent H, W must be divisible by 2**(num_stages-1)")
+        start = schedule.start_sigmas[k] * noises[k] + (1 - schedule.start_sigmas[k]) * up
+    end = clean[k] if k == K - 1 else schedule.end_sigmas[k] * noises[k] + (1 - schedule.end_sigmas[k]) * clean[k]
+    return start, end
+
+
+def pyramid_training_inputs(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    u: torch.Tensor,
+    schedule: PyramidSchedule,
+    sample_ratios: Sequence[int],
+    cfg: TimestepConfig,
+) -> list[PyramidSample]:
+    """The deterministic part of :func:`sample_pyramid_training_inputs`: ``noise`` (shape of ``x0``)
+    and ``u (B, sum(sample_ratios))`` (the draws of every stage, lowest stage first) -> the inputs,
+    each computed once for the whole batch."""
     K = schedule.num_stages
     if len(sample_ratios) != K:
         raise ValueError("sample_ratios must have one entry per stage")
     clean = pyramid_downsample(x0, K)
-    dev = _dev(generator)
-    noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
-    noises = pyramid_noise(noise, K)
+    noises = pyramid_noise(noise.to(x0.device, x0.dtype), K)
     N = schedule.num_train_timesteps
     local = schedule.sigmas_local()
+    idx = (u * N).long().clamp(0, N - 1).cpu()  # (B, draws): table rows, looked up on the host
     out: list[PyramidSample] = []
-    B = x0.shape[0]
     for k in range(K):
-        if k == 0:
-            start = noises[0]
-        else:
-            prev = clean[k - 1]
-            up = _resize_frames(prev, (prev.shape[-2] * 2, prev.shape[-1] * 2), "nearest")
-            if up.shape[-2:] != clean[k].shape[-2:]:
-                raise ValueError("latent H, W must be divisible by 2**(num_stages-1)")
-            start = schedule.start_sigmas[k] * noises[k] + (1 - schedule.start_sigmas[k]) * up
-        end = clean[k] if k == K - 1 else schedule.end_sigmas[k] * noises[k] + (1 - schedule.end_sigmas[k]) * clean[k]
+        start, end = _pyramid_path(clean, noises, schedule, k)
+        target = (start - end).to(x0.dtype)  # shared by the stage's draws
         tk = schedule.timesteps(k)
         for _ in range(sample_ratios[k]):
-            u = sample_density(
-                cfg.weighting_scheme,
-                B,
-                logit_mean=cfg.logit_mean,
-                logit_std=cfg.logit_std,
-                mode_scale=cfg.mode_scale,
-                generator=generator,
-            )
-            idx = (u * N).long().clamp(0, N - 1).cpu()
-            s = local[idx]
-            t = tk[idx]
+            i = idx[:, len(out)]
+            s, t = local[i], tk[i]
             if cfg.use_dynamic_shifting:
                 m = dynamic_shift_factor(image_seq_len(start.shape, cfg.patch_size), cfg)
                 s = apply_shift(s, m)
                 t = schedule.t_min[k] + s * (schedule.t_max[k] - schedule.t_min[k])
             sb = _bcast(s.float(), start)
             noisy = sb * start + (1 - sb) * end
-            out.append(PyramidSample(k, noisy.to(x0.dtype), s.float(), t.float(), (start - end).to(x0.dtype)))
+            out.append(PyramidSample(k, noisy.to(x0.dtype), s.float(), t.float(), target))
     return out
 
 
