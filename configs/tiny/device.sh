@@ -9,20 +9,23 @@
 set -uo pipefail
 OUT=${1:?usage: device.sh OUT_DIR mid|distilled|all}
 PART=${2:?usage: device.sh OUT_DIR mid|distilled|all}
-R=runs/tiny
+R=${RUNS:-runs/tiny}
 D="python3 benchmarks/drift_study.py generate --device ${DEVICE:-cuda}"
+A="python3 benchmarks/prompt_adherence.py --device ${DEVICE:-cuda} --captions 8 --seeds 2"
 L=${LONG_SECONDS:-60}  # length of the study videos
 N=${STUDY_VIDEOS:-2}
 pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back from the device
     local name=$1; shift
-    tar czf - "$@" 2>/dev/null | split -b 15M -d - "$OUT/$name.tgz.part"
+    tar czf - "$@" 2>/dev/null | split -b 15M -d - "$OUT/$(basename "$R")-$name.tgz.part"
 }
 mkdir -p "$R/logs"
 case "$PART" in
-mid)
+mid)  # then prompt adherence of the stage-1 (base) and stage-2 (mid) models: the loss does not show it
     bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
-    $D --model mid="$R/helios-tiny-mid" --videos 1 --seconds 10 --out "$R/sample-mid" > "$R/logs/sample-mid.log" 2>&1
-    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/sample-mid" "$R/logs" ;;
+    for m in base mid; do
+        timeout "${ADHERENCE_SECONDS:-60}" $A "$R/helios-tiny-$m" --out "$R/adherence-$m" > "$R/logs/adherence-$m.log" 2>&1
+    done
+    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R"/adherence-* "$R/logs" ;;
 all)  # one call for everything after the VAE (VAE_FROM: a trained vae/ folder), short budgets
     bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
     pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/logs"

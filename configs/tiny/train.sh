@@ -9,11 +9,13 @@
 # Budgets are wall-clock seconds per step (env: VAE_SECONDS, S1_SECONDS, S2_SECONDS, S3O_SECONDS,
 # S3_SECONDS), the number of training videos (VIDEOS) and of teacher captions (ODE_CAPTIONS); the defaults are what made the shipped bundle on one H100.
 # Extra `key=value` config overrides for every transformer stage go in OVERRIDES (e.g. a CPU smoke run:
-# OVERRIDES="batch.per_gpu=2").
+# OVERRIDES="batch.per_gpu=2"), for stage 1 alone in S1_OVERRIDES. RUNS moves everything from runs/tiny
+# to another folder (a second recipe beside the first).
 set -euo pipefail
-R=runs/tiny
+R=${RUNS:-runs/tiny}
 T='import sys; from helios.train.config import load_config; from helios.train.trainer import train; train(load_config(sys.argv[1], sys.argv[2:]))'
 read -r -a EXTRA <<< "${OVERRIDES:-}"
+read -r -a S1_EXTRA <<< "${S1_OVERRIDES:-}"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(vae cache stage1 stage2 bundle2 ode stage3 bundle3)
 
@@ -22,25 +24,33 @@ for step in "${STEPS[@]}"; do
     case "$step" in
     vae)  # VAE_FROM: a vae/ folder to continue from
         python3 -m helios.train.tiny vae "$R/init" --steps 100000 --batch "${VAE_BATCH:-48}" --kind base \
-            --max-seconds "${VAE_SECONDS:-150}" ${VAE_FROM:+--init-vae "$VAE_FROM"} ;;
+            --max-seconds "${VAE_SECONDS:-150}" ${VAE_FROM:+--init-vae "$VAE_FROM"} \
+            --text-pretrain-steps "${TEXT_STEPS:-600}" ;;
     cache)  # CACHE_FROM: the model folder whose VAE and text encoder make the cache
         python3 -m helios.train.tiny cache "${CACHE_FROM:-$R/init}" "$R/cache" --videos "${VIDEOS:-150}" ;;
     stage1)
-        python3 -c "$T" configs/tiny/stage1.yaml max_seconds="${S1_SECONDS:-200}" "${EXTRA[@]}"
+        python3 -c "$T" configs/tiny/stage1.yaml max_seconds="${S1_SECONDS:-200}" output_dir="$R/stage1" \
+            model.init_from="$R/init" data.cache_dir="$R/cache" "${EXTRA[@]}" "${S1_EXTRA[@]}"
         python3 -m helios.train.tiny bundle "$R/stage1/model" "$R/helios-tiny-base" --kind base ;;
     stage1-plain)  # the same without Easy Anti-Drifting, for the drift study (one process at a time on
                    # a GPU: two small-model trainings side by side ran 10x slower, not 2x)
-        python3 -c "$T" configs/tiny/stage1-no-antidrift.yaml max_seconds="${S1_SECONDS:-200}" "${EXTRA[@]}"
+        python3 -c "$T" configs/tiny/stage1-no-antidrift.yaml max_seconds="${S1_SECONDS:-200}" \
+            output_dir="$R/stage1-plain" model.init_from="$R/init" data.cache_dir="$R/cache" "${EXTRA[@]}" "${S1_EXTRA[@]}"
         python3 -m helios.train.tiny bundle "$R/stage1-plain/model" "$R/helios-tiny-plain-base" --kind base ;;
     stage2)
-        python3 -c "$T" configs/tiny/stage2.yaml max_seconds="${S2_SECONDS:-100}" "${EXTRA[@]}" ;;
+        python3 -c "$T" configs/tiny/stage2.yaml max_seconds="${S2_SECONDS:-100}" output_dir="$R/stage2" \
+            model.init_from="$R/stage1/model" data.cache_dir="$R/cache" "${EXTRA[@]}" ;;
     bundle2)
         python3 -m helios.train.tiny bundle "$R/stage2/model" "$R/helios-tiny-mid" --kind mid ;;
     ode)  # stage 3, phase ode: the teacher's (mid bundle's) trajectories, then regression on them
-        python3 -m helios.train.ode configs/tiny/stage3-ode.yaml --limit "${ODE_CAPTIONS:-40}"
-        python3 -c "$T" configs/tiny/stage3-ode.yaml max_seconds="${S3O_SECONDS:-60}" "${EXTRA[@]}" ;;
+        O=(output_dir="$R/stage3-ode" model.init_from="$R/helios-tiny-mid" data.cache_dir="$R/cache"
+           distill.ode.data="$R/ode-pairs")
+        python3 -m helios.train.ode configs/tiny/stage3-ode.yaml --limit "${ODE_CAPTIONS:-40}" "${O[@]/#/--set=}"
+        python3 -c "$T" configs/tiny/stage3-ode.yaml max_seconds="${S3O_SECONDS:-60}" "${O[@]}" "${EXTRA[@]}" ;;
     stage3)  # stage 3, phase dmd, from the ode phase's export
-        python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" "${EXTRA[@]}" ;;
+        python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$R/stage3" \
+            model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
+            model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" "${EXTRA[@]}" ;;
     bundle3)
         python3 -m helios.train.tiny bundle "$R/stage3/model" "$R/helios-tiny-distilled" --kind distilled ;;
     *)

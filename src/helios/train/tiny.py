@@ -238,7 +238,7 @@ def write_scheduler(folder: Path, kind: str):
     return sched
 
 
-def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Path:
+def write_model_folder(folder: Path, vae, transformer, kind: str = "mid", text_pretrain_steps: int = 600) -> Path:
     """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -246,7 +246,7 @@ def write_model_folder(folder: Path, vae, transformer, kind: str = "mid") -> Pat
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     build_tokenizer().save_pretrained(tmp / "tokenizer")
-    build_text_encoder().save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    build_text_encoder(pretrain_steps=text_pretrain_steps).save_pretrained(tmp / "text_encoder", safe_serialization=True)
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     save_transformer(transformer, tmp / "transformer", dtype=torch.bfloat16)  # halves the shipped size
     sched = write_scheduler(tmp, kind)
@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--init-vae", type=Path, default=None, help="continue training this vae/ folder")
+    ap.add_argument("--text-pretrain-steps", type=int, default=600,
+                    help="vae: steps of the text encoder's caption pretraining (0: a random frozen encoder)")
     args = ap.parse_args()
     if args.command == "cache":
         build_cache(args.src, args.dst, args.videos, args.device)
@@ -335,7 +337,7 @@ def main() -> None:
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
     transformer = build_transformer(transformer_config())
-    write_model_folder(args.src, vae, transformer, kind=args.kind)
+    write_model_folder(args.src, vae, transformer, kind=args.kind, text_pretrain_steps=args.text_pretrain_steps)
     (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
                                                              "batch": args.batch}))
     print(f"wrote {args.src}")
