@@ -21,13 +21,19 @@ One command prepares everything and launches the training processes itself:
 3. Every process runs the real CLI (`helios.cli` main, `helios train CONFIG`) through a thin wrapper
    in this file (--worker) that only observes: it passes the trainer's `on_step` hook to read each
    rank's `torch.cuda.max_memory_allocated` after every step (and resets it), and times the
-   trainer's `save_checkpoint` / `load_checkpoint` calls. The trainer itself logs no memory.
+   trainer's `save_checkpoint` / `load_checkpoint` calls (the trainer's own `peak_memory_gib` in
+   metrics.jsonl is the peak since the start, the largest over ranks).
 4. Written to --out: bench_train_fsdp.json (everything), bench_train_fsdp.md (tables),
    results_rows.md (the RESULTS.md section, also appended to benchmarks/RESULTS.md on CUDA), and
    per run its metrics.jsonl, per-rank records, config and log.
 
 NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are put in the environment of every process
-started here (the trainer's own process-group set-up does not set them).
+started here (the trainer sets them too, through helios.model.parallel.init_distributed).
+
+First GPU attempt (2x H100, 2026-11-25, benchmarks/results/fsdp-attempt1-*): the 1-GPU run trained, the
+FSDP run failed in the backward (FSDP2 cast the blocks' RoPE tables to bf16 in the forward but not in the
+checkpoint recompute); fixed in helios.train.modeling.shard_model, pinned by
+tests/train/test_fsdp_checkpointing.py; not yet re-run on GPUs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The small model's parts (helios.train.tiny): the 4x VAE and its pinned posterior."""
+"""The small model's parts (helios.train.tiny): the 4x VAE and its pinned posterior, the pretrained text encoder."""
 
 import torch
 
@@ -26,3 +26,41 @@ def test_sharp_posterior_samples_equal_the_means():
     assert after.std.max() < 3e-3
     g = torch.Generator().manual_seed(0)
     assert (after.sample(g) - after.mean).abs().max() < 0.02
+
+
+def first_token_background_accuracy(encoder, tokenizer) -> float:
+    """Nearest-centroid accuracy of the caption's background colour read from the *first* token's
+    output alone ("a"/"two"...: the background word is far from it), on held-out captions."""
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.tiny import caption_targets
+
+    texts = [SyntheticVideo.from_index(i, SyntheticConfig(seed=4242)).caption for i in range(600)]
+    tok = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        first = encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state[:, 0]
+    bg = torch.tensor([caption_targets(t)[0] for t in texts])
+    fit, test = slice(0, 400), slice(400, 600)
+    centroids = torch.stack([first[fit][bg[fit] == c].mean(0) for c in range(10)])
+    return (torch.cdist(first[test], centroids).argmin(1) == bg[test]).float().mean().item()
+
+
+def test_caption_targets_name_background_and_counts():
+    from helios.eval.palette import COLORS, SHAPES
+    from helios.train.tiny import caption_targets
+
+    bg, counts = caption_targets("two red circles and a green square bouncing on a blue background")
+    assert bg == list(COLORS).index("blue")
+    pair = {(c, s): counts[i * len(SHAPES) + j] for i, c in enumerate(COLORS) for j, s in enumerate(SHAPES)}
+    assert pair[("red", "circle")] == 2 and pair[("green", "square")] == 1 and sum(counts) == 3
+
+
+def test_pretrained_text_encoder_puts_the_scene_in_every_token():
+    # A random frozen encoder left the GPU-trained transformers deaf to their prompts; after the caption
+    # pretraining even the first token's output names the background colour (random: ~chance).
+    from helios.train.tiny import build_text_encoder, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    random_acc = first_token_background_accuracy(build_text_encoder(pretrain_steps=0), tokenizer)
+    trained_acc = first_token_background_accuracy(build_text_encoder(pretrain_steps=200), tokenizer)
+    assert random_acc < 0.4
+    assert trained_acc > 0.9
