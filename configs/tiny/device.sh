@@ -25,10 +25,12 @@ mkdir -p "$R/logs"
 case "$PART" in
 mid)  # then prompt adherence of the stage-1 (base) and stage-2 (mid) models: the loss does not show it
     bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
-    for m in base mid; do
+    # packed first: run 5's models were lost when the call's limit fell inside the adherence runs
+    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs"
+    for m in mid base; do
         timeout "${ADHERENCE_SECONDS:-60}" $A "$R/helios-tiny-$m" --out "$R/adherence-$m" > "$R/logs/adherence-$m.log" 2>&1
-    done
-    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R"/adherence-* "$R/logs" ;;
+        pack "adherence-$m" "$R/adherence-$m" "$R/logs/adherence-$m.log"
+    done ;;
 all)  # one call for everything after the VAE (VAE_FROM: a trained vae/ folder), short budgets
     bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
     pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/logs"
