@@ -142,3 +142,16 @@ def test_lr_schedules():
 def test_anti_drifting_switches_run(make_config, switches):
     r = train(make_config(max_steps=2, **{"checkpointing.every_steps": 0, **switches}))
     assert r.step == 2 and all(torch.isfinite(torch.tensor(r.losses)))
+
+
+def test_compiled_blocks_train_like_eager(make_config):
+    # model.compile: the blocks run through inductor (fused kernels; on a GPU far fewer launches per
+    # step), the step's numbers stay those of the eager model
+    from torch._dynamo.utils import counters
+
+    eager = train(make_config("eager", max_steps=3, finetune="full"))
+    counters.clear()
+    compiled = train(make_config("compiled", max_steps=3, finetune="full", **{"model.compile": True}))
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did go through dynamo
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert len(set(eager.losses)) == 3  # the steps moved the weights

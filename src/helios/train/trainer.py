@@ -183,6 +183,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
         model = load_init_transformer(cfg, dtype=base_dtype, device=device)
         build_trainable(model, cfg)
         model.enable_gradient_checkpointing(bool(cfg["model"]["gradient_checkpointing"]))
+        if cfg["model"]["compile"]:  # before FSDP wraps the blocks; a small model's step is launch-bound
+            model.compile_blocks_()
         model.train()
         stage = make_stage(cfg)
         # stage 3: the critic (frozen real-score base + LoRA + GAN heads), trained beside the model
