@@ -4,10 +4,10 @@ against the caption with helios.eval (no learned weights), and a contact sheet.
     python benchmarks/prompt_adherence.py runs/tiny/helios-tiny-mid --out runs/tiny/adherence-mid
     python benchmarks/prompt_adherence.py MODEL --captions 12 --seeds 2 --steps 20 --guidance 5
 
-Per video (all its frames): the background colour error (RGB distance of the median colour from the
-caption's), whether the nearest palette colour to that median is the caption's background, the
-fraction of captioned object colours that appear as at least one blob, and whether every object count
-matches. The loss of a training run does not show whether a model follows its prompts; this does.
+Per video (all its frames), helios.eval.metrics.caption_adherence: the background colour error (RGB
+distance of the median colour from the caption's), whether the nearest palette colour to that median
+is the caption's background, the fraction of captioned object colours that appear as at least one
+blob, and whether every object count matches. The loss of a training run does not show whether a model follows its prompts; this does.
 Writes OUT/adherence.json and OUT/adherence.png (rows: captions, columns: frames of each seed).
 """
 
@@ -28,28 +28,6 @@ def held_out_captions(n: int, seed: int = 2000) -> list[str]:
     from helios.train.synthetic import SyntheticConfig, SyntheticVideo
 
     return [README_PROMPT, *(SyntheticVideo.from_index(i, SyntheticConfig(seed=seed)).caption for i in range(n - 1))]
-
-
-def nearest_palette_colour(rgb: np.ndarray) -> str:
-    from helios.eval.palette import COLORS
-
-    return min(COLORS, key=lambda c: float(np.linalg.norm(rgb - np.asarray(COLORS[c], np.float64))))
-
-
-def score_video(frames: np.ndarray, caption: str) -> dict[str, float]:
-    """Mean over frames of the caption checks; frames (T, H, W, 3) uint8."""
-    from helios.eval.metrics import palette_frame_stats
-    from helios.eval.palette import parse_caption
-
-    scene = parse_caption(caption)
-    rows = [palette_frame_stats(f, scene) for f in frames]
-    bg = np.array([[r["bg_r"], r["bg_g"], r["bg_b"]] for r in rows])
-    colours = {o.color for o in scene.objects}
-    present = [np.mean([r[f"{c}_count"] > 0 for r in rows]) for c in colours]
-    return {"background_error": float(np.mean([r["background_error"] for r in rows])),
-            "background_right": float(np.mean([nearest_palette_colour(b) == scene.background for b in bg])),
-            "objects_present": float(np.mean(present)) if present else float("nan"),
-            "count_match": float(np.mean([r.get("count_match", np.nan) for r in rows]))}
 
 
 def contact_sheet(rows: list[list[np.ndarray]], path: Path, every: int = 4) -> None:
@@ -77,7 +55,7 @@ def main() -> None:
     import torch
 
     import helios
-    from helios.eval.metrics import as_uint8_numpy
+    from helios.eval.metrics import as_uint8_numpy, caption_adherence
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = helios.load_pipeline(args.model, dtype=dtype, device=args.device, optimize=False)
@@ -91,7 +69,7 @@ def main() -> None:
             frames = as_uint8_numpy(pipe.generate(caption, num_frames=args.frames, seed=seed, steps=steps,
                                                   guidance_scale=args.guidance))
             row.append(frames)
-            results.append({"caption": caption, "seed": seed, **score_video(frames, caption)})
+            results.append({"caption": caption, "seed": seed, **caption_adherence(frames, caption)})
             r = results[-1]
             print(f"[{i + 1}/{args.captions} seed {seed}] bg err {r['background_error']:5.1f} "
                   f"bg right {r['background_right']:.2f} objects {r['objects_present']:.2f} "

@@ -28,7 +28,7 @@ mid)  # then prompt adherence of the stage-1 (base) and stage-2 (mid) models: th
     # packed first: run 5's models were lost when the call's limit fell inside the adherence runs
     pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs"
     for m in mid base; do
-        timeout "${ADHERENCE_SECONDS:-60}" $A "$R/helios-tiny-$m" --out "$R/adherence-$m" > "$R/logs/adherence-$m.log" 2>&1
+        timeout "${ADHERENCE_SECONDS:-120}" $A "$R/helios-tiny-$m" --out "$R/adherence-$m" > "$R/logs/adherence-$m.log" 2>&1
         pack "adherence-$m" "$R/adherence-$m" "$R/logs/adherence-$m.log"
     done ;;
 all)  # one call for everything after the VAE (VAE_FROM: a trained vae/ folder), short budgets

@@ -130,3 +130,22 @@ def test_component_areas_match_scipy():
 def test_rejects_non_uint8_frames():
     with pytest.raises(ValueError, match=r"uint8 frames of shape \(T,H,W,3\)"):
         M.frame_series(np.zeros((4, 8, 8, 3), np.float32))
+
+
+def test_caption_adherence_scores_a_rendered_video_against_its_caption():
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+
+    video = SyntheticVideo.from_index(3, SyntheticConfig(height=64, width=64))
+    frames = video.frames(0, 9)
+    right = M.caption_adherence(frames, video.caption)
+    assert right["background_right"] == 1.0 and right["background_error"] < 5
+    assert right["objects_present"] == 1.0 and right["count_match"] > 0.5
+    other_bg = next(c for c in ("red", "green", "blue") if c != video.background)
+    wrong = M.caption_adherence(frames, f"a {video.background} circle bouncing on a {other_bg} background")
+    assert wrong["background_right"] == 0.0 and wrong["background_error"] > 100
+    assert wrong["objects_present"] == 0.0  # the background colour is not a blob
+
+
+def test_caption_adherence_needs_a_background():
+    with pytest.raises(ValueError, match="names no background"):
+        M.caption_adherence(np.zeros((1, 8, 8, 3), np.uint8), "two red circles")

@@ -405,3 +405,40 @@ def palette_fidelity(
 def scene_dict(scene) -> dict:
     return {"background": scene.background, "objects": [vars(o) for o in scene.objects],
             "expected_counts": expected_counts(scene)}
+
+
+def nearest_palette_colour(rgb) -> str:
+    """The palette's name for the colour closest to `rgb`."""
+    from helios.eval.palette import COLORS
+
+    rgb = np.asarray(rgb, np.float64)
+    return min(COLORS, key=lambda c: float(np.linalg.norm(rgb - np.asarray(COLORS[c], np.float64))))
+
+
+def caption_adherence(frames, caption: str) -> dict[str, float]:
+    """How far a short synthetic-style video draws what its caption says, averaged over its frames:
+    background_error (RGB distance of the median colour from the caption's background),
+    background_right (fraction of frames whose median colour is nearest the caption's background),
+    objects_present (fraction of (frame, captioned object colour) pairs with at least one blob of that
+    colour of an object's size: at most a quarter of the frame) and
+    count_match (fraction of frames where every captioned count is right)."""
+    from helios.eval.palette import parse_caption
+
+    scene = parse_caption(caption)
+    if scene.background is None:
+        raise ValueError(f"caption {caption!r} names no background; expected e.g. "
+                         "'two red circles bouncing on a blue background'")
+    from helios.eval.palette import COLORS
+
+    frames = as_uint8_numpy(frames)
+    rows = [palette_frame_stats(f, scene) for f in frames]
+    h, w = frames.shape[1:3]
+    min_area, max_area = max(4, int(0.0005 * h * w)), 0.25 * h * w  # an object, not a painted-over frame
+    present = [any(min_area <= a <= max_area for a in component_areas(_color_distance(f, COLORS[c]) <= PALETTE_TOL))
+               for f in frames for c in sorted({o.color for o in scene.objects})]
+    return {"background_error": float(np.mean([r["background_error"] for r in rows])),
+            "background_right": float(np.mean([nearest_palette_colour((r["bg_r"], r["bg_g"], r["bg_b"]))
+                                                == scene.background for r in rows])),
+            "objects_present": float(np.mean(present)) if present else float("nan"),
+            "count_match": float(np.nanmean([r.get("count_match", np.nan) for r in rows]))}
+
