@@ -155,3 +155,4 @@ def test_compiled_blocks_train_like_eager(make_config):
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks did go through dynamo
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert len(set(eager.losses)) == 3  # the steps moved the weights
+
