@@ -39,7 +39,7 @@ def one_process_group():
 def test_bf16_policy_keeps_rope_float32_through_checkpoint_recompute(one_process_group, monkeypatch):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    import helios.model.transformer as transformer
+    from helios.model import transformer
 
     seen = []
 

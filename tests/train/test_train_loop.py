@@ -156,3 +156,10 @@ def test_compiled_blocks_train_like_eager(make_config):
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert len(set(eager.losses)) == 3  # the steps moved the weights
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_logs_its_peak_memory(make_config, tmp_path):
+    train(make_config("cuda", max_steps=2, device="cuda", **{"model.mixed_precision": "bf16"}))
+    rows = [json.loads(ln) for ln in (tmp_path / "cuda" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["peak_memory_gib"] > 0 for r in rows)

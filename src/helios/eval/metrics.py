@@ -314,8 +314,11 @@ def expected_counts(scene) -> dict[str, int | None]:
     return out
 
 
-def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_area: int | None = None) -> dict[str, float]:
-    """Background error/fraction, estimated background RGB, and per named colour: pixel fraction and object count."""
+def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_area: int | None = None,
+                        max_area: float | None = None) -> dict[str, float]:
+    """Background error/fraction, estimated background RGB, and per named colour: pixel fraction and object
+    count; with `max_area`, also `<colour>_objects`: the blobs no larger than it (an object, not a region
+    painted over)."""
     from helios.eval.palette import COLORS
 
     h, w, _ = frame.shape
@@ -329,9 +332,12 @@ def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_
     matches = []
     for color, want in expected_counts(scene).items():
         mask = _color_distance(frame, COLORS[color]) <= tol
-        count = int((component_areas(mask) >= min_area).sum())
+        areas = component_areas(mask)
+        count = int((areas >= min_area).sum())
         out[f"{color}_fraction"] = float(mask.mean())
         out[f"{color}_count"] = float(count)
+        if max_area is not None:
+            out[f"{color}_objects"] = float(((areas >= min_area) & (areas <= max_area)).sum())
         if want is not None:
             matches.append(count == want)
     if matches:
@@ -428,14 +434,10 @@ def caption_adherence(frames, caption: str) -> dict[str, float]:
     if scene.background is None:
         raise ValueError(f"caption {caption!r} names no background; expected e.g. "
                          "'two red circles bouncing on a blue background'")
-    from helios.eval.palette import COLORS
-
     frames = as_uint8_numpy(frames)
-    rows = [palette_frame_stats(f, scene) for f in frames]
     h, w = frames.shape[1:3]
-    min_area, max_area = max(4, int(0.0005 * h * w)), 0.25 * h * w  # an object, not a painted-over frame
-    present = [any(min_area <= a <= max_area for a in component_areas(_color_distance(f, COLORS[c]) <= PALETTE_TOL))
-               for f in frames for c in sorted({o.color for o in scene.objects})]
+    rows = [palette_frame_stats(f, scene, max_area=0.25 * h * w) for f in frames]
+    present = [r[f"{c}_objects"] > 0 for r in rows for c in sorted({o.color for o in scene.objects})]
     return {"background_error": float(np.mean([r["background_error"] for r in rows])),
             "background_right": float(np.mean([nearest_palette_colour((r["bg_r"], r["bg_g"], r["bg_b"]))
                                                 == scene.background for r in rows])),

@@ -33,6 +33,7 @@ from helios.model.transformer import build_transformer
 FRAME_SIZE = (64, 64)  # height, width of the shipped model's videos (small enough to train on a CPU)
 TEXT_DIM = 64
 MAX_TOKENS = 32
+TEXT_PRETRAIN_STEPS = 600  # caption pretraining of the text encoder (~20 s on a CPU)
 
 
 def vocabulary() -> list[str]:
@@ -55,7 +56,7 @@ def build_tokenizer():
                                    model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(seed: int = 0, pretrain_steps: int = 600):
+def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS):
     """The tiny T5 encoder, pretrained on synthetic captions (`pretrain_text_encoder`) unless
     `pretrain_steps` is 0. A random encoder was not enough: with it the GPU-trained transformers ignored
     their prompts (docs/tiny-model.md), as a Wan model would with an untrained umT5."""
@@ -83,7 +84,7 @@ def caption_targets(caption: str) -> tuple[int, list[int]]:
     return colors.index(scene.background), counts
 
 
-def pretrain_text_encoder(encoder, tokenizer, steps: int = 600, batch: int = 64, lr: float = 2e-3,
+def pretrain_text_encoder(encoder, tokenizer, steps: int = TEXT_PRETRAIN_STEPS, batch: int = 64, lr: float = 2e-3,
                           seed: int = 0, captions: int = 4096) -> list[float]:
     """Teach the tiny T5 to read the synthetic captions: linear heads on every token's output must
     name the caption's background colour and the count of every (colour, shape) pair. Every token then
@@ -238,7 +239,8 @@ def write_scheduler(folder: Path, kind: str):
     return sched
 
 
-def write_model_folder(folder: Path, vae, transformer, kind: str = "mid", text_pretrain_steps: int = 600) -> Path:
+def write_model_folder(folder: Path, vae, transformer, kind: str = "mid",
+                       text_pretrain_steps: int = TEXT_PRETRAIN_STEPS) -> Path:
     """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -316,7 +318,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--init-vae", type=Path, default=None, help="continue training this vae/ folder")
-    ap.add_argument("--text-pretrain-steps", type=int, default=600,
+    ap.add_argument("--text-pretrain-steps", type=int, default=TEXT_PRETRAIN_STEPS,
                     help="vae: steps of the text encoder's caption pretraining (0: a random frozen encoder)")
     args = ap.parse_args()
     if args.command == "cache":
