@@ -168,3 +168,12 @@ def test_batched_per_sample_draws_equal_row_by_row_calls():
     assert tasks == [r[4][0] for r in rows] and len(set(tasks)) > 1
     for k, t in enumerate(batched):
         assert torch.equal(t, torch.cat([r[k] for r in rows])), k
+
+
+def test_per_sample_pyramid_inputs_need_one_generator_per_row():
+    from helios.train.timesteps import build_pyramid_schedule, sample_pyramid_training_inputs_per_sample
+
+    x0 = torch.zeros(3, 4, 3, 8, 8)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample_pyramid_training_inputs_per_sample(x0, build_pyramid_schedule(), (1, 2, 1), None,
+                                                  [torch.Generator(), torch.Generator()])
