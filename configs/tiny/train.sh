@@ -28,7 +28,7 @@ for step in "${STEPS[@]}"; do
             --max-seconds "${VAE_SECONDS:-150}" ${VAE_FROM:+--init-vae "$VAE_FROM"} \
             ${TEXT_STEPS:+--text-pretrain-steps "$TEXT_STEPS"} ;;
     cache)  # CACHE_FROM: the model folder whose VAE and text encoder make the cache
-        python3 -m helios.train.tiny cache "${CACHE_FROM:-$R/init}" "$R/cache" --videos "${VIDEOS:-150}" ;;
+        python3 -m helios.train.tiny cache "${CACHE_FROM:-$R/init}" "$R/cache" --videos "${VIDEOS:-4000}" ;;
     stage1)
         python3 -c "$T" configs/tiny/stage1.yaml max_seconds="${S1_SECONDS:-200}" output_dir="$R/stage1" \
             model.init_from="$R/init" data.cache_dir="$R/cache" "${EXTRA[@]}" "${S1_EXTRA[@]}"

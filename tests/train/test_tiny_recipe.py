@@ -1,5 +1,7 @@
 """The small model's parts (helios.train.tiny): the 4x VAE and its pinned posterior, the pretrained text encoder."""
 
+from pathlib import Path
+
 import torch
 
 from helios.train.tiny import FRAME_SIZE, build_vae, make_posterior_sharp
@@ -64,3 +66,69 @@ def test_pretrained_text_encoder_puts_the_scene_in_every_token():
     trained_acc = first_token_background_accuracy(build_text_encoder(pretrain_steps=200), tokenizer)
     assert random_acc < 0.4
     assert trained_acc > 0.9
+
+
+def sharp_copy(folder, dst):
+    """The test model folder with its VAE's posterior pinned sharp (samples = means), as the tiny recipe's."""
+    import shutil
+
+    from diffusers import AutoencoderKLWan
+
+    shutil.copytree(folder, dst)
+    vae = AutoencoderKLWan.from_pretrained(dst / "vae")
+    make_posterior_sharp(vae)
+    vae.save_pretrained(dst / "vae")
+    return dst
+
+
+def test_synthetic_cache_holds_each_videos_sections_and_caption(tiny_model, tmp_path, capsys):
+    from helios.train.data import ModelParts
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.tiny import MAX_TOKENS, build_cache
+    from helios.train.video_data import LatentCacheDataset, load_cache_entry
+
+    folder = sharp_copy(tiny_model, tmp_path / "model")
+    out = tmp_path / "cache"
+    build_cache(folder, out, videos=3, device="cpu", clip_frames=66, batch=2)
+    ds = LatentCacheDataset(out)
+    assert len(ds) == 3
+    parts = ModelParts(folder, text_max_length=MAX_TOKENS)
+    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=66)
+    by_source = {load_cache_entry(f)["metadata"]["source"]: load_cache_entry(f) for f in ds.files}
+    for i in range(3):
+        e = by_source[f"synthetic:{i}"]
+        video = SyntheticVideo.from_index(i, cfg)
+        assert e["caption"] == video.caption and e["metadata"]["num_frames"] == "66"
+        clip = video.clip(0, 66)
+        # batched encode of every section of every video = each 33-frame section encoded alone
+        alone = torch.cat([parts.encode_video(clip[None, :, s:s + 33]) for s in (0, 33)])
+        assert e["latents"].shape == alone.shape
+        torch.testing.assert_close(e["latents"], alone, atol=0.05, rtol=0)
+        torch.testing.assert_close(e["prompt_embeds"].float(), parts.encode_text(video.caption), atol=1e-2, rtol=0)
+
+    # resumable: a second run builds nothing; a removed entry is rebuilt alone
+    capsys.readouterr()
+    build_cache(folder, out, videos=3, device="cpu", clip_frames=66)
+    assert "0 built, 3 already cached" in capsys.readouterr().out
+    Path(ds.files[1]).unlink()
+    build_cache(folder, out, videos=3, device="cpu", clip_frames=66)
+    assert "1 built, 2 already cached" in capsys.readouterr().out
+
+
+def test_preloaded_cache_gives_the_same_samples(latent_cache):
+    from helios.train.history import HistoryLayout
+    from helios.train.video_data import LatentCacheDataset
+
+    layout = HistoryLayout()
+    lazy = LatentCacheDataset(latent_cache, layout=layout, seed=3)
+    held = LatentCacheDataset(latent_cache, layout=layout, seed=3).preload()
+    for epoch in range(3):
+        lazy.set_epoch(epoch)
+        held.set_epoch(epoch)
+        for i in range(len(lazy)):
+            a, b = lazy[i], held[i]
+            assert a["section_index"] == b["section_index"] and a["caption"] == b["caption"]
+            for k in ("anchor", "history", "target", "prompt_embeds"):
+                assert torch.equal(a[k], b[k]), k
+    # the held entries are not changed by handing out samples
+    assert "latents" in held._loaded[0] and held._loaded[0]["latents"].shape[0] == 4

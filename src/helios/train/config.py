@@ -49,6 +49,7 @@ RUN_DEFAULTS: dict[str, Any] = {
         "source": None,  # cache | synthetic (None: cache when data.precomputed_latents else synthetic)
         "cache_dir": None,  # folder written by helios.train.video_data.build_latent_cache
         "num_workers": 0,  # DataLoader workers (cache source; the synthetic source encodes in-process)
+        "preload": False,  # cache source: read every entry into memory at start (small latents, many steps)
         "text_max_length": 512,  # synthetic source: tokens per prompt (umT5: 512)
         # validation's negative prompt; stage 3's real-score CFG (None: the official negative prompt there)
         "negative_prompt": None,

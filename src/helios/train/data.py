@@ -71,7 +71,7 @@ class ModelParts:
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(1, 3, T, H, W)`` in [-1, 1] -> normalised latents ``(1, C, t, h, w)`` float32 on the CPU
+        """``(B, 3, T, H, W)`` in [-1, 1] -> normalised latents ``(B, C, t, h, w)`` float32 on the CPU
         (a posterior sample, as the official cache; pass a seeded generator for reproducibility)."""
         return self.codec.encode(video, generator).float().cpu()
 
@@ -121,7 +121,7 @@ class SyntheticLatentDataset(Dataset):
 class _CheckedCache(Dataset):
     """LatentCacheDataset with file-naming errors, float32 prompt embeddings and a frame-count filter."""
 
-    def __init__(self, cache_dir: str, layout: HistoryLayout, seed: int, min_frames: int):
+    def __init__(self, cache_dir: str, layout: HistoryLayout, seed: int, min_frames: int, preload: bool = False):
         self.inner = LatentCacheDataset(cache_dir, layout=layout, seed=seed)
         if not self.inner.files:
             raise DataError(f"data.cache_dir {cache_dir} holds no cache entries (*.safetensors); build it with "
@@ -142,6 +142,11 @@ class _CheckedCache(Dataset):
                 raise DataError(f"all {len(self.inner.files)} entries of {cache_dir} are shorter than "
                                 f"data.min_video_frames={min_frames} frames")
             self.inner.files = keep
+        if preload:
+            try:
+                self.inner.preload()
+            except Exception as e:
+                raise DataError(f"data.preload: an entry of {cache_dir} is unreadable: {type(e).__name__}: {e}") from e
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -166,7 +171,8 @@ def build_dataset(cfg: dict[str, Any], layout: HistoryLayout, parts: ModelParts 
         return ODEPairDataset(cfg)
     d = cfg["data"]
     if d["source"] == "cache":
-        return _CheckedCache(d["cache_dir"], layout, int(cfg["seed"]), int(d.get("min_video_frames") or 0))
+        return _CheckedCache(d["cache_dir"], layout, int(cfg["seed"]), int(d.get("min_video_frames") or 0),
+                             bool(d.get("preload")))
     if parts is None:
         raise ConfigError("config key 'data.source' = 'synthetic' needs model.components_from (VAE, text encoder)")
     return SyntheticLatentDataset(cfg["synthetic"], parts, layout, int(cfg["seed"]), int(d["section_frames"]))

@@ -267,19 +267,59 @@ def write_model_folder(folder: Path, vae, transformer, kind: str = "mid",
     return folder
 
 
-def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 132) -> None:
-    """Render synthetic videos, then VAE-encode them per 33-frame section into a training latent cache."""
+class _RenderedVideos(torch.utils.data.Dataset):
+    """Synthetic videos ``indices[i]`` rendered whole (CPU work, so it runs in loader workers)."""
+
+    def __init__(self, indices: list[int], cfg, frames: int):
+        self.indices, self.cfg, self.frames = indices, cfg, frames
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        from helios.train.synthetic import SyntheticVideo
+
+        v = SyntheticVideo.from_index(self.indices[i], self.cfg)
+        return self.indices[i], v.clip(0, self.frames), v.caption
+
+
+def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 132,
+                batch: int = 32, section_frames: int = 33) -> None:
+    """Render synthetic videos in memory and VAE-encode them on ``device`` per 33-frame section, a batch
+    of videos per call, into a training latent cache (the entries ``build_latent_cache`` writes from mp4
+    files). Resumable: entries already there are kept. Thousands of videos take a minute on a GPU."""
+    import os
+
     from helios.train.data import ModelParts, seeded_generator
-    from helios.train.synthetic import SyntheticConfig, export_synthetic_videos
-    from helios.train.video_data import build_latent_cache
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.video_data import entry_key, is_valid_entry, write_cache_entry
 
     cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=clip_frames)
-    mp4s = out.with_name(out.name + "-videos")
-    captions = export_synthetic_videos(mp4s, videos, cfg, num_frames=clip_frames)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = clip_frames // section_frames
+
+    def path_of(index: int, caption: str) -> str:
+        key = entry_key(f"synthetic_{index:05d}", caption, clip_frames, FRAME_SIZE, section_frames)
+        return str(out / f"{key}.safetensors")
+
+    todo = [i for i in range(videos) if not is_valid_entry(path_of(i, SyntheticVideo.from_index(i, cfg).caption))]
     parts = ModelParts(model_folder, device=device, text_max_length=MAX_TOKENS)
-    gen = seeded_generator(0)
-    build_latent_cache(mp4s, captions, out, lambda v: parts.encode_video(v, gen), parts.encode_text,
-                       num_frames=clip_frames, size=FRAME_SIZE)
+    workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    loader = torch.utils.data.DataLoader(_RenderedVideos(todo, cfg, clip_frames), batch_size=batch,
+                                         num_workers=workers, collate_fn=lambda b: list(zip(*b)))
+    t0 = time.time()
+    done = 0
+    for indices, clips, captions in loader:
+        x = torch.stack(clips)  # (B, 3, T, H, W) -> every section its own encode, as the official cache
+        x = x.unflatten(2, (sections, section_frames)).transpose(1, 2).flatten(0, 1)
+        z = parts.encode_video(x, seeded_generator(0, indices[0])).unflatten(0, (len(indices), sections))
+        for index, latents, caption in zip(indices, z, captions):
+            write_cache_entry(path_of(index, caption), latents.contiguous(), parts.encode_text(caption).to(torch.bfloat16),
+                              caption=caption, source=f"synthetic:{index}", num_frames=clip_frames, size=FRAME_SIZE,
+                              section_frames=section_frames, fps=str(cfg.fps))
+        done += len(indices)
+        print(f"cache: {done}/{len(todo)} videos ({done / max(time.time() - t0, 1e-9):.0f} videos/s)", flush=True)
+    print(f"latent cache: {len(todo)} built, {videos - len(todo)} already cached, 0 skipped")
 
 
 def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:

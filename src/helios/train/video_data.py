@@ -53,6 +53,7 @@ __all__ = [
     "load_cache_entry",
     "collate_samples",
     "save_safetensors_atomic",
+    "write_cache_entry",
     "is_valid_entry",
 ]
 
@@ -240,6 +241,29 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str
             os.remove(tmp)
 
 
+def write_cache_entry(path: str, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *, caption: str, source: str, num_frames: int,
+                      size: Sequence[int], section_frames: int | None, start_frame: int = 0, stride: int = 1,
+                      fps: str = "") -> None:
+    """One cache entry (``latents (S, C, t, h, w)`` + the caption's embeddings), written atomically."""
+    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+    if attention_mask is not None:
+        tensors["prompt_attention_mask"] = attention_mask
+    meta = {
+        "format": CACHE_FORMAT,
+        "caption": caption,
+        "source": source,
+        "num_frames": str(num_frames),
+        "height": str(size[0]),
+        "width": str(size[1]),
+        "section_frames": str(section_frames or 0),
+        "start_frame": str(start_frame),
+        "stride": str(stride),
+        "fps": fps,
+    }
+    save_safetensors_atomic(tensors, meta, path)
+
+
 def is_valid_entry(path: str, fmt: str = CACHE_FORMAT, key: str = "latents") -> bool:
     """A finished entry: it opens, has the format tag ``fmt`` and holds ``key``."""
     try:
@@ -329,22 +353,9 @@ def build_latent_cache(
                     text_cache.popitem(last=False)
             text_cache.move_to_end(e.caption)
             emb, mask = text_cache[e.caption]
-        tensors = {"latents": latents, "prompt_embeds": emb}
-        if mask is not None:
-            tensors["prompt_attention_mask"] = mask
-        meta = {
-            "format": CACHE_FORMAT,
-            "caption": e.caption,
-            "source": e.path,
-            "num_frames": str(num_frames),
-            "height": str(video.shape[2]),
-            "width": str(video.shape[3]),
-            "section_frames": str(section_frames or 0),
-            "start_frame": str(start_frame),
-            "stride": str(stride),
-            "fps": fps,
-        }
-        save_safetensors_atomic(tensors, meta, out_path)
+        write_cache_entry(out_path, latents, emb, mask, caption=e.caption, source=e.path, num_frames=num_frames,
+                          size=(video.shape[2], video.shape[3]), section_frames=section_frames,
+                          start_frame=start_frame, stride=stride, fps=fps)
         report.built.append(key)
     with open(report.report_path, "w", encoding="utf-8") as f:
         json.dump(
@@ -407,6 +418,13 @@ class LatentCacheDataset(Dataset):
         self.dtype = dtype
         self.keep_latents = keep_latents
         self.epoch = 0
+        self._loaded: list[dict[str, Any]] | None = None
+
+    def preload(self) -> "LatentCacheDataset":
+        """Read every entry into memory once: a small-model step then costs no file reads (thousands
+        of short entries, a few MB each at most). Call after the file list is final."""
+        self._loaded = [load_cache_entry(f) for f in self.files]
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -415,7 +433,7 @@ class LatentCacheDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = load_cache_entry(self.files[index])
+        item = dict(self._loaded[index]) if self._loaded is not None else load_cache_entry(self.files[index])
         item["key"] = os.path.basename(self.files[index])[: -len(".safetensors")]
         if self.dtype is not None:
             item["latents"] = item["latents"].to(self.dtype)
