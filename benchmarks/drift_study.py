@@ -59,7 +59,14 @@ def generate(models: dict[str, Path], out: Path, videos: int, seconds: float, fp
             timing[name].append({"video": path.name, "frames": frames, "seconds": dt, "fps": frames / dt})
             (out / f"{name}__{i:02d}.txt").write_text(prompt)
             print(f"{name} video {i}: {frames} frames in {dt:.1f}s ({frames / dt:.1f} frames/s)", flush=True)
-    (out / "generation.json").write_text(json.dumps({"device": device, "steps": steps, "timing": timing}, indent=2))
+    # one file for every model generated into this folder (calls with other models or steps add to it)
+    log = out / "generation.json"
+    record = json.loads(log.read_text()) if log.exists() else {"device": device, "timing": {}, "steps": {}}
+    if not isinstance(record.get("steps"), dict):  # an older file: one steps value for all its models
+        record["steps"] = {name: record.get("steps") for name in record.get("timing", {})}
+    record["timing"].update(timing)
+    record["steps"].update({name: steps for name in models})
+    log.write_text(json.dumps(record, indent=2))
 
 
 def report(folder: Path, docs: Path, window_seconds: float = 10.0) -> None:

@@ -18,32 +18,39 @@ pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back
 # threads ran 40x slower than one alone (5 s per step).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$R/logs"
+START=$(date +%s)
+budget() {  # budget CAP RESERVE: CAP seconds, or what the call has left (CALL_SECONDS from the start) less RESERVE
+    local left=$(( START + ${CALL_SECONDS:-540} - $(date +%s) - $2 ))
+    echo $(( left < $1 ? left : $1 ))
+}
+run_stage() {  # run_stage VAR CAP RESERVE STEPS...: the train.sh steps with VAR set to its budget
+    local var=$1 cap=$2 b; b=$(budget "$2" "$3"); shift 3
+    echo "$var budget: ${b}s"
+    [ "$b" -ge $(( cap < 20 ? cap : 20 )) ] || { echo "no time left for $*" >&2; exit 1; }
+    env "$var=$b" bash configs/tiny/train.sh "$@" || exit 1
+}
+# Reserves (seconds) for what must still run after a stage, from the H200 runs of 2026-12-01: stage 2
+# and its start-up, export and packing (+35), and stage 3: ~4 s of ODE pairs per caption, phase ode and
+# its overhead, at least a minute of phase dmd (+100).
+S2=${S2_SECONDS:-100}
+DISTILL=$(( ${S3O_SECONDS:-60} + ${ODE_CAPTIONS:-40} * 4 + 100 ))
 case "$PART" in
 mid)  # VAE (VAE_FROM: continue a trained vae/ folder), latent cache, stages 1 and 2; prompt adherence and
       # the long videos are scored on the CPU afterwards (benchmarks/prompt_adherence.py, drift_study.py).
-      # Stage 1 gets what the call has left (CALL_SECONDS from the start, less stage 2 and ~70 s of
-      # start-ups, exports and packing), at most S1_SECONDS: a slow cache must not cost the models.
-    START=$(date +%s)
+      # Stage 1 gets what the call has left, at most S1_SECONDS: a slow cache must not cost the models.
     bash configs/tiny/train.sh vae cache || exit 1
-    left=$(( START + ${CALL_SECONDS:-540} - $(date +%s) - ${S2_SECONDS:-100} - 70 ))
-    S1_SECONDS=$(( left < ${S1_SECONDS:-200} ? left : ${S1_SECONDS:-200} ))
-    echo "stage 1 budget: ${S1_SECONDS}s"
-    [ "$S1_SECONDS" -gt 20 ] || { echo "no time left for stage 1" >&2; exit 1; }
-    S1_SECONDS=$S1_SECONDS bash configs/tiny/train.sh stage1 stage2 bundle2 || exit 1
+    run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 )) stage1 stage2 bundle2
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs" ;;
-all)  # one call for everything after the VAE (VAE_FROM: a trained vae/ folder), short budgets
-    bash configs/tiny/train.sh vae cache stage1 stage2 bundle2 || exit 1
-    pack mid "$R/helios-tiny-mid" "$R"/*/metrics.jsonl "$R/logs"
-    bash configs/tiny/train.sh ode stage3 bundle3 || exit 1
+all)  # everything in one call, each training stage on what the call has left
+    bash configs/tiny/train.sh vae cache || exit 1
+    run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + DISTILL )) stage1 stage2 bundle2
+    pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs"
+    bash configs/tiny/train.sh ode || exit 1
+    run_stage S3_SECONDS "${S3_SECONDS:-240}" 25 stage3 bundle3
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs" ;;
 distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), then the GPU speed of both
-    START=$(date +%s)  # phase dmd gets what is left (CALL_SECONDS less the speed runs and ~40 s), at most S3_SECONDS
     CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode || exit 1
-    left=$(( START + ${CALL_SECONDS:-540} - $(date +%s) - ${SPEED_SECONDS:-90} - 40 ))
-    S3_SECONDS=$(( left < ${S3_SECONDS:-240} ? left : ${S3_SECONDS:-240} ))
-    echo "stage 3 (dmd) budget: ${S3_SECONDS}s"
-    [ "$S3_SECONDS" -gt 20 ] || { echo "no time left for stage 3" >&2; exit 1; }
-    S3_SECONDS=$S3_SECONDS bash configs/tiny/train.sh stage3 bundle3 || exit 1
+    run_stage S3_SECONDS "${S3_SECONDS:-240}" $(( ${SPEED_SECONDS:-90} + 40 )) stage3 bundle3
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs"
     timeout "${SPEED_SECONDS:-90}" python3 benchmarks/small_model_speed.py --device "${DEVICE:-cuda}" --seconds 10 \
         --model "distilled=$R/helios-tiny-distilled" --model "mid=$R/helios-tiny-mid" \

@@ -248,7 +248,7 @@ def test_a_failing_job_fails_alone_on_every_rank(group, tmp_path):
         bad = Job(JobRequest(prompt="a cat", frames=33, height=72, width=64, chunks=1, frames_out=33), "tester")
         worker.submit(bad)
         assert bad.finished.wait(60) and bad.state.value == "failed"
-        assert bad.error.startswith("height=72: frame sizes must be positive multiples of 64")
+        assert bad.error.startswith("height=72: frame sizes must be positive multiples of 32")  # the bundle: 4x VAE, 3 levels
     finally:
         worker.close()
     assert group.alive  # the ranks stayed in step: the next test runs its jobs on the same processes

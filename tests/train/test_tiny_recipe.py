@@ -132,3 +132,25 @@ def test_preloaded_cache_gives_the_same_samples(latent_cache):
                 assert torch.equal(a[k], b[k]), k
     # the held entries are not changed by handing out samples
     assert "latents" in held._loaded[0] and held._loaded[0]["latents"].shape[0] == 4
+
+
+def test_reconstruction_error_is_reported_per_latent_frame():
+    # The diagnostic that exposed a VAE trained on 17-frame clips: exact for the first frames of a
+    # chunk, broken from RGB frame 17 on. A stand-in VAE that reproduces exactly that must show it.
+    from types import SimpleNamespace
+
+    from helios.train.tiny import CHUNK_FRAMES, reconstruction_error_per_latent_frame
+
+    class HalfChunkVAE:
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            out = z.clone()
+            out[:, :, 17:] = 0.0
+            return SimpleNamespace(sample=out)
+
+    err = reconstruction_error_per_latent_frame(HalfChunkVAE(), clips=2)
+    assert len(err) == 1 + (CHUNK_FRAMES - 1) // 4  # 9 latent frames
+    assert max(err[:5]) == 0.0  # latent frames 0-4 = RGB frames 0-16
+    assert min(err[5:]) > 0.1
