@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The calls on the lent H100 that train the shipped bundle (each must end inside a 10-minute call):
+# The calls on the lent GPU that train the shipped bundle (each must end inside a 10-minute call; carry the
+# wheels without PyAV: nothing here writes an mp4, and the tree with them would pass the 64 MiB limit):
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
 #   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid: stage 3 (ode, dmd), then the
 #                                                  # speed of the distilled and mid bundles on the GPU
