@@ -78,6 +78,8 @@ def test_bad_data_is_reported(make_config, tmp_path, latent_cache):
     (broken / "a.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match=r"cache entry .*a.safetensors is unreadable"):
         train(make_config(**{"data.cache_dir": str(broken)}))
+    with pytest.raises(DataError, match=r"data.preload: cache entry .*a.safetensors is unreadable"):
+        train(make_config(**{"data.cache_dir": str(broken), "data.preload": True, "data.min_video_frames": 0}))
     with pytest.raises(DataError, match="fewer than one global batch"):
         train(make_config(**{"batch.per_gpu": 4}))  # 3 videos in the cache
     with pytest.raises(DataError, match="shorter than data.min_video_frames=200"):

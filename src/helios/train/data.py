@@ -145,8 +145,8 @@ class _CheckedCache(Dataset):
         if preload:
             try:
                 self.inner.preload()
-            except Exception as e:
-                raise DataError(f"data.preload: an entry of {cache_dir} is unreadable: {type(e).__name__}: {e}") from e
+            except ValueError as e:
+                raise DataError(f"data.preload: {e}") from e
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)

@@ -35,8 +35,9 @@ TEXT_DIM = 64
 MAX_TOKENS = 32
 TEXT_PRETRAIN_STEPS = 600  # caption pretraining of the text encoder (~20 s on a CPU)
 # RGB frames of one chunk (9 latent frames). The VAE trains on clips this long: trained on 17-frame clips
-# (5 latent frames), it reconstructed frames 20-32 of every chunk with 9x the error of the first 17
-# (0.45 vs 0.05 mean absolute error), and the transformers trained on those latents faded each chunk.
+# (5 latent frames), it reconstructed frames 17-32 of every chunk with ~8x the error of frames 0-16
+# (mean absolute error 0.28-0.66 against 0.05-0.08 per latent frame), and the transformers trained on
+# those latents faded each chunk (docs/tiny-model.md).
 CHUNK_FRAMES = 33
 
 
@@ -299,8 +300,8 @@ class _RenderedVideos(torch.utils.data.Dataset):
         return self.indices[i], v.clip(0, self.frames), v.caption
 
 
-def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 132,
-                batch: int = 32, section_frames: int = 33) -> None:
+def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 4 * CHUNK_FRAMES,
+                batch: int = 32, section_frames: int = CHUNK_FRAMES) -> None:
     """Render synthetic videos in memory and VAE-encode them on ``device`` per 33-frame section, a batch
     of videos per call, into a training latent cache (the entries ``build_latent_cache`` writes from mp4
     files). Resumable: entries already there are kept. Thousands of videos take a minute on a GPU."""

@@ -423,7 +423,13 @@ class LatentCacheDataset(Dataset):
     def preload(self) -> "LatentCacheDataset":
         """Read every entry into memory once: a small-model step then costs no file reads (thousands
         of short entries, a few MB each at most). Call after the file list is final."""
-        self._loaded = [load_cache_entry(f) for f in self.files]
+        loaded = []
+        for f in self.files:
+            try:
+                loaded.append(load_cache_entry(f))
+            except Exception as e:
+                raise ValueError(f"cache entry {f} is unreadable: {type(e).__name__}: {e}") from e
+        self._loaded = loaded
         return self
 
     def set_epoch(self, epoch: int) -> None:
