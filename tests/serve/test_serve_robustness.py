@@ -124,10 +124,12 @@ def test_load_many_clients_some_leaving_mid_stream(serve, tmp_path):
         server.wait_idle(timeout=60)
         return results
 
-    # The same round first, so the baseline includes what the first concurrent jobs create once at
-    # this load (allocator arenas sized by the model's activations, executor threads, codec state);
-    # then the measured round of 14 clients: a leak grows it again, a high-water mark does not.
-    assert all("exception" not in r for r in round_of(5, 6, 3, "warm").values())
+    # The same round twice first, so the baseline includes what concurrent jobs create once at this
+    # load (malloc arenas and heap high-water marks sized by the bundle's activations, executor threads,
+    # codec state: one warm round left 83 MiB of growth in one CI run of two); then the measured round
+    # of 14 clients: a leak grows it again, a high-water mark does not.
+    for warm in ("warm1", "warm2"):
+        assert all("exception" not in r for r in round_of(5, 6, 3, warm).values())
     gc.collect()
     idle_rss = rss_bytes()
     t0 = time.monotonic()
@@ -157,7 +159,7 @@ def test_load_many_clients_some_leaving_mid_stream(serve, tmp_path):
     on_disk = sorted(p.name for p in server.worker.workdir.iterdir() if p.is_dir())
     assert on_disk == sorted(j.id for j in jobs if j.video_path is not None)
     assert all(sorted(p.name for p in (server.worker.workdir / d).iterdir()) == ["video.mp4"] for d in on_disk)
-    assert server.worker.stats()["jobs_run"] == 14 + 14
+    assert server.worker.stats()["jobs_run"] == 14 + 14 + 14
 
     gc.collect()
     grown = rss_bytes() - idle_rss
