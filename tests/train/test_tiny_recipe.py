@@ -1,5 +1,6 @@
 """The small model's parts (helios.train.tiny): the 4x VAE and its pinned posterior, the pretrained text encoder."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -83,8 +84,8 @@ def sharp_copy(folder, dst):
 
 def test_synthetic_cache_holds_each_videos_sections_and_caption(tiny_model, tmp_path, capsys):
     from helios.train.data import ModelParts
-    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
-    from helios.train.tiny import MAX_TOKENS, build_cache
+    from helios.train.synthetic import SyntheticVideo
+    from helios.train.tiny import MAX_TOKENS, build_cache, scene_config
     from helios.train.video_data import LatentCacheDataset, load_cache_entry
 
     folder = sharp_copy(tiny_model, tmp_path / "model")
@@ -93,7 +94,7 @@ def test_synthetic_cache_holds_each_videos_sections_and_caption(tiny_model, tmp_
     ds = LatentCacheDataset(out)
     assert len(ds) == 3
     parts = ModelParts(folder, text_max_length=MAX_TOKENS)
-    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=66)
+    cfg = scene_config(num_frames=66)
     by_source = {load_cache_entry(f)["metadata"]["source"]: load_cache_entry(f) for f in ds.files}
     for i in range(3):
         e = by_source[f"synthetic:{i}"]
@@ -154,3 +155,32 @@ def test_reconstruction_error_is_reported_per_latent_frame():
     assert len(err) == 1 + (CHUNK_FRAMES - 1) // 4  # 9 latent frames
     assert max(err[:5]) == 0.0  # latent frames 0-4 = RGB frames 0-16
     assert min(err[5:]) > 0.1
+
+
+def test_an_init_made_again_from_its_vae_is_the_same(tiny_model, tmp_path, monkeypatch):
+    # The drift study trains its second stage-1 model in another GPU call: `tiny vae --steps 0
+    # --init-vae` on the first run's VAE must give the same VAE, latent statistics and fresh transformer.
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helios.train import tiny
+
+    def make(out: Path, vae: Path, steps: int) -> Path:
+        monkeypatch.setattr(sys, "argv", ["tiny", "vae", str(out), "--steps", str(steps), "--batch", "1",
+                                          "--frames", "5", "--init-vae", str(vae), "--text-pretrain-steps", "0",
+                                          "--device", "cpu"])
+        tiny.main()
+        return out
+
+    first = make(tmp_path / "first", tiny_model / "vae", steps=1)  # the first run trains its VAE
+    again = make(tmp_path / "again", first / "vae", steps=0)
+    for part in ("vae", "transformer"):
+        a = {k: v for f in sorted((first / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+        b = {k: v for f in sorted((again / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert a.keys() == b.keys() and a, part
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    cfg_a = json.loads((first / "vae" / "config.json").read_text())
+    cfg_b = json.loads((again / "vae" / "config.json").read_text())
+    assert cfg_a["latents_mean"] == cfg_b["latents_mean"] and cfg_a["latents_std"] == cfg_b["latents_std"]

@@ -39,6 +39,18 @@ TEXT_PRETRAIN_STEPS = 600  # caption pretraining of the text encoder (~20 s on a
 # (mean absolute error 0.28-0.66 against 0.05-0.08 per latent frame), and the transformers trained on
 # those latents faded each chunk (docs/tiny-model.md).
 CHUNK_FRAMES = 33
+# Object radius / half side as a fraction of the frame (the synthetic default is 0.07-0.14): 6-12 pixels,
+# 1.5-3 latent pixels at the 4x VAE. Run 7's mid model, trained on the default sizes (1-2 latent pixels),
+# learnt the captions' backgrounds but drew their objects in 3.5% of frames.
+OBJECT_SIZE = (0.10, 0.18)
+
+
+def scene_config(seed: int = 0, num_frames: int = 24 * 60) -> "SyntheticConfig":
+    """The synthetic scenes of the small model: its frame size and object sizes."""
+    from helios.train.synthetic import SyntheticConfig
+
+    return SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=num_frames,
+                           size_range=OBJECT_SIZE, seed=seed)
 
 
 def vocabulary() -> list[str]:
@@ -150,11 +162,11 @@ class _SyntheticClips(torch.utils.data.IterableDataset):
         self.frames, self.seed = frames, seed
 
     def __iter__(self):
-        from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+        from helios.train.synthetic import SyntheticVideo
 
         info = torch.utils.data.get_worker_info()
         rng = torch.Generator().manual_seed(self.seed * 1000 + (info.id if info else 0))
-        cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=24 * 60, seed=self.seed)
+        cfg = scene_config(self.seed)
         while True:
             idx = int(torch.randint(0, 100_000, (1,), generator=rng))
             start = int(torch.randint(0, cfg.num_frames - self.frames, (1,), generator=rng))
@@ -216,9 +228,9 @@ def make_posterior_sharp(vae, log_std: float = -6.0) -> None:
 @torch.no_grad()
 def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the VAE's latents on synthetic clips: the normalisation the pipeline applies."""
-    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.synthetic import SyntheticVideo
 
-    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], seed=seed)
+    cfg = scene_config(seed)
     g = torch.Generator(device=device).manual_seed(seed)
     # Posterior samples, not means: the training cache holds samples, and while the VAE is young its
     # posterior noise can be larger than the spread of the means.
@@ -232,9 +244,9 @@ def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) 
 def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int = 4, seed: int = 2) -> list[float]:
     """Mean absolute RGB error of encode -> decode on chunk-long synthetic clips, per latent frame
     (its 4 RGB frames; 1 for the first). Flat across the chunk for a usable VAE."""
-    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.synthetic import SyntheticVideo
 
-    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], seed=seed)
+    cfg = scene_config(seed)
     x = torch.stack([SyntheticVideo.from_index(i, cfg).clip(0, CHUNK_FRAMES) for i in range(clips)]).to(device)
     err = (vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) - x).abs().mean(dim=(0, 1, 3, 4))
     return [err[:1].mean().item(), *(err[1 + 4 * k: 5 + 4 * k].mean().item() for k in range((x.shape[2] - 1) // 4))]
@@ -308,10 +320,10 @@ def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_fr
     import os
 
     from helios.train.data import ModelParts, seeded_generator
-    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+    from helios.train.synthetic import SyntheticVideo
     from helios.train.video_data import entry_key, is_valid_entry, write_cache_entry
 
-    cfg = SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=clip_frames)
+    cfg = scene_config(num_frames=clip_frames)
     out.mkdir(parents=True, exist_ok=True)
     sections = clip_frames // section_frames
 
@@ -399,6 +411,7 @@ def main() -> None:
     mean, std = latent_statistics(vae, device=args.device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
+    torch.manual_seed(0)  # the same fresh transformer whatever the VAE training drew: runs can share an init
     transformer = build_transformer(transformer_config())
     write_model_folder(args.src, vae, transformer, kind=args.kind, text_pretrain_steps=args.text_pretrain_steps)
     (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
