@@ -6,7 +6,7 @@
     # 2. score and plot (CPU): per-10-second-window metrics, early-vs-late drift, one PNG per metric
     python benchmarks/drift_study.py report runs/drift --docs docs/drift-study
 
-Metrics come from helios.eval (no learned weights): palette fidelity (background colour error and the
+Also drift-study-frames.png: per video, the middle frame of every window. Metrics come from helios.eval (no learned weights): palette fidelity (background colour error and the
 fraction of frames whose object count matches the caption), sharpness (variance of the Laplacian),
 object count, and background stability.
 """
@@ -81,11 +81,39 @@ def report(folder: Path, docs: Path, window_seconds: float = 10.0) -> None:
         rows.setdefault(name, []).append({"video": video.name, "caption": caption, "windows": r["windows"],
                                           "drift": {k: r["drift"][k] for k in METRICS if k in r["drift"]}})
         print(f"scored {video.name}", flush=True)
+    frame_strips(sorted(folder.glob("*__*.mp4")), docs / "drift-study-frames.png", window_seconds)
     table = summarise(rows)
     (docs / "drift-study.json").write_text(json.dumps({"per_video": rows, "per_window": table}, indent=2))
     plot(table, docs)
     (docs / "drift-study-table.md").write_text(markdown(table))
     print(markdown(table))
+
+
+def frame_strips(videos: list[Path], path: Path, window_seconds: float = 10.0) -> None:
+    """One row per video: the middle frame of every window, so drift can be seen as well as read."""
+    from PIL import Image, ImageDraw
+
+    from helios.engine.video_io import read_video, video_fps
+
+    rows, labels = [], []
+    for video in videos:
+        frames = read_video(video).numpy()
+        step = int(round(window_seconds * video_fps(video)))
+        picks = [frames[min(s + step // 2, len(frames) - 1)] for s in range(0, len(frames) - step // 2, step)]
+        row = np.concatenate(picks, axis=1)
+        rows.append(row.repeat(2, axis=0).repeat(2, axis=1) if row.shape[0] < 128 else row)  # small frames x2
+        labels.append(video.stem)
+    width = max(r.shape[1] for r in rows)
+    label_w = 8 * max(len(x) for x in labels) + 8
+    h = rows[0].shape[0]
+    sheet = Image.new("RGB", (label_w + width, len(rows) * (h + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        sheet.paste(Image.fromarray(row), (label_w, i * (h + 2)))
+        draw.text((4, i * (h + 2) + h // 2 - 6), label, fill="black")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    sheet.save(tmp)
+    tmp.replace(path)
 
 
 def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
