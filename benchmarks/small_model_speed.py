@@ -73,8 +73,8 @@ def main() -> None:
         b = names[-1]
         result["speedup"] = {f"{a}_vs_{b}": rows[b]["s_per_chunk_steady"] / rows[a]["s_per_chunk_steady"]
                              for a in names[:-1]}
-        for key, x in result["speedup"].items():
-            print(f"{key.replace('_vs_', ' is ')}: {x:.1f}x faster per chunk")
+        for a in names[:-1]:
+            print(f"{a} is {result['speedup'][f'{a}_vs_{b}']:.1f}x faster per chunk than {b}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
