@@ -2,7 +2,7 @@
 # Retrain the bundled small model (src/helios/assets/helios-tiny) from scratch, best on one GPU:
 #   bash configs/tiny/train.sh                  # every step, in order
 #   bash configs/tiny/train.sh stage3 bundle3   # only some steps (each reads what the earlier ones wrote)
-# Steps: vae cache stage1 stage2 bundle2 ode stage3 bundle3 (and stage1-plain, not in the default list). Writes runs/tiny/: init/ (VAE + fresh
+# Steps: vae cache stage1 stage2 bundle2 ode stage3 bundle3 (and stage1-plain, stage3-3step, not in the default list). Writes runs/tiny/: init/ (VAE + fresh
 # transformer), cache/ (latents + text embeddings), stage1/, stage1-plain/ (no anti-drifting, for the
 # drift study), stage2/, stage3/ and the bundles helios-tiny-base/, helios-tiny-plain-base/,
 # helios-tiny-mid/, helios-tiny-distilled/ (the last is what ships).
@@ -54,7 +54,13 @@ for step in "${STEPS[@]}"; do
             model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" "${EXTRA[@]}" ;;
     bundle3)
         python3 -m helios.train.tiny bundle "$R/stage3/model" "$R/helios-tiny-distilled" --kind distilled ;;
+    stage3-3step)  # phase dmd for 1/1/1 sampling ("3 steps"; sample it with --steps 1), from the same ode export
+        python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$R/stage3-3step" \
+            model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
+            model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" \
+            "distill.rollout_steps_per_stage=[1,1,1]" "${EXTRA[@]}"
+        python3 -m helios.train.tiny bundle "$R/stage3-3step/model" "$R/helios-tiny-distilled-3step" --kind distilled ;;
     *)
-        echo "unknown step '$step' (steps: vae cache stage1 stage1-plain stage2 bundle2 ode stage3 bundle3)" >&2; exit 2 ;;
+        echo "unknown step '$step' (steps: vae cache stage1 stage1-plain stage2 bundle2 ode stage3 bundle3 stage3-3step)" >&2; exit 2 ;;
     esac
 done
