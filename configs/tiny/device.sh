@@ -4,13 +4,14 @@
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
 #   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid: stage 3 (ode, dmd), then the
 #                                                  # speed of the distilled and mid bundles on the GPU
+#   bash configs/tiny/device.sh OUT_DIR more       # right after mid, on the still-warm machine: more stage 1, stage 2 again
 #   bash configs/tiny/device.sh OUT_DIR plain      # from runs/tiny/helios-tiny-base: stage 1 without anti-drifting
 #   bash configs/tiny/device.sh OUT_DIR all        # mid and distilled, with short budgets, after a trained VAE
 # Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
 # at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
-OUT=${1:?usage: device.sh OUT_DIR mid|plain|distilled|all}
-PART=${2:?usage: device.sh OUT_DIR mid|plain|distilled|all}
+OUT=${1:?usage: device.sh OUT_DIR mid|more|plain|distilled|all}
+PART=${2:?usage: device.sh OUT_DIR mid|more|plain|distilled|all}
 R=${RUNS:-runs/tiny}
 pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back from the device
     local name=$1; shift
@@ -50,6 +51,14 @@ all)  # everything in one call, each training stage on what the call has left
     bash configs/tiny/train.sh ode || exit 1
     run_stage S3_SECONDS "${S3_SECONDS:-240}" 25 stage3 bundle3
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs" ;;
+more)  # on a machine still warm from a `mid` (or `more`) call, whose runs/ is still there: stage 1
+      # continues from its checkpoint for what the call has left, then stage 2 starts again from it
+    ls "$R"/stage1/checkpoints/step-* >/dev/null 2>&1 || {
+        echo "no stage-1 checkpoint in $R/stage1: run part mid first, on the same warm machine" >&2; exit 2; }
+    rm -rf "$R/stage2"
+    S1_OVERRIDES="checkpointing.resume=latest ${S1_OVERRIDES:-}" \
+        run_stage S1_SECONDS "${S1_SECONDS:-600}" $(( S2 + 35 )) stage1 stage2 bundle2
+    pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
 plain)  # the drift study's second model, from runs/tiny/helios-tiny-base: the same init (its VAE, no more VAE
         # steps), cache and stage-1 steps (S1_STEPS: the anti-drift run's, from its log) with Easy
         # Anti-Drifting off; its long videos are made on the CPU afterwards (benchmarks/drift_study.py)
@@ -66,5 +75,5 @@ distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), the
         --out "$OUT/speed-gpu.json" > "$R/logs/speed-gpu.log" 2>&1
     cp "$R/logs/speed-gpu.log" "$OUT/" ;;
 *)
-    echo "unknown part '$PART' (mid, plain, distilled or all)" >&2; exit 2 ;;
+    echo "unknown part '$PART' (mid, more, plain, distilled or all)" >&2; exit 2 ;;
 esac
