@@ -93,13 +93,15 @@ def frame_strips(videos: list[Path], path: Path, window_seconds: float = 10.0) -
     """One row per video: the middle frame of every window, so drift can be seen as well as read."""
     from PIL import Image, ImageDraw
 
-    from helios.engine.video_io import read_video, video_fps
+    from helios.engine.video_io import iter_video, video_fps
 
     rows, labels = [], []
     for video in videos:
-        frames = read_video(video).numpy()
         step = int(round(window_seconds * video_fps(video)))
-        picks = [frames[min(s + step // 2, len(frames) - 1)] for s in range(0, len(frames) - step // 2, step)]
+        picks, seen = [], 0
+        for chunk in iter_video(video, chunk_frames=256):  # decoded lazily: a long video need not fit in memory
+            picks += [f.numpy() for i, f in enumerate(chunk, seen) if i % step == step // 2]
+            seen += len(chunk)
         row = np.concatenate(picks, axis=1)
         rows.append(row.repeat(2, axis=0).repeat(2, axis=1) if row.shape[0] < 128 else row)  # small frames x2
         labels.append(video.stem)

@@ -59,10 +59,8 @@ def main() -> None:
     for spec in args.model:
         name, folder = spec.split("=", 1)
         folder, _, steps = folder.partition("@")
-        rows[name] = measure(Path(folder), args.device, args.seconds, args.fps,
-                             steps=[int(x) for x in steps.split(",")] if steps else None)
-        r = rows[name] | {"steps": steps or "preset"}
-        rows[name] = r
+        rows[name] = r = measure(Path(folder), args.device, args.seconds, args.fps,
+                                 steps=[int(x) for x in steps.split(",")] if steps else None) | {"steps": steps or "preset"}
         print(f"{name}: {r['frames']} frames in {r['seconds']:.2f}s = {r['fps']:.1f} frames/s "
               f"(steady {r['s_per_chunk_steady']:.3f} s/chunk, first chunk {r['first_chunk_s']:.2f}s) on {where}",
               flush=True)

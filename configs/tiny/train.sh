@@ -17,6 +17,12 @@ R=${RUNS:-runs/tiny}
 T='import sys; from helios.train.config import load_config; from helios.train.trainer import train; train(load_config(sys.argv[1], sys.argv[2:]))'
 read -r -a EXTRA <<< "${OVERRIDES:-}"
 read -r -a S1_EXTRA <<< "${S1_OVERRIDES:-}"
+dmd() {  # dmd OUTPUT_DIR [OVERRIDES...]: stage 3, phase dmd, from the ode phase's export, the mid bundle as real score
+    local out=$1; shift
+    python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$out" \
+        model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
+        model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" "$@" "${EXTRA[@]}"
+}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(vae cache stage1 stage2 bundle2 ode stage3 bundle3)
 
@@ -49,16 +55,11 @@ for step in "${STEPS[@]}"; do
         python3 -m helios.train.ode configs/tiny/stage3-ode.yaml --limit "${ODE_CAPTIONS:-40}" "${O[@]/#/--set=}"
         python3 -c "$T" configs/tiny/stage3-ode.yaml max_seconds="${S3O_SECONDS:-60}" "${O[@]}" "${EXTRA[@]}" ;;
     stage3)  # stage 3, phase dmd, from the ode phase's export
-        python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$R/stage3" \
-            model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
-            model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" "${EXTRA[@]}" ;;
+        dmd "$R/stage3" ;;
     bundle3)
         python3 -m helios.train.tiny bundle "$R/stage3/model" "$R/helios-tiny-distilled" --kind distilled ;;
     stage3-3step)  # phase dmd for 1/1/1 sampling ("3 steps"; sample it with --steps 1), from the same ode export
-        python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$R/stage3-3step" \
-            model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
-            model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" \
-            "distill.rollout_steps_per_stage=[1,1,1]" "${EXTRA[@]}"
+        dmd "$R/stage3-3step" "distill.rollout_steps_per_stage=[1,1,1]"
         python3 -m helios.train.tiny bundle "$R/stage3-3step/model" "$R/helios-tiny-distilled-3step" --kind distilled ;;
     *)
         echo "unknown step '$step' (steps: vae cache stage1 stage1-plain stage2 bundle2 ode stage3 bundle3 stage3-3step)" >&2; exit 2 ;;
