@@ -20,16 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-README_PROMPT = "two red circles bouncing on a blue background"
-
-
-def held_out_captions(n: int, seed: int = 2000) -> list[str]:
-    """The README's prompt, then synthetic scenes of a seed no training set uses."""
-    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
-
-    return [README_PROMPT, *(SyntheticVideo.from_index(i, SyntheticConfig(seed=seed)).caption for i in range(n - 1))]
-
-
 def contact_sheet(rows: list[list[np.ndarray]], path: Path, every: int = 4) -> None:
     """rows[i][s]: frames (T, H, W, 3) of caption i, seed s -> one PNG, every `every`-th frame."""
     from PIL import Image
@@ -56,6 +46,7 @@ def main() -> None:
 
     import helios
     from helios.eval.metrics import as_uint8_numpy, caption_adherence
+    from helios.train.tiny import held_out_captions
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = helios.load_pipeline(args.model, dtype=dtype, device=args.device, optimize=False)

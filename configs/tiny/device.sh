@@ -7,6 +7,8 @@
 #   bash configs/tiny/device.sh OUT_DIR more       # right after mid, on the still-warm machine: more stage 1, stage 2 again
 #   bash configs/tiny/device.sh OUT_DIR plain      # from runs/tiny/helios-tiny-base: stage 1 without anti-drifting
 #   bash configs/tiny/device.sh OUT_DIR all        # mid and distilled, with short budgets, after a trained VAE
+# Parts mid, more and distilled end with a prompt-adherence run of their model on the GPU (ADH_SECONDS each,
+# 0: none) into OUT_DIR/adherence-*, to choose the next call before the machine cools.
 # Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
 # at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
@@ -26,6 +28,14 @@ budget() {  # budget CAP RESERVE: CAP seconds, or what the call has left (CALL_S
     local left=$(( START + ${CALL_SECONDS:-540} - $(date +%s) - $2 ))
     echo $(( left < $1 ? left : $1 ))
 }
+adherence() {  # adherence NAME MODEL [ARGS...]: prompt adherence on the GPU (seconds; the CPU numbers of the docs
+    # come from the same script afterwards), so that the next call can be chosen before the machine cools
+    local name=$1 model=$2; shift 2
+    [ "${ADH_SECONDS:-45}" -gt 0 ] || return 0
+    timeout "${ADH_SECONDS:-45}" python3 benchmarks/prompt_adherence.py "$model" --device "${DEVICE:-cuda}" \
+        --out "$OUT/adherence-$name" "$@" > "$R/logs/adherence-$name.log" 2>&1
+    grep "^mean" "$R/logs/adherence-$name.log" | sed "s/^/adherence $name: /"
+}
 run_stage() {  # run_stage VAR CAP RESERVE STEPS...: the train.sh steps with VAR set to its budget
     local var=$1 cap=$2 b; b=$(budget "$2" "$3"); shift 3
     echo "$var budget: ${b}s"
@@ -36,13 +46,15 @@ run_stage() {  # run_stage VAR CAP RESERVE STEPS...: the train.sh steps with VAR
 # and its start-up, export and packing (+35), and stage 3: ~4 s of ODE pairs per caption, phase ode and
 # its overhead, at least a minute of phase dmd (+100).
 S2=${S2_SECONDS:-100}
+ADH=$(( ${ADH_SECONDS:-45} * 2 + 5 ))
 DISTILL=$(( ${S3O_SECONDS:-60} + ${ODE_CAPTIONS:-40} * 4 + 100 ))
 case "$PART" in
 mid)  # VAE (VAE_FROM: continue a trained vae/ folder), latent cache, stages 1 and 2; prompt adherence and
       # the long videos are scored on the CPU afterwards (benchmarks/prompt_adherence.py, drift_study.py).
       # Stage 1 gets what the call has left, at most S1_SECONDS: a slow cache must not cost the models.
     bash configs/tiny/train.sh vae cache || exit 1
-    run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 )) stage1 stage2 bundle2
+    run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
+    adherence mid-g3 "$R/helios-tiny-mid" --guidance 3; adherence mid "$R/helios-tiny-mid"
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs" ;;
 all)  # everything in one call, each training stage on what the call has left
     bash configs/tiny/train.sh vae cache || exit 1
@@ -57,7 +69,8 @@ more)  # on a machine still warm from a `mid` (or `more`) call, whose runs/ is s
         echo "no stage-1 checkpoint in $R/stage1: run part mid first, on the same warm machine" >&2; exit 2; }
     rm -rf "$R/stage2"
     S1_OVERRIDES="checkpointing.resume=latest ${S1_OVERRIDES:-}" \
-        run_stage S1_SECONDS "${S1_SECONDS:-600}" $(( S2 + 35 )) stage1 stage2 bundle2
+        run_stage S1_SECONDS "${S1_SECONDS:-600}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
+    adherence more-g3 "$R/helios-tiny-mid" --guidance 3; adherence more "$R/helios-tiny-mid"
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
 plain)  # the drift study's second model, from runs/tiny/helios-tiny-base: the same init (its VAE, no more VAE
         # steps), cache and stage-1 steps (S1_STEPS: the anti-drift run's, from its log) with Easy
@@ -68,8 +81,10 @@ plain)  # the drift study's second model, from runs/tiny/helios-tiny-base: the s
     pack plain "$R/helios-tiny-plain-base" "$R"/stage1-plain/metrics.jsonl "$R/logs" ;;
 distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), then the GPU speed of both
     CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode || exit 1
-    run_stage S3_SECONDS "${S3_SECONDS:-240}" $(( ${SPEED_SECONDS:-90} + 40 )) stage3 bundle3
+    run_stage S3_SECONDS "${S3_SECONDS:-240}" $(( ${SPEED_SECONDS:-90} + 40 + ADH / 2 )) stage3 bundle3
+    adherence distilled "$R/helios-tiny-distilled"
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs"
+    [ "${SPEED_SECONDS:-90}" -gt 0 ] || exit 0  # SPEED_SECONDS=0: no speed run (timeout 0 would mean no limit)
     timeout "${SPEED_SECONDS:-90}" python3 benchmarks/small_model_speed.py --device "${DEVICE:-cuda}" --seconds 10 \
         --model "distilled=$R/helios-tiny-distilled" --model "mid=$R/helios-tiny-mid" \
         --out "$OUT/speed-gpu.json" > "$R/logs/speed-gpu.log" 2>&1

@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,11 @@ CHUNK_FRAMES = 33
 # 1.5-3 latent pixels at the 4x VAE. Run 7's mid model, trained on the default sizes (1-2 latent pixels),
 # learnt the captions' backgrounds but drew their objects in 3.5% of frames.
 OBJECT_SIZE = (0.10, 0.18)
+# Weight of object pixels in the VAE's reconstruction loss (background pixels weigh 1). Objects cover a
+# few percent of a frame, and with a plain loss run 9's VAE kept frame 0's objects but faded, darkened or
+# recoloured them over the rest of each chunk (docs/tiny-model.md, "Run 9"): the transformers learnt
+# exactly those latents.
+OBJECT_WEIGHT = 0.0
 
 
 def scene_config(seed: int = 0, num_frames: int = 24 * 60) -> "SyntheticConfig":
@@ -51,6 +57,17 @@ def scene_config(seed: int = 0, num_frames: int = 24 * 60) -> "SyntheticConfig":
 
     return SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=num_frames,
                            size_range=OBJECT_SIZE, seed=seed)
+
+
+README_PROMPT = "two red circles bouncing on a blue background"
+
+
+def held_out_captions(n: int, seed: int = 2000) -> list[str]:
+    """The README's prompt, then the captions of synthetic scenes of a seed no training set uses: what
+    the prompt-adherence benchmark and the bundled model's test generate from."""
+    from helios.train.synthetic import SyntheticConfig, SyntheticVideo
+
+    return [README_PROMPT, *(SyntheticVideo.from_index(i, SyntheticConfig(seed=seed)).caption for i in range(n - 1))]
 
 
 def vocabulary() -> list[str]:
@@ -155,8 +172,15 @@ def transformer_config():
                         num_layers=6, rope_dim=(24, 20, 20))
 
 
+def clip_and_object_mask(video, start: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip (3, T, H, W) in [-1, 1] and where its objects are, (T, H, W) in {0, 1}."""
+    mask = video.object_masks(np.arange(start, start + frames)).any(axis=1)
+    return video.clip(start, frames), torch.from_numpy(mask.astype(np.float32))
+
+
 class _SyntheticClips(torch.utils.data.IterableDataset):
-    """Endless random clips of random synthetic videos; rendering is CPU work, so it runs in loader workers."""
+    """Endless random clips of random synthetic videos with their object masks; rendering is CPU work, so
+    it runs in loader workers."""
 
     def __init__(self, frames: int, seed: int):
         self.frames, self.seed = frames, seed
@@ -170,16 +194,28 @@ class _SyntheticClips(torch.utils.data.IterableDataset):
         while True:
             idx = int(torch.randint(0, 100_000, (1,), generator=rng))
             start = int(torch.randint(0, cfg.num_frames - self.frames, (1,), generator=rng))
-            yield SyntheticVideo.from_index(idx, cfg).clip(start, self.frames)
+            yield clip_and_object_mask(SyntheticVideo.from_index(idx, cfg), start, self.frames)
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                        object_weight: float = OBJECT_WEIGHT) -> torch.Tensor:
+    """L1 + MSE of (B, C, T, H, W) clips with object pixels (mask (B, T, H, W)) weighing 1 + object_weight;
+    normalised by the mean weight, so that its scale does not move with the objects' area."""
+    w = (1.0 + object_weight * mask).unsqueeze(1)
+    err = rec - x
+    return ((err.abs() + err.pow(2)) * w).mean() / w.mean()
 
 
 def train_vae(vae, steps: int, batch: int = 4, frames: int = CHUNK_FRAMES, lr: float = 3e-4, device: str = "cpu",
               latent_l2: float = 1e-6, log_every: int = 50, seed: int = 0,
-              max_seconds: float | None = None) -> list[float]:
+              max_seconds: float | None = None, object_weight: float = OBJECT_WEIGHT,
+              warmup_steps: int = 20) -> list[float]:
     """Fit the VAE to synthetic clips (1 + 4k frames, a whole chunk by default): L1 + MSE reconstruction of the posterior mean's
-    decoding and a tiny L2 on the latents. A deterministic autoencoder: with a KL-regularised posterior
+    decoding, object pixels weighing 1 + object_weight, and a tiny L2 on the latents. A deterministic autoencoder: with a KL-regularised posterior
     sample, a young VAE's posterior noise (std ~1) swamped the means (std ~0.7) and the decoder learnt
-    blur; `make_posterior_sharp` then pins the posterior's std near zero for the training cache."""
+    blur; `make_posterior_sharp` then pins the posterior's std near zero for the training cache. The
+    learning rate warms up over `warmup_steps`: a trained VAE continued at full rate with a fresh
+    optimizer jumped from loss 0.18 to 1.09 in two steps (CPU, from run 9's VAE)."""
     import os
 
     workers = min(8, max(0, (os.cpu_count() or 1) - 1))
@@ -190,16 +226,17 @@ def train_vae(vae, steps: int, batch: int = 4, frames: int = CHUNK_FRAMES, lr: f
     losses = []
     t0 = time.time()
     for step in range(steps):
-        x = next(loader).to(device, non_blocking=True)
+        x, mask = (t.to(device, non_blocking=True) for t in next(loader))
         # Cosine decay over whichever budget (steps or seconds) runs out first.
         done = max(step / steps, (time.time() - t0) / max_seconds if max_seconds else 0.0)
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
         for group in opt.param_groups:
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+            group["lr"] = warm * lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                             enabled=torch.device(device).type == "cuda"):
             z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample.float()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + latent_l2 * z.float().pow(2).mean()
+        loss = reconstruction_loss(rec, x, mask, object_weight) + latent_l2 * z.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -241,15 +278,23 @@ def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) 
 
 
 @torch.no_grad()
-def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int = 4, seed: int = 2) -> list[float]:
+def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int = 4, seed: int = 2,
+                                          region: str = "frame") -> list[float]:
     """Mean absolute RGB error of encode -> decode on chunk-long synthetic clips, per latent frame
-    (its 4 RGB frames; 1 for the first). Flat across the chunk for a usable VAE."""
+    (its 4 RGB frames; 1 for the first), over whole frames (region "frame") or over the objects' pixels
+    only ("objects": the background dominates the first, and a VAE can lose every object and still
+    score well there). Flat across the chunk for a usable VAE."""
     from helios.train.synthetic import SyntheticVideo
 
+    if region not in ("frame", "objects"):
+        raise ValueError(f"region must be 'frame' or 'objects', not {region!r}")
     cfg = scene_config(seed)
-    x = torch.stack([SyntheticVideo.from_index(i, cfg).clip(0, CHUNK_FRAMES) for i in range(clips)]).to(device)
-    err = (vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) - x).abs().mean(dim=(0, 1, 3, 4))
-    return [err[:1].mean().item(), *(err[1 + 4 * k: 5 + 4 * k].mean().item() for k in range((x.shape[2] - 1) // 4))]
+    pairs = [clip_and_object_mask(SyntheticVideo.from_index(i, cfg), 0, CHUNK_FRAMES) for i in range(clips)]
+    x = torch.stack([p[0] for p in pairs]).to(device)
+    weight = torch.stack([p[1] for p in pairs]).to(device) if region == "objects" else torch.ones_like(x[:, 0])
+    err = (vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) - x).abs().mean(dim=1)
+    groups = [slice(0, 1), *(slice(1 + 4 * k, 5 + 4 * k) for k in range((x.shape[2] - 1) // 4))]
+    return [((err[:, g] * weight[:, g]).sum() / weight[:, g].sum().clamp(min=1)).item() for g in groups]
 
 
 def write_scheduler(folder: Path, kind: str):
@@ -388,6 +433,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--init-vae", type=Path, default=None, help="continue training this vae/ folder")
     ap.add_argument("--frames", type=int, default=CHUNK_FRAMES, help="vae: frames per training clip (1 + 4k)")
+    ap.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT,
+                    help="vae: extra weight of object pixels in the reconstruction loss (background: 1)")
     ap.add_argument("--text-pretrain-steps", type=int, default=TEXT_PRETRAIN_STEPS,
                     help="vae: steps of the text encoder's caption pretraining (0: a random frozen encoder)")
     args = ap.parse_args()
@@ -405,9 +452,11 @@ def main() -> None:
     else:
         vae = build_vae()
     losses = train_vae(vae, args.steps, batch=args.batch, frames=args.frames, device=args.device,
-                       max_seconds=args.max_seconds)
+                       max_seconds=args.max_seconds, object_weight=args.object_weight)
     per_frame = reconstruction_error_per_latent_frame(vae, device=args.device)
+    on_objects = reconstruction_error_per_latent_frame(vae, device=args.device, region="objects")
     print("vae reconstruction error per latent frame: " + " ".join(f"{e:.3f}" for e in per_frame), flush=True)
+    print("  on the objects' pixels:                  " + " ".join(f"{e:.3f}" for e in on_objects), flush=True)
     mean, std = latent_statistics(vae, device=args.device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.to("cpu")
@@ -416,7 +465,9 @@ def main() -> None:
     write_model_folder(args.src, vae, transformer, kind=args.kind, text_pretrain_steps=args.text_pretrain_steps)
     (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
                                                              "batch": args.batch, "frames": args.frames,
-                                                             "error_per_latent_frame": per_frame}))
+                                                             "object_weight": args.object_weight,
+                                                             "error_per_latent_frame": per_frame,
+                                                             "object_error_per_latent_frame": on_objects}))
     print(f"wrote {args.src}")
 
 
