@@ -5,7 +5,7 @@
 
 From one trained vae/ folder, the same number of steps (same clips, same seed) with each object weight,
 then the reconstruction error per latent frame over whole frames and over the objects' pixels
-(helios.train.tiny.reconstruction_error_per_latent_frame, held-out scenes). Writes OUT/results.json,
+(helios.train.tiny.reconstruction_errors_per_latent_frame, held-out scenes). Writes OUT/results.json,
 OUT/errors.png, OUT/reconstructions.png (every 4th frame of held-out chunks: the input, then each VAE's
 decoding) and each trained VAE in OUT/vae-w<weight>/.
 """
@@ -19,13 +19,9 @@ from pathlib import Path
 
 
 def errors(vae) -> dict[str, list[float]]:
-    import torch
+    from helios.train.tiny import reconstruction_errors_per_latent_frame
 
-    from helios.train.tiny import reconstruction_error_per_latent_frame
-
-    with torch.no_grad():
-        return {region: reconstruction_error_per_latent_frame(vae, clips=8, region=region)
-                for region in ("frame", "objects")}
+    return reconstruction_errors_per_latent_frame(vae, clips=8)
 
 
 def reconstruction_sheet(vaes: list, path: Path, scenes: int = 3) -> None:
@@ -35,14 +31,14 @@ def reconstruction_sheet(vaes: list, path: Path, scenes: int = 3) -> None:
     from PIL import Image
 
     from helios.train.synthetic import SyntheticVideo, from_model_tensor
-    from helios.train.tiny import CHUNK_FRAMES, scene_config
+    from helios.train.tiny import CHUNK_FRAMES, reconstruct, scene_config
 
     rows = []
     for i in range(scenes):
         x = SyntheticVideo.from_index(i, scene_config(seed=2)).clip(0, CHUNK_FRAMES)[None]
         outs = [from_model_tensor(x[0])]
         with torch.no_grad():
-            outs += [from_model_tensor(v.decode(v.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)) for v in vaes]
+            outs += [from_model_tensor(reconstruct(v, x)[0]) for v in vaes]
         rows += [np.concatenate(list(o[::4]), axis=1) for o in outs]
         rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)

@@ -206,6 +206,13 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     return ((err.abs() + err.pow(2)) * w).mean() / w.mean()
 
 
+def vae_learning_rate(lr: float, step: int, done: float, warmup_steps: int) -> float:
+    """The VAE's rate at `step`: a linear warm-up over `warmup_steps`, then a cosine decay to 5% of `lr`
+    as `done` (the fraction of the budget spent) goes from 0 to 1."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    return warm * lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
 def train_vae(vae, steps: int, batch: int = 4, frames: int = CHUNK_FRAMES, lr: float = 3e-4, device: str = "cpu",
               latent_l2: float = 1e-6, log_every: int = 50, seed: int = 0,
               max_seconds: float | None = None, object_weight: float = OBJECT_WEIGHT,
@@ -229,9 +236,8 @@ def train_vae(vae, steps: int, batch: int = 4, frames: int = CHUNK_FRAMES, lr: f
         x, mask = (t.to(device, non_blocking=True) for t in next(loader))
         # Cosine decay over whichever budget (steps or seconds) runs out first.
         done = max(step / steps, (time.time() - t0) / max_seconds if max_seconds else 0.0)
-        warm = min(1.0, (step + 1) / max(1, warmup_steps))
         for group in opt.param_groups:
-            group["lr"] = warm * lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+            group["lr"] = vae_learning_rate(lr, step, done, warmup_steps)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                             enabled=torch.device(device).type == "cuda"):
             z = vae.encode(x).latent_dist.mean
@@ -277,24 +283,36 @@ def latent_statistics(vae, device: str = "cpu", clips: int = 16, seed: int = 1) 
     return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).clamp(min=1e-3).tolist()
 
 
+def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """Encode -> decode of clips (B, 3, T, H, W) through the posterior mean, in [-1, 1]."""
+    return vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+
+
 @torch.no_grad()
-def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int = 4, seed: int = 2,
-                                          region: str = "frame") -> list[float]:
+def reconstruction_errors_per_latent_frame(vae, device: str = "cpu", clips: int = 4,
+                                           seed: int = 2) -> dict[str, list[float]]:
     """Mean absolute RGB error of encode -> decode on chunk-long synthetic clips, per latent frame
-    (its 4 RGB frames; 1 for the first), over whole frames (region "frame") or over the objects' pixels
-    only ("objects": the background dominates the first, and a VAE can lose every object and still
-    score well there). Flat across the chunk for a usable VAE."""
+    (its 4 RGB frames; 1 for the first), from one reconstruction: over whole frames ("frame") and over
+    the objects' pixels only ("objects": the background dominates the first, and a VAE can lose every
+    object and still score well there). Flat across the chunk for a usable VAE."""
     from helios.train.synthetic import SyntheticVideo
 
-    if region not in ("frame", "objects"):
-        raise ValueError(f"region must be 'frame' or 'objects', not {region!r}")
     cfg = scene_config(seed)
     pairs = [clip_and_object_mask(SyntheticVideo.from_index(i, cfg), 0, CHUNK_FRAMES) for i in range(clips)]
     x = torch.stack([p[0] for p in pairs]).to(device)
-    weight = torch.stack([p[1] for p in pairs]).to(device) if region == "objects" else torch.ones_like(x[:, 0])
-    err = (vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) - x).abs().mean(dim=1)
+    err = (reconstruct(vae, x) - x).abs().mean(dim=1)
     groups = [slice(0, 1), *(slice(1 + 4 * k, 5 + 4 * k) for k in range((x.shape[2] - 1) // 4))]
-    return [((err[:, g] * weight[:, g]).sum() / weight[:, g].sum().clamp(min=1)).item() for g in groups]
+    weights = {"frame": torch.ones_like(err), "objects": torch.stack([p[1] for p in pairs]).to(device)}
+    return {region: [((err[:, g] * w[:, g]).sum() / w[:, g].sum().clamp(min=1)).item() for g in groups]
+            for region, w in weights.items()}
+
+
+def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int = 4, seed: int = 2,
+                                          region: str = "frame") -> list[float]:
+    """One region ("frame" or "objects") of `reconstruction_errors_per_latent_frame`."""
+    if region not in ("frame", "objects"):
+        raise ValueError(f"region must be 'frame' or 'objects', not {region!r}")
+    return reconstruction_errors_per_latent_frame(vae, device, clips, seed)[region]
 
 
 def write_scheduler(folder: Path, kind: str):
@@ -453,8 +471,8 @@ def main() -> None:
         vae = build_vae()
     losses = train_vae(vae, args.steps, batch=args.batch, frames=args.frames, device=args.device,
                        max_seconds=args.max_seconds, object_weight=args.object_weight)
-    per_frame = reconstruction_error_per_latent_frame(vae, device=args.device)
-    on_objects = reconstruction_error_per_latent_frame(vae, device=args.device, region="objects")
+    errors = reconstruction_errors_per_latent_frame(vae, device=args.device)
+    per_frame, on_objects = errors["frame"], errors["objects"]
     print("vae reconstruction error per latent frame: " + " ".join(f"{e:.3f}" for e in per_frame), flush=True)
     print("  on the objects' pixels:                  " + " ".join(f"{e:.3f}" for e in on_objects), flush=True)
     mean, std = latent_statistics(vae, device=args.device)
