@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 10.0])
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="freeze the encoder: the latents, and the transformers trained on them, stay valid")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -81,12 +83,14 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"vae": str(args.vae), "steps": args.steps, "batch": args.batch, "lr": args.lr,
+               "decoder_only": args.decoder_only,
                "start": errors(AutoencoderKLWan.from_pretrained(args.vae)), "runs": {}}
     for w in args.weights:
         torch.manual_seed(0)
         vae = AutoencoderKLWan.from_pretrained(args.vae)
         t0 = time.perf_counter()
-        losses = train_vae(vae, args.steps, batch=args.batch, lr=args.lr, device=args.device, object_weight=w)
+        losses = train_vae(vae, args.steps, batch=args.batch, lr=args.lr, device=args.device, object_weight=w,
+                           decoder_only=args.decoder_only)
         vae.to("cpu")
         vae.save_pretrained(args.out / f"vae-w{w:g}")
         results["runs"][str(w)] = {"seconds": time.perf_counter() - t0, "losses": losses, "errors": errors(vae)}

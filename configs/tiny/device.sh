@@ -7,13 +7,15 @@
 #   bash configs/tiny/device.sh OUT_DIR more       # right after mid, on the still-warm machine: more stage 1, stage 2 again
 #   bash configs/tiny/device.sh OUT_DIR plain      # from runs/tiny/helios-tiny-base: stage 1 without anti-drifting
 #   bash configs/tiny/device.sh OUT_DIR all        # mid and distilled, with short budgets, after a trained VAE
+#   FROM=BASE bash configs/tiny/device.sh OUT_DIR continue  # as mid, stage 1 starting from the trained base bundle BASE
+#   bash configs/tiny/device.sh OUT_DIR decoder    # the shipped VAE's decoder alone, into a copy of the shipped bundle
 # Parts mid, more and distilled end with a prompt-adherence run of their model on the GPU (ADH_SECONDS each,
 # 0: none) into OUT_DIR/adherence-*, to choose the next call before the machine cools.
 # Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
 # at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
-OUT=${1:?usage: device.sh OUT_DIR mid|more|plain|distilled|all}
-PART=${2:?usage: device.sh OUT_DIR mid|more|plain|distilled|all}
+OUT=${1:?usage: device.sh OUT_DIR mid|continue|more|plain|distilled|all|decoder}
+PART=${2:?usage: device.sh OUT_DIR mid|continue|more|plain|distilled|all|decoder}
 R=${RUNS:-runs/tiny}
 pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back from the device
     local name=$1; shift
@@ -56,6 +58,15 @@ mid)  # VAE (VAE_FROM: continue a trained vae/ folder), latent cache, stages 1 a
     run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
     adherence mid-g3 "$R/helios-tiny-mid" --guidance 3; adherence mid "$R/helios-tiny-mid"
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs" ;;
+continue)  # as mid, with stage 1 starting from a trained base bundle (FROM, e.g. run 10's in benchmarks/results)
+           # rather than a fresh transformer: its VAE and text encoder make the cache and go into every bundle.
+           # No VAE step: the VAE is the one the base model learnt. `more` and `distilled` follow as after mid.
+    FROM=${FROM:?FROM: the trained base bundle to continue stage 1 from}
+    CACHE_FROM="$FROM" bash configs/tiny/train.sh cache || exit 1
+    S1_OVERRIDES="model.init_from=$FROM ${S1_OVERRIDES:-}" \
+        run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
+    adherence continue-g3 "$R/helios-tiny-mid" --guidance 3; adherence continue "$R/helios-tiny-mid"
+    pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
 all)  # everything in one call, each training stage on what the call has left
     bash configs/tiny/train.sh vae cache || exit 1
     run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + DISTILL )) stage1 stage2 bundle2
@@ -79,6 +90,15 @@ plain)  # the drift study's second model, from runs/tiny/helios-tiny-base: the s
     S1_OVERRIDES="max_steps=${S1_STEPS:?S1_STEPS: the stage-1 steps of the anti-drift run} ${S1_OVERRIDES:-}" \
         run_stage S1_SECONDS "${S1_SECONDS:-600}" 10 stage1-plain
     pack plain "$R/helios-tiny-plain-base" "$R"/stage1-plain/metrics.jsonl "$R/logs" ;;
+decoder)  # the decoder of VAE_FROM (default: the shipped VAE) trained with its encoder frozen (VAE_SECONDS,
+         # VAE_OBJECT_WEIGHT): the latents stay those the shipped transformer learnt, so the new decoder goes
+         # into a copy of the shipped bundle as it is (runs/tiny/helios-tiny-decoder), scored beside the shipped one
+    VAE_FROM=${VAE_FROM:-src/helios/assets/helios-tiny/vae} VAE_DECODER_ONLY=1 TEXT_STEPS=0 \
+        bash configs/tiny/train.sh vae || exit 1
+    rm -rf "$R/helios-tiny-decoder" && cp -r src/helios/assets/helios-tiny "$R/helios-tiny-decoder" &&
+        rm -rf "$R/helios-tiny-decoder/vae" && cp -r "$R/init/vae" "$R/helios-tiny-decoder/vae" || exit 1
+    adherence shipped src/helios/assets/helios-tiny; adherence decoder "$R/helios-tiny-decoder"
+    pack decoder "$R/init/vae" "$R/init/vae_train_log.json" "$R/logs" ;;
 distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), then the GPU speed of both
     CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode || exit 1
     run_stage S3_SECONDS "${S3_SECONDS:-240}" $(( ${SPEED_SECONDS:-90} + 40 + ADH / 2 )) stage3 bundle3
@@ -90,5 +110,5 @@ distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), the
         --out "$OUT/speed-gpu.json" > "$R/logs/speed-gpu.log" 2>&1
     cp "$R/logs/speed-gpu.log" "$OUT/" ;;
 *)
-    echo "unknown part '$PART' (mid, more, plain, distilled or all)" >&2; exit 2 ;;
+    echo "unknown part '$PART' (mid, continue, more, plain, distilled, all or decoder)" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@
 # drift study), stage2/, stage3/ and the bundles helios-tiny-base/, helios-tiny-plain-base/,
 # helios-tiny-mid/, helios-tiny-distilled/ (the last is what ships).
 # Budgets are wall-clock seconds per step (env: VAE_SECONDS (and VAE_STEPS, VAE_OBJECT_WEIGHT: the weight of
-# object pixels in the VAE's loss), S1_SECONDS, S2_SECONDS, S3O_SECONDS,
+# object pixels in the VAE's loss, VAE_DECODER_ONLY=1: train only VAE_FROM's decoder), S1_SECONDS, S2_SECONDS, S3O_SECONDS,
 # S3_SECONDS), the number of training videos (VIDEOS) and of teacher captions (ODE_CAPTIONS), the text
 # encoder's pretraining steps (TEXT_STEPS, 0: a random encoder); the defaults are what made the shipped bundle on one H100.
 # Extra `key=value` config overrides for every transformer stage go in OVERRIDES (e.g. a CPU smoke run:
@@ -33,7 +33,7 @@ for step in "${STEPS[@]}"; do
     vae)  # VAE_FROM: a vae/ folder to continue from (with VAE_STEPS=0: the same init as the run that made it)
         python3 -m helios.train.tiny vae "$R/init" --steps "${VAE_STEPS:-100000}" --batch "${VAE_BATCH:-48}" --kind base \
             --max-seconds "${VAE_SECONDS:-150}" ${VAE_FROM:+--init-vae "$VAE_FROM"} \
-            ${VAE_OBJECT_WEIGHT:+--object-weight "$VAE_OBJECT_WEIGHT"} \
+            ${VAE_OBJECT_WEIGHT:+--object-weight "$VAE_OBJECT_WEIGHT"} ${VAE_DECODER_ONLY:+--decoder-only} \
             ${TEXT_STEPS:+--text-pretrain-steps "$TEXT_STEPS"} ;;
     cache)  # CACHE_FROM: the model folder whose VAE and text encoder make the cache
         python3 -m helios.train.tiny cache "${CACHE_FROM:-$R/init}" "$R/cache" --videos "${VIDEOS:-4000}" ;;

@@ -238,3 +238,33 @@ def test_an_init_made_again_from_its_vae_is_the_same(tiny_model, tmp_path, monke
     cfg_a = json.loads((first / "vae" / "config.json").read_text())
     cfg_b = json.loads((again / "vae" / "config.json").read_text())
     assert cfg_a["latents_mean"] == cfg_b["latents_mean"] and cfg_a["latents_std"] == cfg_b["latents_std"]
+
+
+def test_decoder_only_vae_training_leaves_the_latents_as_they_were():
+    # The shipped transformers learnt the shipped encoder's latents: a decoder trained alone must not
+    # move the encoder (nor the normalisation), so the new decoder can go into the shipped bundle.
+    from helios.train.tiny import decoder_parameters, train_vae
+
+    torch.manual_seed(0)
+    vae = build_vae()
+    make_posterior_sharp(vae)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    decoder = {id(p) for p in decoder_parameters(vae)}
+    decoder_keys = {k for k, p in vae.named_parameters() if id(p) in decoder}
+    train_vae(vae, steps=2, batch=1, frames=5, lr=1e-3, warmup_steps=0, decoder_only=True)
+    after = vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and moved <= decoder_keys  # only the decoder's weights moved
+    assert any(k.startswith("decoder.") for k in moved)
+    assert all(p.requires_grad for p in vae.parameters())  # left trainable, as a normal run leaves it
+
+
+def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch):
+    import sys
+
+    from helios.train import tiny
+
+    monkeypatch.setattr(sys, "argv", ["tiny", "vae", str(tmp_path / "m"), "--decoder-only", "--steps", "1"])
+    with pytest.raises(SystemExit):
+        tiny.main()
+    assert not (tmp_path / "m").exists()
