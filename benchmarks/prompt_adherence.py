@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=None, help="sampling steps (default: the preset's)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fast-start", action="store_true", help="the first chunk not amplified (distilled)")
     args = ap.parse_args()
 
     import torch
@@ -58,7 +59,8 @@ def main() -> None:
         row = []
         for seed in range(args.seeds):
             frames = as_uint8_numpy(pipe.generate(caption, num_frames=args.frames, seed=seed, steps=steps,
-                                                  guidance_scale=args.guidance))
+                                                  guidance_scale=args.guidance,
+                                                  amplify_first_chunk=False if args.fast_start else None))
             row.append(frames)
             results.append({"caption": caption, "seed": seed, **caption_adherence(frames, caption)})
             r = results[-1]
@@ -70,7 +72,7 @@ def main() -> None:
     summary = {k: float(np.nanmean([r[k] for r in results])) for k in keys}
     print("mean: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     (args.out / "adherence.json").write_text(json.dumps(
-        {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "summary": summary,
+        {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "fast_start": args.fast_start, "summary": summary,
          "videos": results}, indent=2))
     contact_sheet(sheet, args.out / "adherence.png")
 

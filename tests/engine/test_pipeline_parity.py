@@ -80,3 +80,22 @@ def test_video_to_video(models):
     got = ours.generate("a blue dog running", video=to_model_range(clip), num_frames=33,
                         generator=torch.Generator().manual_seed(31), settings=kind, **SIZE, **our_kw)
     compare(expected, got)
+
+
+def test_fast_start_is_the_reference_without_the_amplified_first_chunk(models):
+    # --fast-start samples the first chunk with the preset's steps: the reference's is_amplify_first_chunk=False.
+    kind, ref, ours = models
+    if kind != "distilled":
+        pytest.skip("only the distilled preset amplifies its first chunk")
+    ref_kw = {**PRESET_ARGS[kind][0], "is_amplify_first_chunk": False}
+    expected = ref("two red circles bouncing", num_frames=66, output_type="pt",
+                   generator=torch.Generator().manual_seed(3), **SIZE, **ref_kw).frames[0]
+    steps: list[int] = []
+    got = torch.cat([c.frames for c in ours.stream("two red circles bouncing", num_frames=66, settings=kind, steps=2,
+                                                   amplify_first_chunk=False, generator=torch.Generator().manual_seed(3),
+                                                   on_step=lambda k, stage, i: steps.append(k), **SIZE)])
+    compare(expected, got)
+    assert steps.count(0) == steps.count(1) == 6  # 2/2/2 in both chunks; amplified, the first has 12
+    amplified = ours.generate("two red circles bouncing", num_frames=66, settings=kind, steps=2,
+                              generator=torch.Generator().manual_seed(3), **SIZE)
+    assert not torch.equal(amplified, got)

@@ -380,3 +380,17 @@ def test_serve_passes_the_device_groups(monkeypatch, model_folder):
         result = CliRunner().invoke(app, ["serve", "--model", str(model_folder), *args], env={"HELIOS_SERVE_TOKEN": ""})
         assert result.exit_code == 0, result.output
         assert seen["devices"] == groups
+
+
+def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(pipe):
+    # The bundle is distilled (its first chunk amplified: twice the steps); fast_start turns that off.
+    from helios.serve.engines import stream_job
+
+    def first_chunk_steps(fast_start: bool) -> int:
+        request = parse_params({"prompt": "a red circle", "frames": 33, "seed": 1, "fast_start": fast_start, **SIZE},
+                               pipe.spec, Limits())
+        steps = []
+        list(stream_job(pipe, request, LivePrompt(request.prompt), lambda k, stage, i: steps.append(k)))
+        return steps.count(0)
+
+    assert first_chunk_steps(False) == 6 and first_chunk_steps(True) == 3  # steps=1 per stage: 2x3, then 3

@@ -41,6 +41,8 @@ BAD_JSON = [
     ({"prompt": "a cat", "steps": 0}, 400, "steps must be between 1 and 100"),
     ({"prompt": "a cat", "preset": "turbo"}, 400, "unknown preset 'turbo'"),
     ({"prompt": "a cat", "seed": -1}, 400, "seed must be between 0"),
+    ({"prompt": "a cat", "fast_start": "soon"}, 400, "fast_start must be true or false, got 'soon'"),
+    ({"prompt": "a cat", "fast_start": 1}, 400, "fast_start must be true or false, got 1"),
 ]
 
 
@@ -207,3 +209,22 @@ def test_serve_command_refuses_before_loading_anything(tmp_path):
     assert "refusing to listen on 0.0.0.0 without a token" in result.output
     with pytest.raises(ValueError, match="without a token"):  # the model path is never looked at
         run_server(tmp_path / "missing", host="0.0.0.0")
+
+
+def test_fast_start_is_read_from_json_and_from_forms():
+    from helios.serve.params import parse_params
+
+    class Spec:  # the checks parse_params runs on the model; a distilled 3-stage one
+        default_size = (64, 64)
+
+        def resolve_settings(self, preset, **overrides):
+            from helios.sampling.sampler import preset as named
+
+            return named("distilled").with_(**{k: v for k, v in overrides.items() if v is not None})
+
+        def check_size(self, height, width, settings):
+            pass
+
+    for fields, expected in [({}, False), ({"fast_start": True}, True), ({"fast_start": False}, False),
+                             ({"fast_start": "true"}, True), ({"fast_start": "on"}, True), ({"fast_start": "0"}, False)]:
+        assert parse_params({"prompt": "a cat", **fields}, Spec(), SMALL).fast_start is expected, fields

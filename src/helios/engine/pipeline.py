@@ -192,6 +192,7 @@ class HeliosVideoPipeline:
         settings: str | SamplerSettings | None = None,
         guidance_scale: float | None = None,
         steps: int | Sequence[int] | None = None,
+        amplify_first_chunk: bool | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         history_sizes: tuple[int, int, int] = (16, 2, 1),
@@ -208,6 +209,9 @@ class HeliosVideoPipeline:
         image: (3, H, W) or (1, 3, H, W) in [-1, 1] for image-to-video; video: (3, T, H, W) or
         (1, 3, T, H, W) in [-1, 1] for video-to-video (see engine.video_io to read files).
         on_step(chunk, stage, step) is called after every solver step is queued.
+        amplify_first_chunk: None follows the settings (the distilled preset doubles the first chunk's
+        steps, as the official script does); False samples it like every other chunk, so the first
+        frame comes about twice as soon, at some cost to the first chunk (`helios generate --fast-start`).
 
         overlap_decode (CUDA only; elsewhere the chunks run one after the other): None follows
         `optimize()` (on), except for a LivePrompt, which stays sequential unless asked. With it,
@@ -227,7 +231,8 @@ class HeliosVideoPipeline:
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
-        s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps)
+        s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps,
+                                  amplify_first_chunk=amplify_first_chunk)
         self.check_size(height, width, s)
         plan = plan_frames(num_frames)
         if image is not None and video is not None:

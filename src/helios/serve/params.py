@@ -25,6 +25,7 @@ class JobRequest:
     preset: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    fast_start: bool = False  # the first chunk sampled with the preset's steps, not twice as many
     seed: int = 0
     negative: str = ""
     fps: int = 24
@@ -69,6 +70,17 @@ def _number(fields: Mapping[str, object], name: str, kind: type, default):
     return number
 
 
+def _flag(fields: Mapping[str, object], name: str) -> bool:
+    """A yes/no field: a JSON boolean, or a form's text (true/false, 1/0, on/off); absent is false."""
+    value = fields.get(name, False)
+    if isinstance(value, str):
+        value = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False, "": False}.get(
+            value.strip().lower(), value)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 24) -> JobRequest:
     """Check everything that does not need the upload; the engine's own checks run here too, so a
     request that would fail at its first chunk is refused before it waits in the queue.
@@ -94,6 +106,7 @@ def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 
         seed = secrets.randbelow(2**31)
     if not 0 <= seed < 2**63:
         raise RequestError(f"seed must be between 0 and 2**63-1, got {seed}")
+    fast_start = _flag(fields, "fast_start")
     preset = fields.get("preset") or None
     if preset is not None and not isinstance(preset, str):
         raise RequestError(f"preset must be a name, got {preset!r}")
@@ -101,13 +114,14 @@ def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 
     if not isinstance(negative, str) or len(negative) > limits.max_prompt_chars:
         raise RequestError(f"the negative prompt must be text of at most {limits.max_prompt_chars} characters")
     try:
-        settings = spec.resolve_settings(preset, steps=steps, guidance_scale=guidance)
+        settings = spec.resolve_settings(preset, steps=steps, guidance_scale=guidance,
+                                         amplify_first_chunk=False if fast_start else None)
         spec.check_size(height, width, settings)
         plan = plan_frames(frames)
     except (InputError, ValueError) as e:
         raise RequestError(str(e)) from None
     return JobRequest(prompt=prompt, frames=frames, height=height, width=width, chunks=plan.chunks,
-                      frames_out=plan.frames, preset=preset, steps=steps, guidance=guidance, seed=seed,
+                      frames_out=plan.frames, preset=preset, steps=steps, guidance=guidance, fast_start=fast_start, seed=seed,
                       negative=negative, fps=fps)
 
 

@@ -2,7 +2,7 @@
 
 WebSocket /ws, client -> server (JSON text messages):
     {"type": "start", "prompt": ..., "frames": ..., "height": ..., "width": ..., "preset": ..., "steps": ...,
-     "seed": ..., "guidance": ..., "negative": ..., "upload": "image" | "video" | null, "filename": ...}
+     "seed": ..., "guidance": ..., "fast_start": true | false, "negative": ..., "upload": "image" | "video" | null, "filename": ...}
         with "upload" set, the next message is binary: the file's bytes.
     {"type": "steer", "prompt": ...}   {"type": "pause"}   {"type": "resume"}   {"type": "stop"}
 

@@ -88,7 +88,7 @@ async function start(event) {
   const message = {
     type: "start", prompt: $("prompt").value, frames: numberOrNull("frames"), preset: $("preset").value || null,
     height: numberOrNull("height"), width: numberOrNull("width"), seed: numberOrNull("seed"),
-    steps: numberOrNull("steps"),
+    steps: numberOrNull("steps"), fast_start: $("fast_start").checked,
     upload: file ? (file.type.startsWith("video/") ? "video" : "image") : null, filename: file ? file.name : null,
   };
   if (!message.prompt.trim()) { showError("Write a prompt first."); return; }
