@@ -124,3 +124,28 @@ def test_prompt_schedule_blends_like_the_official_interactive_mode():
     assert s.at(5) == (("b", None), 0.0)
     with pytest.raises(PromptScheduleError, match="chunk 0"):
         PromptSchedule(((1, "a"),))
+
+
+def test_a_model_folder_can_carry_its_own_sampling_defaults(model_dir, tmp_path):
+    # The small bundled model samples at 20 steps, CFG 2 (model_index.json `helios_default_sampling`): they
+    # apply to the model's own preset unless the caller says otherwise; another preset keeps its own values.
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    index = json.loads((own / "model_index.json").read_text())
+    (own / "model_index.json").write_text(json.dumps({**index, "helios_default_sampling": {
+        "steps": 3, "guidance_scale": 2.0}}))
+    spec = helios.load_pipeline(own).spec
+    assert spec.default_preset == "distilled"
+    s = spec.resolve_settings(None)
+    assert (s.pyramid_steps, s.guidance_scale) == ((3, 3, 3), 2.0)
+    assert spec.resolve_settings("distilled", guidance_scale=1.0).guidance_scale == 1.0  # the caller's wins
+    mid = spec.resolve_settings("mid")
+    assert (mid.pyramid_steps, mid.guidance_scale) == ((20, 20, 20), 5.0)  # another preset: the official one
+    plain = helios.load_pipeline(model_dir).spec.resolve_settings(None)
+    assert (plain.pyramid_steps, plain.guidance_scale) == ((2, 2, 2), 1.0)
+    for bad, message in [({"steps": 0}, "steps must be a positive whole number, got 0"),
+                         ({"guidance": 2}, "keys among ['steps', 'guidance_scale']"),
+                         ({"guidance_scale": "high"}, "guidance_scale must be a number >= 0, got 'high'")]:
+        (own / "model_index.json").write_text(json.dumps({**index, "helios_default_sampling": bad}))
+        r = cli("x", "--model", own, "--out", tmp_path / "v.mp4")
+        assert r.exit_code == 2 and message in r.output, r.output

@@ -25,7 +25,7 @@ SIZE = {"height": 64, "width": 64, "steps": 1}
 
 @pytest.fixture(scope="session")
 def model_folder() -> Path:
-    """The small model shipped in the package (distilled, 64x64)."""
+    """The small model shipped in the package (base, 64x64: 20 steps, CFG 2)."""
     from helios.cli import default_model
 
     return default_model()

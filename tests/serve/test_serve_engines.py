@@ -248,7 +248,7 @@ def test_a_failing_job_fails_alone_on_every_rank(group, tmp_path):
         bad = Job(JobRequest(prompt="a cat", frames=33, height=72, width=64, chunks=1, frames_out=33), "tester")
         worker.submit(bad)
         assert bad.finished.wait(60) and bad.state.value == "failed"
-        assert bad.error.startswith("height=72: frame sizes must be positive multiples of 32")  # the bundle: 4x VAE, 3 levels
+        assert bad.error.startswith("height=72: frame sizes must be positive multiples of 16")  # the bundle: 4x VAE, one level
     finally:
         worker.close()
     assert group.alive  # the ranks stayed in step: the next test runs its jobs on the same processes
@@ -382,9 +382,15 @@ def test_serve_passes_the_device_groups(monkeypatch, model_folder):
         assert seen["devices"] == groups
 
 
-def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(pipe):
-    # The bundle is distilled (its first chunk amplified: twice the steps); fast_start turns that off.
+def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(tmp_path):
+    # A distilled model's first chunk is amplified (twice the steps); fast_start turns that off.
+    from tiny_pipelines import save_model_folder
+
+    from helios.engine.pipeline import load_pipeline
     from helios.serve.engines import stream_job
+
+    save_model_folder("distilled", tmp_path, seed=3)
+    pipe = load_pipeline(tmp_path)
 
     def first_chunk_steps(fast_start: bool) -> int:
         request = parse_params({"prompt": "a red circle", "frames": 33, "seed": 1, "fast_start": fast_start, **SIZE},

@@ -78,8 +78,26 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device
     flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
     # Our own extension of model_index.json: the frame size a small model was trained at.
     flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
+    # And the sampling it was found to need, where the official preset does not suit it (steps, guidance).
+    flags["default_sampling"] = check_default_sampling(index.get("helios_default_sampling", {}), folder)
     return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"], flags,
                       folder)
+
+
+SAMPLING_DEFAULTS = ("steps", "guidance_scale")
+
+
+def check_default_sampling(value: object, folder: Path) -> dict[str, float]:
+    """model_index.json's `helios_default_sampling`: {"steps": int, "guidance_scale": number}, either optional."""
+    where = f"{folder / 'model_index.json'}: helios_default_sampling"
+    if not isinstance(value, dict) or set(value) - set(SAMPLING_DEFAULTS):
+        raise ModelFolderError(f"{where} must be an object with keys among {list(SAMPLING_DEFAULTS)}, got {value!r}")
+    steps, guidance = value.get("steps", 1), value.get("guidance_scale", 0.0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ModelFolderError(f"{where}: steps must be a positive whole number, got {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        raise ModelFolderError(f"{where}: guidance_scale must be a number >= 0, got {guidance!r}")
+    return dict(value)
 
 
 def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype):

@@ -87,6 +87,9 @@ class PipelineSpec:
     default_preset: str
     stages: int  # the scheduler's pyramid stages
     pixels_per_token: int  # frame pixels per latent token along height/width: VAE factor x patch size
+    # The model's own steps / guidance for its default preset (model_index.json `helios_default_sampling`),
+    # as (key, value) pairs: the small bundled model wants other values than the official preset's.
+    default_sampling: tuple[tuple[str, float], ...] = ()
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -100,6 +103,8 @@ class PipelineSpec:
     def resolve_settings(self, settings: str | SamplerSettings | None, **overrides) -> SamplerSettings:
         s = preset(settings or self.default_preset) if not isinstance(settings, SamplerSettings) else settings
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if settings is None or settings == self.default_preset:  # the model's own preset: its own defaults
+            overrides = {**dict(self.default_sampling), **overrides}
         if "steps" in overrides and s.pyramid_steps is not None:
             n = overrides.pop("steps")
             overrides["pyramid_steps"] = tuple([n] * len(s.pyramid_steps)) if isinstance(n, int) else tuple(n)
@@ -168,7 +173,8 @@ class HeliosVideoPipeline:
     def spec(self) -> "PipelineSpec":
         """What checking a request needs from this pipeline, without its weights (see PipelineSpec)."""
         return PipelineSpec(self.default_size, self.default_preset, int(getattr(self.scheduler.config, "stages", 1)),
-                            self.codec.spatial * self.model.config.patch_size[1])
+                            self.codec.spatial * self.model.config.patch_size[1],
+                            tuple(sorted(self.c.flags.get("default_sampling", {}).items())))
 
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:

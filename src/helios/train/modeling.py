@@ -269,6 +269,8 @@ def export_model_folder(transformer: HeliosTransformer, components_from: str | P
     if scheduler_config is not None:
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     index = json.loads((src / "model_index.json").read_text())
+    # Sampling defaults were found for the model they came with, not for the one trained from it.
+    index.pop("helios_default_sampling", None)
     index.update(index_updates or {})
     if default_size is not None:
         index["helios_default_size"] = [int(default_size[0]), int(default_size[1])]  # our extension
