@@ -268,3 +268,18 @@ def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         tiny.main()
     assert not (tmp_path / "m").exists()
+
+
+def test_a_base_bundle_carries_its_sampling_and_a_pyramid_bundle_does_not(tiny_model, tmp_path):
+    # `tiny bundle --kind base` writes BASE_SAMPLING (the official base preset's CFG 5 oversaturates the
+    # small model); a mid or distilled bundle made from that base must not inherit it.
+    import helios
+    from helios.train.tiny import BASE_SAMPLING, bundle
+
+    base = bundle(tiny_model, tmp_path / "base", kind="base")
+    assert json.loads((base / "model_index.json").read_text())["helios_default_sampling"] == BASE_SAMPLING
+    s = helios.load_pipeline(base).resolve_settings(None)
+    assert (s.pyramid_steps, s.steps, s.guidance_scale) == (None, BASE_SAMPLING["steps"], BASE_SAMPLING["guidance_scale"])
+    mid = bundle(base, tmp_path / "mid", kind="mid")
+    assert "helios_default_sampling" not in json.loads((mid / "model_index.json").read_text())
+    assert helios.load_pipeline(mid).resolve_settings(None).guidance_scale == 5.0  # the official mid preset
