@@ -32,3 +32,18 @@ def test_overlap_decode_is_accepted_and_falls_back_on_the_cpu():
     assert on[0][2].shape[0] == 33
     assert steps_on == steps_off and steps_on[0] == (0, 0, 0)
     assert pipe.optimize(compile=False, fuse=False, overlap_decode=False).overlap_decode is False
+
+
+def test_the_first_frame_can_be_handed_over_before_the_rest_of_its_chunk():
+    # stream(first_frame_early=True) (--fast-start): chunk 0's frame 0 comes alone, then its other frames;
+    # together the same frames as one hand-over, and only chunk 0 is split.
+    pipe = helios.load_pipeline(default_model())
+    whole = list(pipe.stream("two red circles bouncing", num_frames=66, seed=4, steps=2))
+    split = list(pipe.stream("two red circles bouncing", num_frames=66, seed=4, steps=2, first_frame_early=True))
+    assert [(c.index, c.first_frame, c.frames.shape[0], c.complete) for c in whole] == [(0, 0, 33, True),
+                                                                                        (1, 33, 32, True)]
+    assert [(c.index, c.first_frame, c.frames.shape[0], c.complete) for c in split] == [
+        (0, 0, 1, False), (0, 1, 32, True), (1, 33, 32, True)]
+    assert torch.equal(torch.cat([c.frames for c in whole]), torch.cat([c.frames for c in split]))
+    assert all(c.decode_seconds > 0 and c.denoise_seconds > 0 for c in split)
+    assert split[0].denoise_seconds == split[1].denoise_seconds  # one chunk's sampling, told twice

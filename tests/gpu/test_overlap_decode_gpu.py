@@ -124,3 +124,13 @@ def test_non_blocking_noise_copies_give_the_same_draws():
 
     for a, b in zip(draws(False), draws(True)):
         assert a.is_cuda and torch.equal(a, b)
+
+
+def test_an_early_first_frame_under_overlap_gives_the_same_frames(pipe):
+    # first_frame_early (--fast-start): chunk 0's frame 0 is copied out on its own event, before the rest.
+    seq, _ = run(pipe, overlap_decode=False)
+    split = list(pipe.stream(PROMPT, num_frames=FRAMES, seed=7, overlap_decode=True, first_frame_early=True))
+    assert [(c.index, c.first_frame, c.frames.shape[0], c.complete) for c in split] == [
+        (0, 0, 1, False), (0, 1, 32, True), (1, 33, 32, True), (2, 65, 32, True)]
+    assert torch.equal(torch.cat([c.frames for c in split]), torch.cat([c.frames for c in seq]))
+    assert split[0].decode_seconds < split[1].decode_seconds  # one latent frame against eight

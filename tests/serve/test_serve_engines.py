@@ -392,11 +392,33 @@ def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(tmp_pat
     save_model_folder("distilled", tmp_path, seed=3)
     pipe = load_pipeline(tmp_path)
 
-    def first_chunk_steps(fast_start: bool) -> int:
+    def run(fast_start: bool) -> tuple[int, list]:
         request = parse_params({"prompt": "a red circle", "frames": 33, "seed": 1, "fast_start": fast_start, **SIZE},
                                pipe.spec, Limits())
         steps = []
-        list(stream_job(pipe, request, LivePrompt(request.prompt), lambda k, stage, i: steps.append(k)))
-        return steps.count(0)
+        parts = list(stream_job(pipe, request, LivePrompt(request.prompt), lambda k, stage, i: steps.append(k)))
+        return steps.count(0), [(c.index, c.first_frame, c.frames.shape[0], c.complete) for c in parts]
 
-    assert first_chunk_steps(False) == 6 and first_chunk_steps(True) == 3  # steps=1 per stage: 2x3, then 3
+    assert run(False) == (6, [(0, 0, 33, True)])  # steps=1 per stage: amplified 2x3
+    # and frame 0 comes on its own, before the rest of the chunk is decoded
+    assert run(True) == (3, [(0, 0, 1, False), (0, 1, 32, True)])
+
+
+def test_a_chunk_handed_over_in_two_parts_counts_once(tmp_path):
+    from tiny_pipelines import save_model_folder
+
+    from helios.engine.pipeline import load_pipeline
+
+    save_model_folder("distilled", tmp_path / "m", seed=3)
+    engine = LocalEngine(load_pipeline(tmp_path / "m"))
+    worker = Worker([engine], tmp_path, Limits())
+    worker.start()
+    try:
+        job = Job(parse_params({"prompt": "a red circle", "frames": 66, "seed": 2, "fast_start": True, **SIZE},
+                               engine.spec, Limits()), "tester")
+        worker.submit(job)
+        assert job.finished.wait(180) and job.state.value == "done", job.error
+    finally:
+        worker.close()
+    assert (job.chunks_done, job.frames_done) == (2, 65)
+    assert read_video(job.video_path).shape[0] == 65

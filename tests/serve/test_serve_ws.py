@@ -43,6 +43,7 @@ def test_frames_arrive_while_the_job_is_still_running(server):
     assert frames == [(i // 33, i) for i in range(129)]  # every frame, in order
     chunks = [m for m in messages if m["type"] == "chunk"]
     assert [c["index"] for c in chunks] == list(range(1, 4))  # chunk 0's header came before the first frame
+    assert all(c["complete"] for c in chunks)  # (false only for a fast start's early frame 0)
     end = messages[-1]
     assert end["state"] == "done" and end["frames_done"] == 129 and end["video"].endswith("/video")
 

@@ -6,6 +6,7 @@ happen in the reference pipelines' order, so a seed reproduces a reference video
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,24 @@ class LatentCodec:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> frames (B, 3, T, H, W) in [-1, 1]."""
+        return torch.cat(list(self.decode_parts(latents)), dim=2)
+
+    @torch.no_grad()
+    def decode_parts(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The same frames in two parts: frame 0, then the others. The causal decoder makes frame 0 first
+        and from latent frame 0 alone, so it can be handed over before the rest is decoded."""
         mean, inv_std = self._stats()
         z = latents.to(self.dtype) / inv_std + mean
-        if self.batched_decode_supported():
-            return self._decode_batched(z)
-        return self.vae.decode(z, return_dict=False)[0]
+        if not self.batched_decode_supported():
+            frames = self.vae.decode(z, return_dict=False)[0]
+            yield frames[:, :, :1]
+            yield frames[:, :, 1:]
+            return
+        pieces = self._decode_pieces(z)
+        first = next(pieces).clamp(-1.0, 1.0)
+        yield first
+        rest = list(pieces)
+        yield torch.cat(rest, dim=2).clamp(-1.0, 1.0) if rest else first[:, :, :0]
 
     def batched_decode_supported(self) -> bool:
         vae = self.vae
@@ -86,7 +100,7 @@ class LatentCodec:
                 and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False)
                 and not getattr(vae.config, "is_residual", False))
 
-    def _decode_batched(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_pieces(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
         """The VAE's own decoder, driven with every latent frame after the first in one call.
 
         diffusers' decode walks the latent frames one at a time through causal convolutions that
@@ -96,16 +110,17 @@ class LatentCodec:
         """
         vae = self.vae
         vae.clear_cache()
-        x = vae.post_quant_conv(z)
-        vae._conv_idx = [0]
-        pieces = [vae.decoder(x[:, :, :1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)]
-        # Groups of latent frames: 4 at a time keeps most of the speed-up at half the activation memory.
-        for start in range(1, x.shape[2], self.frames_per_decode):
+        try:
+            x = vae.post_quant_conv(z)
             vae._conv_idx = [0]
-            pieces.append(vae.decoder(x[:, :, start:start + self.frames_per_decode], feat_cache=vae._feat_map,
-                                      feat_idx=vae._conv_idx))
-        vae.clear_cache()
-        return torch.cat(pieces, dim=2).clamp(-1.0, 1.0)
+            yield vae.decoder(x[:, :, :1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)
+            # Groups of latent frames: 4 at a time keeps most of the speed-up at half the activation memory.
+            for start in range(1, x.shape[2], self.frames_per_decode):
+                vae._conv_idx = [0]
+                yield vae.decoder(x[:, :, start:start + self.frames_per_decode], feat_cache=vae._feat_map,
+                                  feat_idx=vae._conv_idx)
+        finally:
+            vae.clear_cache()
 
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:

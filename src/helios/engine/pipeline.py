@@ -49,7 +49,10 @@ class Chunk:
     seconds: float  # wall time from handing over the previous chunk (or starting) to this one
     total_chunks: int
     denoise_seconds: float = float("nan")  # device time of the sampler (CUDA events; wall time on CPU)
-    decode_seconds: float = float("nan")  # device time of the VAE decode
+    decode_seconds: float = float("nan")  # device time of the VAE decode (of these frames)
+    # False for frame 0 of a chunk handed over on its own (stream(first_frame_early=True)); the chunk's
+    # other frames follow with the same index and complete=True.
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ class HeliosVideoPipeline:
         guidance_scale: float | None = None,
         steps: int | Sequence[int] | None = None,
         amplify_first_chunk: bool | None = None,
+        first_frame_early: bool = False,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         history_sizes: tuple[int, int, int] = (16, 2, 1),
@@ -218,6 +222,9 @@ class HeliosVideoPipeline:
         amplify_first_chunk: None follows the settings (the distilled preset doubles the first chunk's
         steps, as the official script does); False samples it like every other chunk, so the first
         frame comes about twice as soon, at some cost to the first chunk (`helios generate --fast-start`).
+        first_frame_early: hand over the first chunk's frame 0 as soon as the VAE has decoded it (the
+        causal decoder makes it first, from latent frame 0 alone), as a Chunk of one frame with
+        complete=False, then the chunk's other frames; the frames are the same (`--fast-start`).
 
         overlap_decode (CUDA only; elsewhere the chunks run one after the other): None follows
         `optimize()` (on), except for a LivePrompt, which stays sequential unless asked. With it,
@@ -305,12 +312,13 @@ class HeliosVideoPipeline:
                 keep = min(window, plan.frames - produced)
                 pending.append(_Handoff(self.codec, latents, keep, side, pinned[k % len(pinned)], marks,
                                         {"index": k, "first_frame": produced, "prompt": text_prompt,
-                                         "total_chunks": plan.chunks}))
+                                         "total_chunks": plan.chunks}, split_first=first_frame_early and k == 0))
                 produced += keep
                 # Under overlap chunk k-1 goes out only now, once chunk k's work is queued behind its decode.
                 while len(pending) > (1 if overlap and k < plan.chunks - 1 else 0):
-                    yield pending.pop(0).chunk(since=resumed)
-                    resumed = time.perf_counter()
+                    for chunk in pending.pop(0).chunks(since=resumed):
+                        yield chunk
+                        resumed = time.perf_counter()
         finally:
             for handoff in pending:  # stopped early: queued copies land before their buffers are freed
                 handoff.wait()
@@ -396,10 +404,12 @@ class _Marks:
         self.points.append(self._now())
 
     def intervals(self) -> list[float]:
-        pairs = zip(self.points, self.points[1:])
-        if self.cuda:
-            return [a.elapsed_time(b) / 1000 for a, b in pairs]
-        return [b - a for a, b in pairs]
+        return [self.interval(i) for i in range(len(self.points) - 1)]
+
+    def interval(self, i: int) -> float:
+        """Seconds from mark i to mark i + 1 (on CUDA both must have been reached)."""
+        a, b = self.points[i], self.points[i + 1]
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
 class _Handoff:
@@ -410,37 +420,51 @@ class _Handoff:
     stream and read on the side one, is held until the copy is known to be done, so its memory cannot
     be handed out again meanwhile. None: queued in line on the current stream.
     pinned: the page-locked buffer the frames land in on CUDA (None elsewhere: they are on the host).
+    split_first: frame 0 is decoded and copied first and handed over on its own (a part of its own
+    that can be waited for before the rest of the decode).
     """
 
     def __init__(self, codec: LatentCodec, latents: torch.Tensor, keep: int, side: torch.cuda.Stream | None,
-                 pinned: torch.Tensor | None, denoise: _Marks, fields: dict) -> None:
+                 pinned: torch.Tensor | None, denoise: _Marks, fields: dict, split_first: bool = False) -> None:
         self.latents, self.denoise, self.fields = latents, denoise, fields
-        self.copied: torch.cuda.Event | None = None
         device = latents.device
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
+        # parts: (first frame index in the chunk, frames, copy-done event or None); the decode marks
+        # after each part time them.
+        self.parts: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             self.decode = _Marks(device)
-            frames = to_uint8_frames(codec.decode(latents))[0, :keep]
-            self.decode.mark()
-            if pinned is not None:
-                frames = pinned[:keep].copy_(frames, non_blocking=True)
-                self.copied = torch.cuda.Event()
-                self.copied.record(torch.cuda.current_stream(device))
-        self.frames = frames
+            decoded = codec.decode_parts(latents) if split_first and keep > 1 else iter([codec.decode(latents)])
+            start = 0
+            for part in decoded:
+                frames = to_uint8_frames(part)[0, :keep - start]
+                self.decode.mark()
+                copied = None
+                if pinned is not None:
+                    frames = pinned[start:start + frames.shape[0]].copy_(frames, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(torch.cuda.current_stream(device))
+                self.parts.append((start, frames, copied))
+                start += frames.shape[0]
 
     def wait(self) -> None:
         """Block until the frames are on the host (the one wait for the device per chunk)."""
-        if self.copied is not None:
-            self.copied.synchronize()
+        for _, _, copied in self.parts:
+            if copied is not None:
+                copied.synchronize()
 
-    def chunk(self, since: float) -> Chunk:
-        self.wait()
-        frames = self.frames
-        if self.copied is not None:  # out of the pinned buffer, which a later chunk reuses
-            frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)
-        return Chunk(frames=frames, seconds=time.perf_counter() - since, denoise_seconds=self.denoise.intervals()[0],
-                     decode_seconds=self.decode.intervals()[0], **self.fields)
+    def chunks(self, since: float) -> Iterator[Chunk]:
+        """The chunk's frames, each part as soon as it is on the host; `since` for the first part's seconds."""
+        for n, (start, frames, copied) in enumerate(self.parts):
+            if copied is not None:
+                copied.synchronize()  # its decode mark, queued before the copy, is done too
+                frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)  # the buffer is reused
+            fields = {**self.fields, "first_frame": self.fields["first_frame"] + start}
+            yield Chunk(frames=frames, seconds=time.perf_counter() - since,
+                        denoise_seconds=self.denoise.interval(0), decode_seconds=self.decode.interval(n),
+                        complete=n == len(self.parts) - 1, **fields)
+            since = time.perf_counter()
 
 
 def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) -> torch.Tensor:

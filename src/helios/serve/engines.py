@@ -85,7 +85,7 @@ def stream_job(pipe, request: JobRequest, prompt: LivePrompt, on_step: OnStep) -
     on every rank of an engine group."""
     return pipe.stream(prompt, num_frames=request.frames, height=request.height, width=request.width,
                        settings=request.preset, steps=request.steps, guidance_scale=request.guidance,
-                       amplify_first_chunk=False if request.fast_start else None,
+                       amplify_first_chunk=False if request.fast_start else None, first_frame_early=request.fast_start,
                        seed=request.seed, negative_prompt=request.negative, on_step=on_step,
                        **request.engine_inputs())
 

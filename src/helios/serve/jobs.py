@@ -175,7 +175,7 @@ class Job:
 
     def _chunk_done(self, chunk, seconds: float) -> None:
         with self._lock:
-            self.chunks_done += 1
+            self.chunks_done += int(chunk.complete)  # a chunk's early first frame is not the chunk
             self.frames_done += int(chunk.frames.shape[0])
             self.gen_seconds += seconds
             self.last_prompt = chunk.prompt

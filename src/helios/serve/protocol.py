@@ -9,7 +9,8 @@ WebSocket /ws, client -> server (JSON text messages):
 server -> client:
     JSON {"type": "accepted", "job", "client", ...}     the job is queued
     JSON {"type": "status", ...job status...}            state, progress, queue position (on every change)
-    JSON {"type": "chunk", "index", "first_frame", "frames", "prompt", "total_chunks", "seconds"}
+    JSON {"type": "chunk", "index", "first_frame", "frames", "prompt", "total_chunks", "seconds", "complete"}
+        complete: false for a chunk's frame 0 sent on its own (fast_start); the chunk's other frames follow
     binary, `frames` times: FRAME_HEADER (magic b"HLF1", chunk index, frame index in the video) + one JPEG
     JSON {"type": "steered", "prompt", "from_chunk"}
     JSON {"type": "end", "state": "done" | "stopped" | "cancelled" | "failed", "error", "video", ...}

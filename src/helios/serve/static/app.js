@@ -125,7 +125,7 @@ function onJson(m) {
     case "status": status(m); break;
     case "chunk":
       S.chunkPrompts[m.index] = m.prompt;
-      log(`chunk ${m.index + 1}/${m.total_chunks} decoded in ${m.seconds.toFixed(2)} s: "${m.prompt}"`);
+      log(`${m.complete ? "chunk" : "first frame of chunk"} ${m.index + 1}/${m.total_chunks} decoded in ${m.seconds.toFixed(2)} s: "${m.prompt}"`);
       break;
     case "steered": log(`prompt "${m.prompt}" applies from chunk ${m.from_chunk + 1}`); break;
     case "end":
