@@ -47,3 +47,22 @@ def test_the_first_frame_can_be_handed_over_before_the_rest_of_its_chunk():
     assert torch.equal(torch.cat([c.frames for c in whole]), torch.cat([c.frames for c in split]))
     assert all(c.decode_seconds > 0 and c.denoise_seconds > 0 for c in split)
     assert split[0].denoise_seconds == split[1].denoise_seconds  # one chunk's sampling, told twice
+
+
+def test_decode_seconds_time_the_decode():
+    # The hand-over times the VAE decode between its marks: a decode made slower by 0.2 s must show it.
+    import time
+
+    pipe = helios.load_pipeline(default_model())
+    decode = pipe.codec.decode
+
+    def slow(latents):
+        time.sleep(0.2)
+        return decode(latents)
+
+    pipe.codec.decode = slow
+    try:
+        (chunk,) = pipe.stream("two red circles bouncing", num_frames=33, seed=4, steps=1)
+    finally:
+        del pipe.codec.decode
+    assert chunk.decode_seconds >= 0.2

@@ -428,42 +428,55 @@ class _Handoff:
                  pinned: torch.Tensor | None, denoise: _Marks, fields: dict, split_first: bool = False) -> None:
         self.latents, self.denoise, self.fields = latents, denoise, fields
         device = latents.device
+        split = split_first and keep > 1
+        self.count = 2 if split else 1
+        # Lazily, both: the decode must run after the first decode mark (and, on CUDA, on the side stream).
+        decoded = codec.decode_parts(latents) if split else (codec.decode(latents) for _ in range(1))
+        # parts: (first frame index in the chunk, frames, copy-done event or None), each timed by the decode
+        # marks around it. On CUDA they are queued now (the host does not wait); on the host each part is
+        # decoded only as it is handed over, so that frame 0 can go out before the rest is decoded.
+        self.parts: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self._lazy: Iterator | None = None
+        if pinned is None:
+            self.decode = _Marks(device)
+            self._lazy = self._parts(decoded, keep, None, device)
+            return
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        # parts: (first frame index in the chunk, frames, copy-done event or None); the decode marks
-        # after each part time them.
-        self.parts: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             self.decode = _Marks(device)
-            decoded = codec.decode_parts(latents) if split_first and keep > 1 else iter([codec.decode(latents)])
-            start = 0
-            for part in decoded:
-                frames = to_uint8_frames(part)[0, :keep - start]
-                self.decode.mark()
-                copied = None
-                if pinned is not None:
-                    frames = pinned[start:start + frames.shape[0]].copy_(frames, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(torch.cuda.current_stream(device))
-                self.parts.append((start, frames, copied))
-                start += frames.shape[0]
+            self.parts = list(self._parts(decoded, keep, pinned, device))
+
+    def _parts(self, decoded: Iterator[torch.Tensor], keep: int, pinned: torch.Tensor | None,
+               device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.cuda.Event | None]]:
+        start = 0
+        for part in decoded:
+            frames = to_uint8_frames(part)[0, :keep - start]
+            self.decode.mark()
+            copied = None
+            if pinned is not None:
+                frames = pinned[start:start + frames.shape[0]].copy_(frames, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(torch.cuda.current_stream(device))
+            yield start, frames, copied
+            start += frames.shape[0]
 
     def wait(self) -> None:
-        """Block until the frames are on the host (the one wait for the device per chunk)."""
+        """Block until the queued frames are on the host (the one wait for the device per chunk)."""
         for _, _, copied in self.parts:
             if copied is not None:
                 copied.synchronize()
 
     def chunks(self, since: float) -> Iterator[Chunk]:
         """The chunk's frames, each part as soon as it is on the host; `since` for the first part's seconds."""
-        for n, (start, frames, copied) in enumerate(self.parts):
+        for n, (start, frames, copied) in enumerate(self._lazy if self._lazy is not None else self.parts):
             if copied is not None:
                 copied.synchronize()  # its decode mark, queued before the copy, is done too
                 frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)  # the buffer is reused
             fields = {**self.fields, "first_frame": self.fields["first_frame"] + start}
             yield Chunk(frames=frames, seconds=time.perf_counter() - since,
                         denoise_seconds=self.denoise.interval(0), decode_seconds=self.decode.interval(n),
-                        complete=n == len(self.parts) - 1, **fields)
+                        complete=n == self.count - 1, **fields)
             since = time.perf_counter()
 
 
