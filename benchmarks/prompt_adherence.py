@@ -72,8 +72,8 @@ def main() -> None:
     summary = {k: float(np.nanmean([r[k] for r in results])) for k in keys}
     print("mean: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     (args.out / "adherence.json").write_text(json.dumps(
-        {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "fast_start": args.fast_start, "summary": summary,
-         "videos": results}, indent=2))
+        {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "fast_start": args.fast_start,
+         "summary": summary, "videos": results}, indent=2))
     contact_sheet(sheet, args.out / "adherence.png")
 
 

@@ -72,17 +72,24 @@ class LatentCodec:
         z = self.vae.encode(video.to(self.device, self.dtype)).latent_dist.sample(generator=generator)
         return (z - mean) * inv_std
 
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the VAE's own, in its dtype."""
+        mean, inv_std = self._stats()
+        return latents.to(self.dtype) / inv_std + mean
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> frames (B, 3, T, H, W) in [-1, 1]."""
-        return torch.cat(list(self.decode_parts(latents)), dim=2)
+        z = self._vae_latents(latents)
+        if self.batched_decode_supported():
+            return torch.cat(list(self._decode_pieces(z)), dim=2).clamp(-1.0, 1.0)
+        return self.vae.decode(z, return_dict=False)[0]
 
     @torch.no_grad()
     def decode_parts(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """The same frames in two parts: frame 0, then the others. The causal decoder makes frame 0 first
         and from latent frame 0 alone, so it can be handed over before the rest is decoded."""
-        mean, inv_std = self._stats()
-        z = latents.to(self.dtype) / inv_std + mean
+        z = self._vae_latents(latents)
         if not self.batched_decode_supported():
             frames = self.vae.decode(z, return_dict=False)[0]
             yield frames[:, :, :1]
@@ -125,8 +132,7 @@ class LatentCodec:
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:
         """diffusers' frame-by-frame decode (for tests and benchmarks of the batched one)."""
-        mean, inv_std = self._stats()
-        return self.vae.decode(latents.to(self.dtype) / inv_std + mean, return_dict=False)[0]
+        return self.vae.decode(self._vae_latents(latents), return_dict=False)[0]
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

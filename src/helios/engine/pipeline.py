@@ -403,9 +403,6 @@ class _Marks:
     def mark(self) -> None:
         self.points.append(self._now())
 
-    def intervals(self) -> list[float]:
-        return [self.interval(i) for i in range(len(self.points) - 1)]
-
     def interval(self, i: int) -> float:
         """Seconds from mark i to mark i + 1 (on CUDA both must have been reached)."""
         a, b = self.points[i], self.points[i + 1]

@@ -121,7 +121,8 @@ def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 
     except (InputError, ValueError) as e:
         raise RequestError(str(e)) from None
     return JobRequest(prompt=prompt, frames=frames, height=height, width=width, chunks=plan.chunks,
-                      frames_out=plan.frames, preset=preset, steps=steps, guidance=guidance, fast_start=fast_start, seed=seed,
+                      frames_out=plan.frames, preset=preset, steps=steps, guidance=guidance, fast_start=fast_start,
+                      seed=seed,
                       negative=negative, fps=fps)
 
 
