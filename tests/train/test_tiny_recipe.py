@@ -259,7 +259,7 @@ def test_decoder_only_vae_training_leaves_the_latents_as_they_were():
     assert all(p.requires_grad for p in vae.parameters())  # left trainable, as a normal run leaves it
 
 
-def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch):
+def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch, capsys):
     import sys
 
     from helios.train import tiny
@@ -267,6 +267,7 @@ def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["tiny", "vae", str(tmp_path / "m"), "--decoder-only", "--steps", "1"])
     with pytest.raises(SystemExit):
         tiny.main()
+    assert "--decoder-only trains the decoder of a trained VAE: give it with --init-vae" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 
