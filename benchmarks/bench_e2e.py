@@ -241,6 +241,17 @@ def _num(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
+# Our configurations: the engine's default path with these options.
+OURS = {
+    "ours": dict(fp8=False, compile=True),
+    "ours-no-overlap": dict(fp8=False, compile=True, overlap=False),  # decode after denoising: the overlap's effect
+    "ours-eager": dict(fp8=False, compile=False),
+    "ours-fp8": dict(fp8=True, compile=True),
+    "ours-111": dict(fp8=False, compile=True, steps=(1, 1, 1)),  # the paper's 3-step setting
+    "ours-fp8-111": dict(fp8=True, compile=True, steps=(1, 1, 1), fp8_check=False),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="ours,ours-no-overlap,ours-fp8,reference-eager")
@@ -252,28 +263,16 @@ def main() -> None:
     lin, att = chunk_flops()
     res["chunk_tflop"] = {"matmul": lin / 1e12, "attention": att / 1e12}
     for name in args.configs.split(","):
-        if name == "ours":
-            measure_ours(name, fp8=False, compile=True, res=res)
-        elif name == "ours-no-overlap":  # the same, decode after denoising: the overlap's effect in one run
-            measure_ours(name, fp8=False, compile=True, res=res, overlap=False)
-        elif name == "ours-eager":
-            measure_ours(name, fp8=False, compile=False, res=res)
-        elif name == "ours-fp8":
-            measure_ours(name, fp8=True, compile=True, res=res)
-        elif name == "ours-111":  # the paper's 3-step setting (one step per pyramid stage)
-            measure_ours(name, fp8=False, compile=True, res=res, steps=(1, 1, 1))
-        elif name == "ours-fp8-111":
-            measure_ours(name, fp8=True, compile=True, res=res, steps=(1, 1, 1), fp8_check=False)
-        elif name in ("ours-111-fast-start", "ours-fp8-111-fast-start"):  # first chunk not amplified, its
-            # frame 0 handed over before the rest is decoded
-            measure_ours(name, fp8="fp8" in name, compile=True, res=res, steps=(1, 1, 1), fp8_check=False,
-                         fast_start=True)
+        base, fast_start = (name[:-len("-fast-start")], True) if name.endswith("-fast-start") else (name, False)
+        if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest
+            measure_ours(name, res=res, fast_start=fast_start, **OURS[base])
         elif name == "reference-eager":
             measure_reference(name, compile=False, res=res)
         elif name == "reference-compiled":
             measure_reference(name, compile=True, res=res)
         else:
-            raise SystemExit(f"unknown config {name}")
+            raise SystemExit(f"unknown config {name} (ours: {', '.join(OURS)}, each also with -fast-start; "
+                             "reference-eager, reference-compiled)")
         Path(args.out).write_text(json.dumps(res, indent=2))
     append_results(res, Path(args.results_md))
     print(json.dumps(res, indent=1))

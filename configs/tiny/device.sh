@@ -65,7 +65,7 @@ continue)  # as mid, with stage 1 starting from a trained base bundle (FROM, e.g
     CACHE_FROM="$FROM" bash configs/tiny/train.sh cache || exit 1
     S1_OVERRIDES="model.init_from=$FROM ${S1_OVERRIDES:-}" \
         run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
-    adherence continue-g3 "$R/helios-tiny-mid" --guidance 3; adherence continue "$R/helios-tiny-mid"
+    adherence continue-g3 "$R/helios-tiny-mid" --guidance 3; adherence continue-g2 "$R/helios-tiny-mid" --guidance 2
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
 all)  # everything in one call, each training stage on what the call has left
     bash configs/tiny/train.sh vae cache || exit 1
@@ -81,7 +81,7 @@ more)  # on a machine still warm from a `mid` (or `more`) call, whose runs/ is s
     rm -rf "$R/stage2"
     S1_OVERRIDES="checkpointing.resume=latest ${S1_OVERRIDES:-}" \
         run_stage S1_SECONDS "${S1_SECONDS:-600}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
-    adherence more-g3 "$R/helios-tiny-mid" --guidance 3; adherence more "$R/helios-tiny-mid"
+    adherence more-g3 "$R/helios-tiny-mid" --guidance 3; adherence more-g2 "$R/helios-tiny-mid" --guidance 2
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
 plain)  # the drift study's second model, from runs/tiny/helios-tiny-base: the same init (its VAE, no more VAE
         # steps), cache and stage-1 steps (S1_STEPS: the anti-drift run's, from its log) with Easy

@@ -8,7 +8,9 @@
 # helios-tiny-mid/, helios-tiny-distilled/ (the last is what ships).
 # Budgets are wall-clock seconds per step (env: VAE_SECONDS (and VAE_STEPS, VAE_OBJECT_WEIGHT: the weight of
 # object pixels in the VAE's loss, VAE_DECODER_ONLY=1: train only VAE_FROM's decoder), S1_SECONDS, S2_SECONDS, S3O_SECONDS,
-# S3_SECONDS), the number of training videos (VIDEOS) and of teacher captions (ODE_CAPTIONS), the text
+# S3_SECONDS), the number of training videos (VIDEOS) and of teacher captions (ODE_CAPTIONS), the teacher's
+# guidance in stage 3 (ODE_GUIDANCE: the CFG scale of the ODE pairs, default 5; DMD_GUIDANCE: the real score's
+# distill.real_guidance_scale, default 3, i.e. CFG 4), the text
 # encoder's pretraining steps (TEXT_STEPS, 0: a random encoder); the defaults are what made the shipped bundle on one H100.
 # Extra `key=value` config overrides for every transformer stage go in OVERRIDES (e.g. a CPU smoke run:
 # OVERRIDES="batch.per_gpu=2"), for stage 1 alone in S1_OVERRIDES. RUNS moves everything from runs/tiny
@@ -22,7 +24,8 @@ dmd() {  # dmd OUTPUT_DIR [OVERRIDES...]: stage 3, phase dmd, from the ode phase
     local out=$1; shift
     python3 -c "$T" configs/tiny/stage3.yaml max_seconds="${S3_SECONDS:-240}" output_dir="$out" \
         model.init_from="$R/stage3-ode/model" model.real_score_from="$R/helios-tiny-mid" \
-        model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" "$@" "${EXTRA[@]}"
+        model.components_from="$R/helios-tiny-mid" data.cache_dir="$R/cache" \
+        ${DMD_GUIDANCE:+distill.real_guidance_scale=$DMD_GUIDANCE} "$@" "${EXTRA[@]}"
 }
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(vae cache stage1 stage2 bundle2 ode stage3 bundle3)
@@ -53,7 +56,7 @@ for step in "${STEPS[@]}"; do
         python3 -m helios.train.tiny bundle "$R/stage2/model" "$R/helios-tiny-mid" --kind mid ;;
     ode)  # stage 3, phase ode: the teacher's (mid bundle's) trajectories, then regression on them
         O=(output_dir="$R/stage3-ode" model.init_from="$R/helios-tiny-mid" data.cache_dir="$R/cache"
-           distill.ode.data="$R/ode-pairs")
+           distill.ode.data="$R/ode-pairs" ${ODE_GUIDANCE:+distill.ode.teacher.guidance_scale=$ODE_GUIDANCE})
         python3 -m helios.train.ode configs/tiny/stage3-ode.yaml --limit "${ODE_CAPTIONS:-40}" "${O[@]/#/--set=}"
         python3 -c "$T" configs/tiny/stage3-ode.yaml max_seconds="${S3O_SECONDS:-60}" "${O[@]}" "${EXTRA[@]}" ;;
     stage3)  # stage 3, phase dmd, from the ode phase's export
