@@ -2,7 +2,7 @@
 # The calls on the lent GPU that train the shipped bundle (each must end inside a 10-minute call; carry the
 # wheels without PyAV: nothing here writes an mp4, and the tree with them would pass the 64 MiB limit):
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
-#   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid: stage 3 (ode, dmd), then the
+#   [MID_FROM=MID] bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid (or MID): stage 3 (ode, dmd), then the
 #                                                  # speed of the distilled and mid bundles on the GPU
 #   bash configs/tiny/device.sh OUT_DIR more       # right after mid, on the still-warm machine: more stage 1, stage 2 again
 #   bash configs/tiny/device.sh OUT_DIR plain      # from runs/tiny/helios-tiny-base: stage 1 without anti-drifting
@@ -99,7 +99,13 @@ decoder)  # the decoder of VAE_FROM (default: the shipped VAE) trained with its 
         rm -rf "$R/helios-tiny-decoder/vae" && cp -r "$R/init/vae" "$R/helios-tiny-decoder/vae" || exit 1
     adherence shipped src/helios/assets/helios-tiny; adherence decoder "$R/helios-tiny-decoder"
     pack decoder "$R/init/vae" "$R/init/vae_train_log.json" "$R/logs" ;;
-distilled)  # from runs/tiny/helios-tiny-mid: stage 3 (ode pairs, ode, dmd), then the GPU speed of both
+distilled)  # from runs/tiny/helios-tiny-mid (or MID_FROM, a kept mid bundle, copied there first: no earlier call
+            # needed): stage 3 (ode pairs, ode, dmd), then the GPU speed of both
+    if [ -n "${MID_FROM:-}" ]; then
+        rm -rf "$R/helios-tiny-mid" && cp -r "$MID_FROM" "$R/helios-tiny-mid" || exit 1
+    fi
+    [ -f "$R/helios-tiny-mid/model_index.json" ] || {
+        echo "no mid bundle in $R/helios-tiny-mid: run part mid first, or give MID_FROM" >&2; exit 2; }
     CACHE_FROM="$R/helios-tiny-mid" bash configs/tiny/train.sh cache ode || exit 1
     run_stage S3_SECONDS "${S3_SECONDS:-240}" $(( ${SPEED_SECONDS:-90} + 40 + ADH / 2 )) stage3 bundle3
     adherence distilled "$R/helios-tiny-distilled"

@@ -271,16 +271,23 @@ def test_decoder_only_needs_a_trained_vae(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "m").exists()
 
 
-def test_a_base_bundle_carries_its_sampling_and_a_pyramid_bundle_does_not(tiny_model, tmp_path):
-    # `tiny bundle --kind base` writes BASE_SAMPLING (the official base preset's CFG 5 oversaturates the
-    # small model); a mid or distilled bundle made from that base must not inherit it.
+def test_base_and_mid_bundles_carry_their_own_sampling_and_a_distilled_one_none(tiny_model, tmp_path):
+    # `tiny bundle --kind base` writes BASE_SAMPLING and `--kind mid` MID_SAMPLING (the official presets'
+    # CFG 5 oversaturates the small model); none is inherited from the folder bundled.
     import helios
-    from helios.train.tiny import BASE_SAMPLING, bundle
+    from helios.sampling.sampler import preset
+    from helios.train.tiny import BASE_SAMPLING, MID_SAMPLING, bundle
 
     base = bundle(tiny_model, tmp_path / "base", kind="base")
     assert json.loads((base / "model_index.json").read_text())["helios_default_sampling"] == BASE_SAMPLING
     s = helios.load_pipeline(base).resolve_settings(None)
     assert (s.pyramid_steps, s.steps, s.guidance_scale) == (None, BASE_SAMPLING["steps"], BASE_SAMPLING["guidance_scale"])
     mid = bundle(base, tmp_path / "mid", kind="mid")
-    assert "helios_default_sampling" not in json.loads((mid / "model_index.json").read_text())
-    assert helios.load_pipeline(mid).resolve_settings(None).guidance_scale == 5.0  # the official mid preset
+    assert json.loads((mid / "model_index.json").read_text())["helios_default_sampling"] == MID_SAMPLING
+    s = helios.load_pipeline(mid).resolve_settings(None)
+    assert s.guidance_scale == MID_SAMPLING["guidance_scale"] != 5.0  # not the official mid preset's CFG 5
+    assert s.pyramid_steps == preset("mid").pyramid_steps  # its steps stay the preset's
+    distilled = bundle(mid, tmp_path / "distilled", kind="distilled")
+    assert "helios_default_sampling" not in json.loads((distilled / "model_index.json").read_text())
+    distilled_settings = helios.load_pipeline(distilled).resolve_settings(None)
+    assert distilled_settings.guidance_scale == preset("distilled").guidance_scale
