@@ -2,8 +2,8 @@
 # The calls on the lent GPU that train the shipped bundle (each must end inside a 10-minute call; carry the
 # wheels without PyAV: nothing here writes an mp4, and the tree with them would pass the 64 MiB limit):
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
-#   [MID_FROM=MID] bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid (or MID): stage 3 (ode, dmd), then the
-#                                                  # speed of the distilled and mid bundles on the GPU
+#   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid (or MID_FROM): stage 3 (ode,
+#                                                  # dmd), then the speed of the distilled and mid bundles on the GPU
 #   bash configs/tiny/device.sh OUT_DIR more       # right after mid, on the still-warm machine: more stage 1, stage 2 again
 #   bash configs/tiny/device.sh OUT_DIR plain      # from runs/tiny/helios-tiny-base: stage 1 without anti-drifting
 #   bash configs/tiny/device.sh OUT_DIR all        # mid and distilled, with short budgets, after a trained VAE

@@ -131,7 +131,8 @@ def test_an_early_first_frame_under_overlap_gives_the_same_frames(pipe):
     seq, _ = run(pipe, overlap_decode=False)
     split = list(pipe.stream(PROMPT, num_frames=FRAMES, seed=7, overlap_decode=True, first_frame_early=True))
     # chunk 0 in two parts (frame 0, then its other 32), the later chunks as the sequential loop gave them
-    expected = [(0, 0, 1, False), (0, 1, 32, True)] + [(c.index, c.first_frame, c.frames.shape[0], True) for c in seq[1:]]
+    expected = [(0, 0, 1, False), (0, 1, 32, True)]
+    expected += [(c.index, c.first_frame, c.frames.shape[0], True) for c in seq[1:]]
     assert seq[0].frames.shape[0] == 33 and len(seq) == 3
     assert [(c.index, c.first_frame, c.frames.shape[0], c.complete) for c in split] == expected
     assert torch.equal(torch.cat([c.frames for c in split]), torch.cat([c.frames for c in seq]))
