@@ -10,7 +10,7 @@
 # object pixels in the VAE's loss, VAE_DECODER_ONLY=1: train only VAE_FROM's decoder), S1_SECONDS, S2_SECONDS, S3O_SECONDS,
 # S3_SECONDS), the number of training videos (VIDEOS) and of teacher captions (ODE_CAPTIONS), the teacher's
 # guidance in stage 3 (ODE_GUIDANCE: the CFG scale of the ODE pairs; DMD_GUIDANCE: the real score's
-# distill.real_guidance_scale; defaults in stage3-ode.yaml and stage3.yaml: CFG 2 for both), the text
+# distill.real_guidance_scale; defaults in stage3-ode.yaml and stage3.yaml: CFG 1.5 for both), the text
 # encoder's pretraining steps (TEXT_STEPS, 0: a random encoder); the defaults are what made the shipped bundle on one H100.
 # Extra `key=value` config overrides for every transformer stage go in OVERRIDES (e.g. a CPU smoke run:
 # OVERRIDES="batch.per_gpu=2"), for stage 1 alone in S1_OVERRIDES. RUNS moves everything from runs/tiny

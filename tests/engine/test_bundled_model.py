@@ -15,8 +15,11 @@ def test_bundle_is_a_complete_base_model_folder_within_30_mb():
     folder = default_model()
     index = json.loads((folder / "model_index.json").read_text())
     assert index["is_distilled"] is False and index["_class_name"] == "HeliosPipeline"
-    # Its own sampling, not the official base preset's CFG 5 (docs/tiny-model.md, "Run 10").
-    assert index["helios_default_sampling"] == {"steps": 20, "guidance_scale": 2.0}
+    # Its own sampling, not the official base preset's CFG 5 (docs/tiny-model.md, "Run 10" and "Bundle default
+    # CFG 1.5"), and the one `tiny bundle --kind base` writes.
+    from helios.train.tiny import BASE_SAMPLING
+
+    assert index["helios_default_sampling"] == BASE_SAMPLING == {"steps": 20, "guidance_scale": 1.5}
     for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (folder / part).is_dir(), part
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -61,11 +64,12 @@ def test_fast_start_reaches_the_engine(tmp_path):
 
 
 def test_bundle_draws_the_captioned_colours_on_held_out_captions():
-    """One chunk per held-out caption (seed 0), scored against its caption by helios.eval: run 10's base
-    model (20 steps, CFG 2) paints the right background in 88% of these frames, blobs of the captioned
-    object colours in 81% of (frame, object) pairs, the captioned counts in 28% of frames; run 9's
-    distilled model, shipped before it, 88%, 33% and 5%; run 7's 50%, 0% and 0% (docs/tiny-model.md).
-    The bounds sit below run 10 and above run 9: a bundle that stops drawing its objects fails."""
+    """One chunk per held-out caption (seed 0), scored against its caption by helios.eval: run 11's base
+    model at its default (20 steps, CFG 1.5) paints the right background in 99% of these frames, blobs of
+    the captioned object colours in 89% of (frame, object) pairs, the captioned counts in 30% of frames
+    (at CFG 2: 88%, 87%, 28%); run 10's at CFG 2 88%, 81%, 28%; run 9's distilled model 88%, 33% and 5%;
+    run 7's 50%, 0% and 0% (docs/tiny-model.md). The bounds sit below run 10 and above run 9: a bundle
+    that stops drawing its objects fails."""
     import helios
     from helios.eval.metrics import as_uint8_numpy, caption_adherence
     from helios.train.tiny import held_out_captions
