@@ -4,9 +4,10 @@ Both sides get the same work: the default 14B transformer with random bf16 weigh
 the default Wan VAE (random weights), random prompt embeddings of the real shape (1, 512, 4096),
 384x640, pyramid 2/2/2 with the DMD scheduler, no CFG, amplified first chunk (the official script).
 Ours runs its default optimized engine path (`pipe.optimize()`, as `helios generate` on CUDA: compiled
-blocks, and each chunk's VAE decode overlapped with the next chunk's denoising; then
-`HeliosVideoPipeline.stream`, frames handed over as uint8 on the host); `ours-no-overlap` is the same
-with the decode after the denoising, for the overlap's effect in one run. The reference runs
+blocks, each forward replayed as a CUDA graph, and each chunk's VAE decode overlapped with the next
+chunk's denoising; then `HeliosVideoPipeline.stream`, frames handed over as uint8 on the host);
+`ours-no-overlap` is the same with the decode after the denoising and `ours-no-graphs` the same with
+the forwards launched kernel by kernel, for each one's effect in one run. The reference runs
 `HeliosPyramidPipeline` with tensor output.
 
 Seconds per chunk = (time for 165 frames - time for 33 frames) / 4, after warm-up (as in
@@ -65,7 +66,7 @@ class FixedPrompt:
         return self.emb.to(dtype) if dtype else self.emb
 
 
-def build_ours(fp8: bool, compile: bool, overlap: bool = True):
+def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True):
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
 
     from helios.engine.components import Components
@@ -81,7 +82,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True):
              **HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config}
     comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
     pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
-    return pipe.optimize(compile=compile, fp8=fp8, overlap_decode=overlap)
+    return pipe.optimize(compile=compile, fp8=fp8, overlap_decode=overlap, cuda_graphs=graphs)
 
 
 def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS, fast_start: bool = False):
@@ -97,24 +98,29 @@ def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS, fast_start: bool = F
     return time.perf_counter() - t0, first, chunks
 
 
+VIDEOS: dict[str, tuple[tuple, torch.Tensor]] = {}  # config -> (sampling, its 33 frames), for frames_vs
+
+
 def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
-                 overlap: bool = True, fast_start: bool = False) -> None:
+                 overlap: bool = True, graphs: bool = True, fast_start: bool = False) -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = build_ours(fp8, compile, overlap)
+    pipe = build_ours(fp8, compile, overlap, graphs)
     sync()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_ours(pipe, 66, steps=steps, fast_start=fast_start)  # compiles every stage size
     sync()
     warmup_s = time.perf_counter() - t0
-    t33, first, _ = run_ours(pipe, 33, steps=steps, fast_start=fast_start)
+    t33, first, parts33 = run_ours(pipe, 33, steps=steps, fast_start=fast_start)
     t165, _, parts = run_ours(pipe, 165, steps=steps, fast_start=fast_start)
     chunks = [c for c in parts if c.complete]  # (fast start hands chunk 0's frame 0 over on its own)
     steady = chunks[1:]
     per_chunk = (t165 - t33) / 4
     out = {
         "steps": list(steps), "fast_start": fast_start, "overlap_decode": overlap, "build_s": build_s,
+        "cuda_graphs": len(pipe.graphs.graphs) if pipe.graphs else 0,  # graphs captured (0: graphs off)
+        "graph_failures": dict(pipe.graphs.failed) if pipe.graphs else {},
         "warmup_s": warmup_s,
         "s_per_chunk": per_chunk, "fps": 33 / per_chunk,
         "first_frame_s": first, "t33_s": t33, "t165_s": t165,
@@ -128,6 +134,14 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
     z = torch.randn(1, 16, 9, HEIGHT // 8, WIDTH // 8, device="cuda")
     out["decode_batched_s"] = timed(lambda: pipe.codec.decode(z))
     out["decode_framewise_s"] = timed(lambda: pipe.codec.decode_reference(z))
+    # The same 33 frames (same weights, same seed) as each earlier config of the same sampling: what an
+    # option changes in the output (CUDA graphs and the overlap should change nothing).
+    video = torch.cat([c.frames for c in parts33])
+    same = (tuple(steps), fp8, fast_start)
+    out["frames_vs"] = {other: {"max_abs": (video.float() - v.float()).abs().max().item(),
+                                "mean_abs": (video.float() - v.float()).abs().mean().item()}
+                        for other, (k, v) in VIDEOS.items() if k == same}
+    VIDEOS[name] = (same, video)
     res[name] = out
     print(name, json.dumps(out), flush=True)
     if fp8 and fp8_check:
@@ -218,23 +232,30 @@ def measure_reference(name: str, compile: bool, res: dict) -> None:
 
 
 def append_results(res: dict, path: Path) -> None:
-    new = not path.exists()
-    with path.open("a") as f:
-        if new:
-            f.write("# Benchmark results\n\nEnd-to-end 14B Helios-Distilled at 384x640, pyramid 2/2/2, no CFG, "
-                    "amplified first chunk; s/chunk = (t(165 frames) - t(33 frames)) / 4 after warm-up. "
-                    "Written by benchmarks/bench_e2e.py.\n\n"
-                    "| date | GPU | torch | config | s/chunk | frames/s | denoise s | decode s | first frame s "
-                    "| warm-up s | peak GB | transformer floor s (% of chunk) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        for name, r in res.items():
-            if not isinstance(r, dict) or "s_per_chunk" not in r:
-                continue
-            lin, att = chunk_flops(steps=tuple(r.get("steps", STEPS)))
-            fl = lin / ((1382.0 if "fp8" in name else MATMUL_TFLOPS) * 1e12) + att / (ATTN_TFLOPS * 1e12)
-            f.write(f"| {res['date']} | {res['gpu']} | {res['torch']} | {name} | {r['s_per_chunk']:.3f} | "
+    """Add a row per measured config at the end of the file's first table (other tables follow it)."""
+    rows = []
+    for name, r in res.items():
+        if not isinstance(r, dict) or "s_per_chunk" not in r:
+            continue
+        lin, att = chunk_flops(steps=tuple(r.get("steps", STEPS)))
+        fl = lin / ((1382.0 if "fp8" in name else MATMUL_TFLOPS) * 1e12) + att / (ATTN_TFLOPS * 1e12)
+        rows.append(f"| {res['date']} | {res['gpu']} | {res['torch']} | {name} | {r['s_per_chunk']:.3f} | "
                     f"{r['fps']:.2f} | {_num(r.get('denoise_s'))} | {_num(r.get('decode_s', r.get('vae_decode_s')))} | "
                     f"{_num(r.get('first_frame_s'), 2)} | {r['warmup_s']:.0f} | {r['peak_gb']:.1f} | "
-                    f"{fl:.3f} ({100 * fl / r['s_per_chunk']:.0f}%) |\n")
+                    f"{fl:.3f} ({100 * fl / r['s_per_chunk']:.0f}%) |")
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nEnd-to-end 14B Helios-Distilled at 384x640, pyramid 2/2/2, no CFG, "
+                        "amplified first chunk; s/chunk = (t(165 frames) - t(33 frames)) / 4 after warm-up. "
+                        "Written by benchmarks/bench_e2e.py.\n\n"
+                        "| date | GPU | torch | config | s/chunk | frames/s | denoise s | decode s | first frame s "
+                        "| warm-up s | peak GB | transformer floor s (% of chunk) |\n"
+                        "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = path.read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    last = table[0]
+    while last + 1 < len(lines) and lines[last + 1].startswith("|"):
+        last += 1
+    path.write_text("\n".join(lines[:last + 1] + rows + lines[last + 1:]) + "\n")
 
 
 def _num(v, digits: int = 3) -> str:
@@ -245,6 +266,8 @@ def _num(v, digits: int = 3) -> str:
 OURS = {
     "ours": dict(fp8=False, compile=True),
     "ours-no-overlap": dict(fp8=False, compile=True, overlap=False),  # decode after denoising: the overlap's effect
+    "ours-no-graphs": dict(fp8=False, compile=True, graphs=False),  # forwards launched kernel by kernel
+    "ours-111-no-graphs": dict(fp8=False, compile=True, steps=(1, 1, 1), graphs=False),
     "ours-eager": dict(fp8=False, compile=False),
     "ours-fp8": dict(fp8=True, compile=True),
     "ours-111": dict(fp8=False, compile=True, steps=(1, 1, 1)),  # the paper's 3-step setting

@@ -65,6 +65,10 @@ def test_batched_vae_decode_equals_framewise_decode():
     framewise = codec.decode_reference(z)
     assert batched.shape == framewise.shape == (1, 3, 33, 32, 48)
     assert torch.allclose(batched, framewise, atol=1e-5)
+    # A channels-last VAE (optimize() on CUDA) decodes the same frames; the CPU's float32 convolutions agree.
+    last = codec.channels_last_().decode(z)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in vae.parameters() if p.dim() == 5)
+    assert torch.allclose(last, batched, atol=1e-5)
 
 
 def test_compiled_block_equals_eager_on_cpu(request):

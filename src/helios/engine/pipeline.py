@@ -29,6 +29,7 @@ from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, imag
 from helios.engine.history import HistoryBuffer, HistoryLayout
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
+from helios.model.graphs import GraphedForward
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
 from helios.sampling.schedulers import load_scheduler
@@ -142,16 +143,24 @@ class HeliosVideoPipeline:
         self.default_preset = default_preset(components)
         self.fp8 = False
         self.overlap_decode = False  # stream's default; optimize() turns it on
+        self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
-                 overlap_decode: bool = True) -> "HeliosVideoPipeline":
+                 overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
-        and on CUDA each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
+        and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; model.graphs),
+        a channels-last VAE (LatentCodec.channels_last_) and each chunk's VAE decode overlapped with
+        the next chunk's denoising (see `stream`).
 
-        Compilation happens lazily on the first chunk (one graph per pyramid stage size).
+        Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
         self.overlap_decode = overlap_decode
+        if self.device.type == "cuda":
+            if cuda_graphs:
+                self.graphs = GraphedForward(self.model)
+            if self.codec.device.type == "cuda":
+                self.codec.channels_last_()
         if fuse:
             self.model.fuse_projections_()
         if fp8:
@@ -352,16 +361,22 @@ class HeliosVideoPipeline:
         model = self.model
         layouts: dict[tuple[int, ...], object] = {}
         kwargs = {**history, **indices}
+        # Context-parallel forwards run collectives between ranks: those stay out of graphs.
+        graphs = self.graphs if model.context_parallel is None else None
+
+        def forward(x: torch.Tensor, t: torch.Tensor, ctx: TextContext, slot: int) -> torch.Tensor:
+            layout = layouts[tuple(x.shape)]
+            if graphs is not None:
+                return graphs(x, t, ctx, layout, kwargs, slot=slot)
+            return model(x, t, ctx, layout=layout, **kwargs).sample
 
         def predict(x: torch.Tensor, t: torch.Tensor, with_uncond: bool):
             key = tuple(x.shape)
             if key not in layouts:
                 layouts[key] = model.layout_for(key, **kwargs)
             xin = x.to(model.dtype)
-            cond = model(xin, t, text, layout=layouts[key], **kwargs).sample
-            if not with_uncond:
-                return cond, None
-            return cond, model(xin, t, uncond, layout=layouts[key], **kwargs).sample
+            cond = forward(xin, t, text, 0)
+            return cond, (forward(xin, t, uncond, 1) if with_uncond else None)
 
         return predict
 
@@ -496,13 +511,13 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
                   fp8: bool = False) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
 
-    optimize: the fast path (fused projections, compiled blocks, decode overlapped with denoising);
-    default on for CUDA, off elsewhere.
+    optimize: the fast path (fused projections, compiled blocks, CUDA graphs, decode overlapped with
+    denoising); default on for CUDA, off elsewhere.
     fp8: FP8 matmuls in the transformer blocks (CUDA, Hopper or newer).
     """
     pipe = HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))
     if optimize is None:
         optimize = torch.device(device).type == "cuda"
     if optimize or fp8:
-        pipe.optimize(compile=optimize, fp8=fp8)
+        pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize)
     return pipe

@@ -13,8 +13,9 @@ and LoRA target names carry over.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,6 +57,8 @@ class TextContext:
     """Per-layer cross-attention keys/values of one prompt batch: computed once, reused every step."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    # Unique per context: a graphed forward (model.graphs) copies the K/V into its buffers only when it changes.
+    serial: int = field(default_factory=itertools.count().__next__)
 
 
 # ----------------------------------------------------------------------------------------------
