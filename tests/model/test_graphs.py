@@ -83,6 +83,14 @@ def test_a_stale_input_would_show(folders):
     assert first.shape == fresh.shape
 
 
+def test_shapes_past_the_graph_limit_run_without_a_graph(folders):
+    pipe = helios.load_pipeline(folders["distilled"])
+    plain = frames(pipe, "a red fox running through snow", size=64)
+    pipe.graphs = GraphedForward(pipe.model, replay="host", max_graphs=1)
+    graphed = frames(pipe, "a red fox running through snow", size=64)
+    assert len(pipe.graphs.graphs) == 1 and torch.equal(graphed, plain)  # stages 1 and 2 ran plain
+
+
 def test_replay_mode_is_checked():
     pipe = helios.load_pipeline(default_model())
     with pytest.raises(ValueError, match="replay must be"):

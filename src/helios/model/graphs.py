@@ -86,11 +86,14 @@ class GraphedForward:
     models (their collectives are not captured here) or training.
     """
 
-    def __init__(self, model: HeliosTransformer, replay: str = "cuda"):
+    def __init__(self, model: HeliosTransformer, replay: str = "cuda", max_graphs: int = 24):
         if replay not in ("cuda", "host"):
             raise ValueError(f"replay must be 'cuda' or 'host', got {replay!r}")
         self.model = model
         self.replay = replay
+        # A server taking many frame sizes would otherwise keep a graph (and its memory) for each: past this
+        # many, new shapes run without a graph. 24: three pyramid stages x two prompt slots x four sizes.
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Captured] = {}
         self.failed: dict[tuple, str] = {}  # shapes whose capture raised: they run without a graph
         self.texts: dict[tuple, _TextSlot] = {}
@@ -104,10 +107,10 @@ class GraphedForward:
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, layout.num_history, layout.noisy_grid,
                tuple(layout.cos.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())),
                text_key)
-        if key in self.failed:
-            return self.model(x, t, text, layout=layout, **inputs).sample
         captured = self.graphs.get(key)
         if captured is None:
+            if key in self.failed or len(self.graphs) >= self.max_graphs:
+                return self.model(x, t, text, layout=layout, **inputs).sample
             return self._capture(key, text_key, x, t, text, layout, inputs)
         captured.x.copy_(x)
         captured.t.copy_(t)
