@@ -149,7 +149,7 @@ class HeliosVideoPipeline:
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
-        and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; model.graphs),
+        and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; helios.model.graphs),
         a channels-last VAE (LatentCodec.channels_last_) and each chunk's VAE decode overlapped with
         the next chunk's denoising (see `stream`).
 

@@ -57,7 +57,7 @@ class TextContext:
     """Per-layer cross-attention keys/values of one prompt batch: computed once, reused every step."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    # Unique per context: a graphed forward (model.graphs) copies the K/V into its buffers only when it changes.
+    # Unique per context: a graphed forward (helios.model.graphs) copies the K/V into its buffers only when it changes.
     serial: int = field(default_factory=itertools.count().__next__)
 
 
