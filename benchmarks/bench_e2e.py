@@ -182,7 +182,8 @@ def fp8_error(fp8_pipe) -> dict:
     return {"transformer_rel_error": rel, "frames_psnr_db": 10 * math.log10(255**2 / max(mse, 1e-12))}
 
 
-def measure_reference(name: str, compile: bool, res: dict) -> None:
+def measure_reference(name: str, compile: bool, res: dict, steps_list=(STEPS,)) -> None:
+    """The diffusers pipeline at each of `steps_list` (one model, compiled once: the stage shapes are the same)."""
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler, HeliosPyramidPipeline, HeliosTransformer3DModel
 
     torch.cuda.reset_peak_memory_stats()
@@ -201,31 +202,32 @@ def measure_reference(name: str, compile: bool, res: dict) -> None:
         transformer.compile()
     emb = FixedPrompt(dev).emb.bfloat16()
 
-    def call(frames):
+    def call(frames, steps):
         t0 = time.perf_counter()
         pipe(prompt_embeds=emb, height=HEIGHT, width=WIDTH, num_frames=frames, guidance_scale=1.0,
-             pyramid_num_inference_steps_list=list(STEPS), is_amplify_first_chunk=True, output_type="pt",
+             pyramid_num_inference_steps_list=list(steps), is_amplify_first_chunk=True, output_type="pt",
              generator=torch.Generator(device=dev).manual_seed(0))
         sync()
         return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    call(66)
-    warmup = time.perf_counter() - t0
-    t33 = call(33)
-    t165 = call(165)
-    per = (t165 - t33) / 4
-    res[name] = {"warmup_s": warmup, "t33_s": t33, "t165_s": t165, "s_per_chunk": per, "fps": 33 / per,
-                 "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
-    res[name]["allocated_after_calls_gb"] = torch.cuda.memory_allocated() / 1e9
-    print(name, json.dumps(res[name]), flush=True)
+    for steps in steps_list:
+        key = name if tuple(steps) == STEPS else f"{name}-{''.join(map(str, steps))}"
+        t0 = time.perf_counter()
+        call(66, steps)
+        warmup = time.perf_counter() - t0
+        t33 = call(33, steps)
+        t165 = call(165, steps)
+        per = (t165 - t33) / 4
+        res[key] = {"steps": list(steps), "warmup_s": warmup, "t33_s": t33, "t165_s": t165, "s_per_chunk": per,
+                    "fps": 33 / per, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+        print(key, json.dumps(res[key]), flush=True)
     torch.cuda.empty_cache()
     z = torch.randn(1, 16, 9, HEIGHT // 8, WIDTH // 8, device=dev, dtype=vae.dtype)
     try:
-        res[name]["vae_decode_s"] = timed(lambda: vae.decode(z))
+        res[key]["vae_decode_s"] = timed(lambda: vae.decode(z))
     except torch.OutOfMemoryError as e:  # keep the end-to-end numbers even if the lone decode does not fit
-        res[name]["vae_decode_s"] = f"out of memory: {str(e)[:120]}"
-    print(name, json.dumps(res[name]), flush=True)
+        res[key]["vae_decode_s"] = f"out of memory: {str(e)[:120]}"
+    print(key, json.dumps(res[key]), flush=True)
     del pipe, transformer, vae
     gc.collect()
     torch.cuda.empty_cache()
@@ -279,6 +281,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="ours,ours-no-overlap,ours-fp8,reference-eager")
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--ref-steps", default="222", help="the reference's pyramid steps, e.g. 111,222")
     ap.add_argument("--results-md", default=str(Path(__file__).parent / "RESULTS.md"))
     args = ap.parse_args()
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -289,10 +292,9 @@ def main() -> None:
         base, fast_start = (name[:-len("-fast-start")], True) if name.endswith("-fast-start") else (name, False)
         if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest
             measure_ours(name, res=res, fast_start=fast_start, **OURS[base])
-        elif name == "reference-eager":
-            measure_reference(name, compile=False, res=res)
-        elif name == "reference-compiled":
-            measure_reference(name, compile=True, res=res)
+        elif name in ("reference-eager", "reference-compiled"):
+            steps_list = [tuple(int(c) for c in s) for s in args.ref_steps.split(",")]
+            measure_reference(name, compile=name.endswith("compiled"), res=res, steps_list=steps_list)
         else:
             raise SystemExit(f"unknown config {name} (ours: {', '.join(OURS)}, each also with -fast-start; "
                              "reference-eager, reference-compiled)")

@@ -54,17 +54,6 @@ def test_compiled_fused_model_matches_eager_bf16():
     assert rel(fast, plain) < 2e-2
 
 
-def test_batched_decode_matches_framewise_on_gpu():
-    from diffusers import AutoencoderKLWan
-
-    from helios.engine.conditioning import LatentCodec
-
-    torch.manual_seed(0)
-    codec = LatentCodec(AutoencoderKLWan().to("cuda", torch.bfloat16).eval())
-    z = torch.randn(1, 16, 9, 12, 20, device="cuda")
-    assert rel(codec.decode(z).float(), codec.decode_reference(z).float()) < 1e-2
-
-
 def _video(pipe, prompt, **kw):
     return torch.cat([c.frames for c in pipe.stream(prompt, num_frames=99, seed=9, **kw)]).float()
 
@@ -111,25 +100,3 @@ def test_cuda_graphs_with_compiled_blocks_and_fp8_in_the_optimized_pipeline():
     d = (graphed - plain).abs()
     print(f"optimized fp8: graphed vs plain max {d.max().item()} mean {d.mean().item():.2e}")
     assert torch.equal(graphed, plain)
-
-
-def test_channels_last_vae_decodes_the_same_frames_within_bf16_rounding():
-    from diffusers import AutoencoderKLWan
-
-    from helios.engine.conditioning import LatentCodec
-
-    # Another convolution algorithm, so not bit for bit: it must be as close to a float32 decode as the
-    # default layout is (on the H200 the two bf16 decodes differed by 1.4% relative, max 0.04 of [-1, 1]).
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan().eval()
-    z = torch.randn(1, 16, 9, 24, 40, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    exact = LatentCodec(vae.to("cuda")).decode(z).float()
-    codec = LatentCodec(vae.to(torch.bfloat16))
-    plain = codec.decode(z).float()
-    fast = codec.channels_last_().decode(z).float()
-    assert any(p.is_contiguous(memory_format=torch.channels_last_3d) and p.dim() == 5 for p in codec.vae.parameters())
-    assert fast.shape == plain.shape == exact.shape
-    err_plain, err_fast = rel(plain, exact), rel(fast, exact)
-    print(f"channels-last decode: bf16 vs float32 relative error {err_fast:.4f} (default layout {err_plain:.4f}); "
-          f"vs the default layout max {(fast - plain).abs().max().item():.4f}")
-    assert err_fast < 1.25 * err_plain + 1e-3

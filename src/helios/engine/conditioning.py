@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import logging
+
 import torch
+
+from helios.model.graphs import GraphedDecode
+from helios.model.wan_vae import DecodeState, WanVAEDecoder, autotune_convs
+
+log = logging.getLogger("helios")
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,11 @@ def randn(shape, generator: torch.Generator | None, device: torch.device) -> tor
 
 
 class LatentCodec:
-    """The Wan VAE with the latent normalisation of the released models: z' = (z - mean) / std."""
+    """The Wan VAE with the latent normalisation of the released models: z' = (z - mean) / std.
+
+    Encoding runs diffusers' `AutoencoderKLWan`; decoding runs our own decoder (helios.model.wan_vae) on
+    the same weights, a whole chunk at a time. A VAE of another layout (Wan2.2's, say) decodes with diffusers.
+    """
 
     def __init__(self, vae):
         self.vae = vae
@@ -42,21 +53,30 @@ class LatentCodec:
         self.channels = cfg.z_dim
         self._mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
         self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-        if callable(getattr(vae, "clear_cache", None)):
-            vae.clear_cache()  # creates the causal-convolution caches the batched decode drives
-        self.frames_per_decode = 4
+        self.decoder = own_decoder(vae)
+        self.graphed: GraphedDecode | None = None  # fast_decode_(): the decode replayed as CUDA graphs
         self._device_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stats()  # made now, on the default stream, rather than first inside an engine loop
 
-    def channels_last_(self) -> "LatentCodec":
-        """Keep the VAE's 3-D convolution weights channels-last, so its activations follow: cuDNN's fastest
-        Hopper kernels are NHWC, and with NCHW tensors it converts layouts around every convolution.
-        One 14B chunk's decode on the H200: 0.426 -> 0.401 s (benchmarks/probe_vae_decode.py); the frames
-        change at bf16 rounding level (another convolution algorithm), so it is for the fast path only."""
-        for p in self.vae.parameters():
+    def fast_decode_(self, latent_shape: tuple[int, ...] | None = None, graphs: bool = True) -> dict:
+        """The GPU fast path of the decode: channels-last weights and activations (cuDNN's Hopper kernels are
+        NHWC), each convolution's implementation chosen by timing at `latent_shape` (B, C, T, h, w) (done here,
+        while nothing else runs, so the timings are clean), and each latent shape's decode replayed as a CUDA
+        graph. The frames change at bf16 rounding level (other algorithms), so it is for the fast path only.
+        Returns the convolution timings."""
+        for p in self.vae.encoder.parameters():
             if p.dim() == 5:
                 p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-        return self
+        if self.decoder is None or self.device.type != "cuda":
+            return {}
+        self.decoder.channels_last_()
+        timings = {}
+        if latent_shape is not None:
+            z = torch.randn(latent_shape, device=self.device, dtype=self.dtype)
+            timings = autotune_convs(self.decoder, z)
+        if graphs:
+            self.graphed = GraphedDecode(self.decoder)
+        return timings
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,58 +111,38 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> frames (B, 3, T, H, W) in [-1, 1]."""
         z = self._vae_latents(latents)
-        if self.batched_decode_supported():
-            return torch.cat(list(self._decode_pieces(z)), dim=2).clamp(-1.0, 1.0)
-        return self.vae.decode(z, return_dict=False)[0]
+        if self.decoder is None:
+            return self.vae.decode(z, return_dict=False)[0]
+        return self.graphed(z) if self.graphed is not None else self.decoder.decode(z)
 
     @torch.no_grad()
     def decode_parts(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """The same frames in two parts: frame 0, then the others. The causal decoder makes frame 0 first
         and from latent frame 0 alone, so it can be handed over before the rest is decoded."""
         z = self._vae_latents(latents)
-        if not self.batched_decode_supported():
+        if self.decoder is None:
             frames = self.vae.decode(z, return_dict=False)[0]
             yield frames[:, :, :1]
             yield frames[:, :, 1:]
             return
-        pieces = self._decode_pieces(z)
-        first = next(pieces).clamp(-1.0, 1.0)
+        state = DecodeState()
+        first = self.decoder.decode(z[:, :, :1], state)
         yield first
-        rest = list(pieces)
-        yield torch.cat(rest, dim=2).clamp(-1.0, 1.0) if rest else first[:, :, :0]
-
-    def batched_decode_supported(self) -> bool:
-        vae = self.vae
-        return (hasattr(vae, "_feat_map") and hasattr(vae, "clear_cache") and hasattr(vae, "post_quant_conv")
-                and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False)
-                and not getattr(vae.config, "is_residual", False))
-
-    def _decode_pieces(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The VAE's own decoder, driven with every latent frame after the first in one call.
-
-        diffusers' decode walks the latent frames one at a time through causal convolutions that
-        cache their last two input frames; feeding frames 1..T-1 together gives each convolution the
-        same causal context (the cache holds frame 0's), so the result is the same while each
-        convolution runs over 8 frames at once instead of 8 times over one.
-        """
-        vae = self.vae
-        vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z)
-            vae._conv_idx = [0]
-            yield vae.decoder(x[:, :, :1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)
-            # Groups of latent frames: 4 at a time keeps most of the speed-up at half the activation memory.
-            for start in range(1, x.shape[2], self.frames_per_decode):
-                vae._conv_idx = [0]
-                yield vae.decoder(x[:, :, start:start + self.frames_per_decode], feat_cache=vae._feat_map,
-                                  feat_idx=vae._conv_idx)
-        finally:
-            vae.clear_cache()
+        yield self.decoder.decode(z[:, :, 1:], state) if z.shape[2] > 1 else first[:, :, :0]
 
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:
-        """diffusers' frame-by-frame decode (for tests and benchmarks of the batched one)."""
+        """diffusers' frame-by-frame decode (for tests and benchmarks of ours)."""
         return self.vae.decode(self._vae_latents(latents), return_dict=False)[0]
+
+
+def own_decoder(vae) -> WanVAEDecoder | None:
+    """Our decoder on the VAE's weights, or None for a VAE it does not implement (decoded by diffusers)."""
+    try:
+        return WanVAEDecoder.from_vae(vae)
+    except (ValueError, RuntimeError, AttributeError) as e:
+        log.info("VAE decoded by diffusers (%s)", str(e)[:120])
+        return None
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ class HeliosVideoPipeline:
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
         and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; helios.model.graphs),
-        a channels-last VAE (LatentCodec.channels_last_) and each chunk's VAE decode overlapped with
+        the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA graphs) and each chunk's VAE decode overlapped with
         the next chunk's denoising (see `stream`).
 
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
@@ -160,7 +160,9 @@ class HeliosVideoPipeline:
             if cuda_graphs:
                 self.graphs = GraphedForward(self.model)
             if self.codec.device.type == "cuda":
-                self.codec.channels_last_()
+                h, w = self.default_size
+                self.decode_timings = self.codec.fast_decode_(
+                    (1, self.codec.channels, 9, h // self.codec.spatial, w // self.codec.spatial), graphs=cuda_graphs)
         if fuse:
             self.model.fuse_projections_()
         if fp8:

@@ -166,3 +166,64 @@ class GraphedForward:
         static.graph = graph
         self.graphs[key] = static
         return result
+
+
+class GraphedDecode:
+    """`decoder.decode(z)` (helios.model.wan_vae) replayed from one CUDA graph per latent shape.
+
+    A decode launches a few hundred kernels; replayed as a graph they leave no gaps on the device, which
+    matters most while the decode shares the GPU with the next chunk's denoising. The graphs have their own
+    memory pool (not the transformer's): the decode runs on a side stream at the same time as its forwards.
+    The output is copied out of the graph's static buffer, so a caller may keep it.
+    """
+
+    def __init__(self, decoder, replay: str = "cuda", max_graphs: int = 4):
+        if replay not in ("cuda", "host"):
+            raise ValueError(f"replay must be 'cuda' or 'host', got {replay!r}")
+        self.decoder, self.replay, self.max_graphs = decoder, replay, max_graphs
+        self.graphs: dict[tuple, tuple[object, torch.Tensor, torch.Tensor]] = {}
+        self.failed: set[tuple] = set()
+        self._pool = None
+        self._stream: torch.cuda.Stream | None = None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        key = (tuple(z.shape), z.dtype, z.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key in self.failed or len(self.graphs) >= self.max_graphs:
+                return self.decoder.decode(z)
+            return self._capture(key, z)
+        graph, static_z, out = entry
+        static_z.copy_(z)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, key: tuple, z: torch.Tensor) -> torch.Tensor:
+        static_z = z.clone()
+        decode = lambda: self.decoder.decode(static_z)  # noqa: E731
+        if self.replay == "host":
+            graph = _HostGraph()
+            out = graph.capture(decode)
+            self.graphs[key] = (graph, static_z, out)
+            return out.clone()
+        with torch.cuda.device(z.device):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(z.device)
+                self._pool = torch.cuda.graph_pool_handle()
+            current = torch.cuda.current_stream(z.device)
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):  # warm-up: Triton compiles, cuDNN picks its plans
+                result = decode()
+            current.wait_stream(self._stream)
+            result = result.clone()
+            graph = _CudaGraph(self._pool, self._stream)
+            try:
+                out = graph.capture(decode)
+            except Exception as e:  # an op that cannot be captured: decode this shape without a graph
+                self.failed.add(key)
+                log.warning("CUDA graph capture of the VAE decode failed for %s (%s); decoding without a graph",
+                            tuple(z.shape), f"{type(e).__name__}: {e}"[:200])
+                torch.cuda.synchronize(z.device)
+                return result
+            self.graphs[key] = (graph, static_z, out)
+            return result

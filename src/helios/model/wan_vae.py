@@ -1,0 +1,430 @@
+"""Our Wan2.1 VAE decoder: the weights of diffusers' `AutoencoderKLWan` (its `decoder.*` and
+`post_quant_conv.*`), decoding a whole chunk of latent frames in one pass.
+
+diffusers walks the latent frames one at a time and keeps, for every causal convolution, the last two
+frames of its input. Over a whole chunk that is the same as one causal convolution over all frames
+with two zero frames in front, which is what this decoder runs. The temporal upsamplers are the
+exception the reference makes: the chunk's first latent frame is not upsampled in time (it becomes one
+frame), and the others are, with zero history. So 9 latent frames become 1 + 4 * 8 = 33 frames.
+
+Layout and fusion (the GPU fast path; the CPU runs the same maths with plain torch):
+- every activation is channels-last (`channels_last_3d`), the layout cuDNN's Hopper kernels want;
+- each causal convolution reads a buffer with room for its two history frames in front, and the
+  RMS norm + SiLU before it (and the residual add before that) write straight into that buffer in one
+  fused kernel (`helios.model.vae_kernels`), so no concatenation or separate activation pass is made;
+- the convolution algorithm per layer shape can be chosen by timing (`autotune_convs`);
+- the whole decode can be captured as a CUDA graph per latent shape (`GraphedDecode`).
+
+`decode(z, state)` also decodes a chunk in parts (frame 0 first, then the rest): `state` carries each
+causal convolution's history between the calls, as diffusers' feature cache does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helios.model import vae_kernels
+
+HISTORY = 2  # frames of history a kernel-3 causal convolution reads
+
+
+@dataclass
+class WanVAEDecoderConfig:
+    """The decoder's part of `AutoencoderKLWan`'s config (Wan2.1 defaults)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    out_channels: int = 3
+
+    @classmethod
+    def from_vae_config(cls, cfg: Any) -> "WanVAEDecoderConfig":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        unsupported = [k for k in ("is_residual", "patch_size") if get(k)]
+        if unsupported or get("attn_scales"):
+            raise ValueError(f"this VAE config is not a Wan2.1 VAE (has {unsupported or ['attn_scales']}); "
+                             "only the Wan2.1 layout (is_residual=False, no patch_size, no attn_scales) is supported")
+        return cls(base_dim=get("base_dim", 96), z_dim=get("z_dim", 16), dim_mult=tuple(get("dim_mult", (1, 2, 4, 4))),
+                   num_res_blocks=get("num_res_blocks", 2),
+                   temperal_downsample=tuple(get("temperal_downsample", (False, True, True))),
+                   out_channels=get("out_channels", 3))
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        return tuple(reversed(self.temperal_downsample))
+
+
+# ----------------------------------------------------------------------------------------------
+# state: each causal convolution's last input frames, between the parts of one chunk
+
+
+@dataclass
+class DecodeState:
+    """History carried between `decode` calls of one chunk (a fresh one for every chunk)."""
+
+    keep: bool = True  # keep each convolution's last input frames for a next call
+    frames: dict[str, torch.Tensor] = field(default_factory=dict)
+    started: bool = False  # the chunk's first latent frame has been decoded
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks (module and parameter names are diffusers', so its state dict loads as it is)
+
+
+class RMSNorm(nn.Module):
+    """x / max(|x|_2, eps) * sqrt(C) * gamma over the channel dimension (Wan's RMS_norm, no bias)."""
+
+    def __init__(self, dim: int, images: bool):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+        self.scale = dim**0.5
+
+    def gain(self) -> torch.Tensor:
+        return self.gamma.reshape(-1)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A Conv3d whose input already holds its `HISTORY` frames in front (kernel 3 in time) or none
+    (kernel 1); the spatial padding is the convolution's own."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int], padding: int | tuple = 0):
+        k = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        p = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(c_in, c_out, k, padding=(0, p[1], p[2]))
+        self.history = k[0] - 1
+        self.impl: str = "conv3d"  # see autotune_convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_conv(self, x)
+
+
+CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor], torch.Tensor]] = {}
+_tuning: list[bool] = [False]  # set by autotune_convs while its decode runs
+
+
+def run_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution by the implementation chosen for its shape (all give the same result in float32)."""
+    if _tuning[0] and x.is_cuda:
+        conv.impl = fastest_impl(conv, x)
+    return CONV_IMPLS[conv.impl](conv, x)
+
+
+def conv3d_direct(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+
+
+def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
+    2-D kernels can beat its 3-D ones for some shapes."""
+    b, c, t_in, h, w = x.shape
+    kt = conv.kernel_size[0]
+    if kt == 1:
+        return conv3d_direct(conv, x)
+    t = t_in - kt + 1
+    frames = x.permute(0, 2, 1, 3, 4)  # (B, T_in, C, H, W), a view
+    out = None
+    for k in range(kt):
+        view = frames[:, k:k + t].reshape(b * t, c, h, w)
+        y = F.conv2d(view, conv.weight[:, :, k], conv.bias if k == 0 else None, padding=conv.padding[1:])
+        out = y if out is None else out.add_(y)
+    return out.reshape(b, t, -1, out.shape[-2], out.shape[-1]).permute(0, 2, 1, 3, 4)
+
+
+CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps)
+
+
+def fastest_impl(conv: CausalConv3d, x: torch.Tensor, iters: int = 3) -> str:
+    """Time each implementation on this input (CUDA events) and return the fastest one's name."""
+    candidates = ["conv3d"] + (["taps"] if conv.kernel_size[0] > 1 else [])
+    if len(candidates) == 1:
+        return candidates[0]
+    times = {}
+    for name in candidates:
+        fn = CONV_IMPLS[name]
+        fn(conv, x)  # warm-up: plan selection
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(conv, x)
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end) / iters
+    conv.tuned_ms = times
+    return min(times, key=times.get)
+
+
+@torch.no_grad()
+def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Choose each causal convolution's implementation by timing it on the input it meets when decoding
+    latents of z's shape; returns the timings (ms) per module name. A no-op off CUDA."""
+    if not z.is_cuda:
+        return {}
+    _tuning[0] = True
+    try:
+        decoder.decode(z)
+    finally:
+        _tuning[0] = False
+    return {name: dict(m.tuned_ms, chosen=m.impl) for name, m in decoder.named_modules()
+            if isinstance(m, CausalConv3d) and hasattr(m, "tuned_ms")}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = RMSNorm(c_in, images=False)
+        self.conv1 = CausalConv3d(c_in, c_out, 3, padding=1)
+        self.norm2 = RMSNorm(c_out, images=False)
+        self.conv2 = CausalConv3d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention within each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+
+class Resample(nn.Module):
+    """Nearest-exact 2x spatial upsampling + 3x3 conv (halving channels); `upsample3d` also doubles the
+    frames with a causal (3, 1, 1) convolution to 2C channels whose halves become even and odd frames."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if temporal:
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, num_res_blocks: int, upsample: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(c_in if i == 0 else c_out, c_out)
+                                      for i in range(num_res_blocks + 1)])
+        self.upsamplers = nn.ModuleList([Resample(c_out, upsample == "upsample3d")]) if upsample else None
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: WanVAEDecoderConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0])
+        blocks = []
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            c_in = c_in // 2 if i > 0 else c_in  # the previous block's upsampler halved the channels
+            last = i == len(cfg.dim_mult) - 1
+            mode = None if last else ("upsample3d" if cfg.temporal_upsample[i] else "upsample2d")
+            blocks.append(UpBlock(c_in, c_out, cfg.num_res_blocks, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the decoder
+
+
+class WanVAEDecoder(nn.Module):
+    """Raw Wan latents (B, z_dim, T, h, w) -> frames (B, 3, 1 + 4 (T - 1), 8 h, 8 w) in [-1, 1]."""
+
+    def __init__(self, config: WanVAEDecoderConfig | None = None):
+        super().__init__()
+        self.config = config or WanVAEDecoderConfig()
+        self.post_quant_conv = CausalConv3d(self.config.z_dim, self.config.z_dim, 1)
+        self.decoder = Decoder(self.config)
+        self.channels_last = False
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_vae(cls, vae: nn.Module) -> "WanVAEDecoder":
+        """The decoder of a loaded `AutoencoderKLWan`, sharing its weight tensors (no copy)."""
+        model = cls(WanVAEDecoderConfig.from_vae_config(vae.config))
+        own = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+        model.load_state_dict(own, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], vae_config: Any) -> "WanVAEDecoder":
+        """From a whole VAE state dict (e.g. `vae/diffusion_pytorch_model.safetensors`); encoder keys are ignored."""
+        model = cls(WanVAEDecoderConfig.from_vae_config(vae_config))
+        own = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+        missing, unexpected = model.load_state_dict(own, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"the VAE weights do not fit a Wan2.1 decoder: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def channels_last_(self) -> "WanVAEDecoder":
+        """Keep weights and activations channels-last (the fast layout for cuDNN on Hopper)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+                fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self.channels_last = True
+        return self
+
+    # ---- forward ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor, state: DecodeState | None = None, clamp: bool = True) -> torch.Tensor:
+        return self.decode(z, state, clamp)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, state: DecodeState | None = None, clamp: bool = True) -> torch.Tensor:
+        """Decode latent frames. With `state`, the call continues the chunk that `state` has seen (so a
+        chunk may be decoded as frame 0, then frames 1.., with the same result as all at once)."""
+        state = state if state is not None else DecodeState(keep=False)
+        run = _Run(self, state)
+        x = run.layout(z.to(self.dtype))
+        x = run_conv(self.post_quant_conv, x)
+        d = self.decoder
+        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x))
+        x = run.residual_block("mid.0", d.mid_block.resnets[0], x)
+        x = run.attention(d.mid_block.attentions[0], x)
+        x = run.residual_block("mid.1", d.mid_block.resnets[1], x)
+        for i, block in enumerate(d.up_blocks):
+            for j, resnet in enumerate(block.resnets):
+                x = run.residual_block(f"up{i}.{j}", resnet, x)
+            if block.upsamplers is not None:
+                x = run.resample(f"up{i}.resample", block.upsamplers[0], x)
+        x = run.causal_conv("conv_out", d.conv_out, run.norm_silu_into("conv_out", d.norm_out, x))
+        state.started = True
+        x = x.contiguous()  # (B, 3, T, H, W) in the usual layout for whoever reads the frames
+        return x.clamp_(-1.0, 1.0) if clamp else x
+
+
+class _Run:
+    """One decode call: the helpers that thread each causal convolution's history through `state`."""
+
+    def __init__(self, model: WanVAEDecoder, state: DecodeState):
+        self.model, self.state = model, state
+        self.fmt = torch.channels_last_3d if model.channels_last else torch.contiguous_format
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.fmt)
+
+    def buffer(self, key: str, like: torch.Tensor, channels: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (B, C, HISTORY + T, H, W) buffer whose first frames hold the history of `key`
+        (zeros for a chunk's first call), and the view of its T new frames."""
+        b, _, _, h, w = like.shape
+        buf = torch.empty((b, channels, HISTORY + frames, h, w), dtype=like.dtype, device=like.device,
+                          memory_format=self.fmt)
+        past = self.state.frames.get(key)
+        if past is None:
+            buf[:, :, :HISTORY].zero_()
+        else:
+            buf[:, :, :HISTORY].copy_(past)
+        return buf, buf[:, :, HISTORY:]
+
+    def keep_history(self, key: str, buf: torch.Tensor) -> None:
+        """Remember the last input frames of `key` only when the chunk may continue in another call."""
+        if self.state.keep:
+            self.state.frames[key] = buf[:, :, -HISTORY:].clone()
+
+    def with_history(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        buf, new = self.buffer(key, x, x.shape[1], x.shape[2])
+        new.copy_(x)
+        return buf
+
+    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+        self.keep_history(key, buf)
+        return run_conv(conv, buf)
+
+    def norm_silu_into(self, key: str, norm: RMSNorm, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                       total: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(norm(x)) written into a history buffer for `key`. x may be a pending sum (a, b), added on
+        the way in; with `total`, that sum is also written there (the next block's identity)."""
+        a, b = x if isinstance(x, tuple) else (x, None)
+        buf, new = self.buffer(key, a, a.shape[1], a.shape[2])
+        vae_kernels.rms_norm_silu(a, norm.gain(), norm.scale, out=new, residual=b, total=total, silu=True)
+        return buf
+
+    def residual_block(self, key: str, blk: ResidualBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is a tensor, or a pending sum (a, b) that the block's first norm adds on its way in.
+        Returns the pending sum (conv2 output, identity): the next consumer adds it."""
+        if isinstance(x, tuple):
+            identity = torch.empty_like(x[0], memory_format=self.fmt)
+            buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
+        else:
+            identity = x
+            buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
+        h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
+        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1)
+        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y))
+        return y, h
+
+    def settle(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """A pending residual sum made into a tensor (where the next consumer is no fused norm)."""
+        if isinstance(x, tuple):
+            a, b = x
+            return a.add_(b)
+        return x
+
+    def attention(self, blk: AttentionBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = self.settle(x)
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        normed = torch.empty_like(frames)
+        vae_kernels.rms_norm_silu(frames, blk.norm.gain(), blk.norm.scale, out=normed, silu=False)
+        qkv = blk.to_qkv(normed).flatten(2).transpose(1, 2)  # (BT, HW, 3C)
+        q, k, v = qkv[:, None].chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (BT, HW, C)
+        o = o.transpose(1, 2).reshape(b * t, c, h, w)
+        o = blk.proj(o.contiguous(memory_format=torch.channels_last if self.model.channels_last else
+                                  torch.contiguous_format))
+        return o.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).add_(x)
+
+    def resample(self, key: str, rs: Resample, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = self.settle(x)
+        if rs.temporal:
+            x = self.double_frames(key, rs, x)
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
+        if self.model.channels_last:
+            up = up.contiguous(memory_format=torch.channels_last)
+        y = rs.resample[1](up)
+        return y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+
+    def double_frames(self, key: str, rs: Resample, x: torch.Tensor) -> torch.Tensor:
+        """Each latent frame after the chunk's first becomes two (the first stays one)."""
+        first = None
+        if not self.state.started:
+            first, x = x[:, :, :1], x[:, :, 1:]
+        if x.shape[2] > 0:
+            b, c, t, h, w = x.shape
+            y = self.causal_conv(f"{key}.time_conv", rs.time_conv, self.with_history(f"{key}.time_conv", x))
+            # (B, 2C, T, H, W): channel half 0 is frame 2i, half 1 frame 2i+1
+            y = torch.stack((y[:, :c], y[:, c:]), dim=3).reshape(b, c, 2 * t, h, w)
+            x = y.contiguous(memory_format=self.fmt)
+        if first is None:
+            return x
+        return torch.cat([first, x], dim=2).contiguous(memory_format=self.fmt) if x.shape[2] else first

@@ -1,0 +1,66 @@
+"""Our Wan VAE decoder on CUDA: the fused Triton kernel, and the fast path's bf16 error against a float32
+decode, which must be no worse than diffusers' own bf16 decode (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [96, 384])
+def test_fused_norm_kernel_equals_the_torch_ops(dtype, channels):
+    from helios.model import vae_kernels
+
+    assert vae_kernels.triton is not None
+    g = torch.Generator("cuda").manual_seed(0)
+    shape = (2, channels, 5, 12, 20)
+    x, r = (torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+            for _ in range(2))
+    gain = 1 + 0.3 * torch.randn(channels, device="cuda", generator=g)
+    # into the new frames of a history buffer, as the decoder writes it
+    buf = torch.zeros(2, channels, 7, 12, 20, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    total = torch.empty_like(x)
+    assert vae_kernels.use_triton(x, buf[:, :, 2:], r, total)
+    vae_kernels.rms_norm_silu(x, gain, channels**0.5, out=buf[:, :, 2:], residual=r, total=total)
+    s = x + r
+    ref = torch.nn.functional.silu(torch.nn.functional.normalize(s.float(), dim=1) * channels**0.5
+                                   * gain.view(1, -1, 1, 1, 1))
+    assert ((total.float() - s.float()).abs() <= s.float().abs() * 2**-8).all()  # the sum, to one bf16 rounding
+    assert torch.equal(buf[:, :, :2], torch.zeros_like(buf[:, :, :2]))  # the history frames are untouched
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(buf[:, :, 2:].float(), ref) < tol
+
+
+def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
+    from diffusers import AutoencoderKLWan
+
+    from helios.engine.conditioning import LatentCodec
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan().to("cuda").eval()
+    z = torch.randn(1, 16, 9, 24, 40, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    exact_codec = LatentCodec(vae)
+    exact = exact_codec.decode_reference(z).float()
+    ours_fp32 = exact_codec.decode(z).float()
+    codec = LatentCodec(vae.to(torch.bfloat16))
+    diffusers_bf16 = codec.decode_reference(z).float()
+    timings = codec.fast_decode_(tuple(z.shape), graphs=True)
+    assert timings and all("chosen" in t for t in timings.values())
+    fast = codec.decode(z).float()
+    again = codec.decode(z).float()  # the graph's replay
+    assert codec.graphed is not None and len(codec.graphed.graphs) == 1 and not codec.graphed.failed
+    err_ours, err_ref = rel(fast, exact), rel(diffusers_bf16, exact)
+    print(f"bf16 vs float32 relative error: ours {err_ours:.4f}, diffusers {err_ref:.4f}; "
+          f"ours float32 on CUDA {rel(ours_fp32, exact):.2e}")
+    assert rel(ours_fp32, exact) < 1e-3  # TF32 may be on for cuDNN convolutions
+    assert err_ours <= err_ref
+    assert torch.equal(fast, again)
+    first, rest = codec.decode_parts(z)
+    assert rel(torch.cat([first, rest], 2).float(), exact) <= err_ref
