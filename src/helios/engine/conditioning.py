@@ -113,7 +113,10 @@ class LatentCodec:
         z = self._vae_latents(latents)
         if self.decoder is None:
             return self.vae.decode(z, return_dict=False)[0]
-        return self.graphed(z) if self.graphed is not None else self.decoder.decode(z)
+        if self.graphed is not None:
+            return self.graphed(z)
+        # frame 0, then the rest, as decode_parts: so a fast start's early frame is bit for bit this decode's
+        return torch.cat(list(self._own_parts(z)), dim=2)
 
     @torch.no_grad()
     def decode_parts(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -125,6 +128,9 @@ class LatentCodec:
             yield frames[:, :, :1]
             yield frames[:, :, 1:]
             return
+        yield from self._own_parts(z)
+
+    def _own_parts(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
         state = DecodeState()
         first = self.decoder.decode(z[:, :, :1], state)
         yield first
