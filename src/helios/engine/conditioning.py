@@ -6,10 +6,9 @@ happen in the reference pipelines' order, so a seed reproduces a reference video
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import logging
 
 import torch
 

@@ -145,13 +145,14 @@ class HeliosVideoPipeline:
         self.overlap_decode = False  # stream's default; optimize() turns it on
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
+        self.decode_timings: dict = {}  # optimize(): the decoder convolutions' timings it chose from
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
         and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; helios.model.graphs),
-        the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA graphs) and each chunk's VAE decode overlapped with
-        the next chunk's denoising (see `stream`).
+        the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA
+        graphs), and each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
 
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
@@ -162,7 +163,7 @@ class HeliosVideoPipeline:
             if self.codec.device.type == "cuda":
                 h, w = self.default_size
                 self.decode_timings = self.codec.fast_decode_(
-                    (1, self.codec.channels, 9, h // self.codec.spatial, w // self.codec.spatial), graphs=cuda_graphs)
+                    (1, self.codec.channels, HistoryLayout().chunk_frames, h // self.codec.spatial, w // self.codec.spatial), graphs=cuda_graphs)
         if fuse:
             self.model.fuse_projections_()
         if fp8:

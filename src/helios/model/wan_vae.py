@@ -21,7 +21,6 @@ causal convolution's history between the calls, as diffusers' feature cache does
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -99,7 +98,6 @@ class CausalConv3d(nn.Conv3d):
         k = (kernel,) * 3 if isinstance(kernel, int) else kernel
         p = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(c_in, c_out, k, padding=(0, p[1], p[2]))
-        self.history = k[0] - 1
         self.impl: str = "conv3d"  # see autotune_convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
