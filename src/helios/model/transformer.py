@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from helios.model.attention import attention
 from helios.model.config import HeliosConfig
 from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
+from helios.model.transformer_kernels import linear_gelu, rope_attention
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -116,9 +117,13 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.net = nn.ModuleList([Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+        self.fused_gelu = False  # inference: the GELU in the up projection's epilogue (fuse_projections_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        up = self.net[0].proj
+        if self.fused_gelu and type(up) is nn.Linear and up.bias is not None:
+            return self.net[2](linear_gelu(x, up.weight, up.bias))
+        return self.net[2](F.gelu(up(x), approximate="tanh"))
 
 
 class Attention(nn.Module):
@@ -135,6 +140,7 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.amplify_history = amplify_history
+        self.fused_kernels = False  # inference: q/k norm + RoPE + attention as one op (fuse_qkv_)
         if amplify_history:
             # Head-wise learnable gain on the history keys: 1 + sigmoid(theta) * (max_scale - 1).
             self.history_key_scale = nn.Parameter(torch.ones(heads if history_scale_mode == "per_head" else 1))
@@ -146,8 +152,11 @@ class Attention(nn.Module):
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads_of(self.norm_k(self.to_k(context))), self.heads_of(self.to_v(context))
 
-    def fuse_qkv_(self) -> None:
-        """Replace to_q/to_k/to_v by one (3D x D) projection: one GEMM instead of three (inference only)."""
+    def fuse_qkv_(self, kernels: bool = True) -> None:
+        """Replace to_q/to_k/to_v by one (3D x D) projection: one GEMM instead of three (inference only).
+
+        kernels: also run the q/k norm, RoPE and attention as one op (helios.model.transformer_kernels)."""
+        self.fused_kernels = kernels
         if hasattr(self, "to_qkv"):
             return
         qkv = nn.Linear(self.to_q.in_features, 3 * self.to_q.out_features, device=self.to_q.weight.device,
@@ -158,7 +167,15 @@ class Attention(nn.Module):
         self.to_qkv = qkv.requires_grad_(False)
         del self.to_q, self.to_k, self.to_v
 
+    def history_gain(self) -> torch.Tensor:
+        return 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
+
     def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.fused_kernels and hasattr(self, "to_qkv") and layout.parallel is None:
+            gain = self.history_gain() if self.amplify_history and layout.num_history > 0 else None
+            out = rope_attention(self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
+                                 self.norm_q.eps, self.heads, layout.num_history, gain)
+            return self.to_out[0](out)
         if hasattr(self, "to_qkv"):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
             q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
@@ -168,7 +185,7 @@ class Attention(nn.Module):
         q = apply_rope(q, layout.cos, layout.sin)
         k = apply_rope(k, layout.cos, layout.sin)
         if self.amplify_history and layout.num_history > 0:
-            gain = 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
+            gain = self.history_gain()
             nh = layout.num_history
             k = torch.cat([k[:, :nh] * gain.view(1, 1, -1, 1), k[:, nh:]], dim=1)
         out = attention(q, k, v) if layout.parallel is None else layout.parallel.attention(q, k, v)
@@ -179,11 +196,22 @@ class Attention(nn.Module):
         return self.to_out[0](attention(q, kv[0], kv[1]).flatten(2))
 
 
+def per_token(values: torch.Tensor, nh: int, length: int) -> torch.Tensor:
+    """(B, 2, D) [history, noisy] rows -> their (B, L, D) broadcast over the tokens of each segment.
+
+    Used when compiling: a select by token index fuses into the consumer's kernel, where the concatenation
+    of two segments' results made the compiled graph split a norm from its modulation."""
+    history = (torch.arange(length, device=values.device) < nh)[:, None]
+    return torch.where(history, values[:, :1], values[:, 1:])
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, nh: int) -> torch.Tensor:
     """x * (1 + scale) + shift with one (shift, scale) for the history tokens and one for the noisy.
 
     shift/scale: (B, 2, D), row 0 for history, row 1 for noisy tokens.
     """
+    if torch.compiler.is_compiling():
+        return torch.addcmul(per_token(shift, nh, x.shape[1]), x, 1 + per_token(scale, nh, x.shape[1]))
     noisy = torch.addcmul(shift[:, 1:], x[:, nh:], 1 + scale[:, 1:])
     if nh == 0:
         return noisy
@@ -193,6 +221,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, nh: int)
 def gated_add(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, nh: int) -> torch.Tensor:
     """residual + update * gate per segment, in float32, returned in residual's dtype."""
     r, u = residual.float(), update.float()
+    if torch.compiler.is_compiling():
+        return torch.addcmul(r, u, per_token(gate, nh, r.shape[1])).to(residual.dtype)
     noisy = torch.addcmul(r[:, nh:], u[:, nh:], gate[:, 1:])
     out = noisy if nh == 0 else torch.cat([torch.addcmul(r[:, :nh], u[:, :nh], gate[:, :1]), noisy], dim=1)
     return out.to(residual.dtype)
@@ -230,8 +260,11 @@ class Block(nn.Module):
 
         if self.guidance_cross_attn:  # history tokens already carry the prompt: only noisy tokens read text
             noisy = x[:, nh:]
-            noisy = noisy + self.attn2.cross_attention(self.cross_norm(noisy), kv)
-            x = torch.cat([x[:, :nh], noisy], dim=1) if nh else noisy
+            update = self.attn2.cross_attention(self.cross_norm(noisy), kv)
+            if torch.compiler.is_compiling():  # zero rows for the history: fuses with the next norm, no concat
+                x = x + F.pad(update, (0, 0, nh, 0))
+            else:
+                x = torch.cat([x[:, :nh], noisy + update], dim=1) if nh else noisy + update
         else:
             x = x + self.attn2.cross_attention(self.cross_norm(x), kv)
 
@@ -423,10 +456,14 @@ class HeliosTransformer(nn.Module):
 
         return enable_context_parallel(self, group, strategy)
 
-    def fuse_projections_(self) -> "HeliosTransformer":
-        """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes)."""
+    def fuse_projections_(self, kernels: bool = True) -> "HeliosTransformer":
+        """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes).
+
+        kernels: also the fused ops of helios.model.transformer_kernels (q/k norm + RoPE + attention in one
+        op, the feed-forward's GELU in its GEMM's epilogue)."""
         for blk in self.blocks:
-            blk.attn1.fuse_qkv_()
+            blk.attn1.fuse_qkv_(kernels)
+            blk.ffn.fused_gelu = kernels
         return self
 
     def compile_blocks_(self, **options) -> "HeliosTransformer":

@@ -1,0 +1,75 @@
+"""The transformer's fused ops on CUDA against float32 references (run on the lent GPU; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("nh", [0, 300])
+def test_qk_norm_rope_kernel_is_within_bf16_rounding(nh):
+    from helios.model import transformer_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, length, heads, hd = 2, 700, 40, 128
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, device="cuda", generator=g, dtype=torch.bfloat16)
+    wq, wk = ((1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16() for _ in range(2))
+    angles = torch.rand(b, length, hd // 2, device="cuda", generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    gain = 1 + torch.rand(heads, device="cuda", generator=g) * 3 if nh else None
+    ref = tk.qk_norm_rope_reference(qkv.float(), wq, wk, cos, sin, 1e-6, heads, nh, gain)
+    fused = tk.qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads, nh, gain)
+    plain = tk.qk_norm_rope_reference(qkv, wq, wk, cos, sin, 1e-6, heads, nh, gain)  # one bf16 rounding
+    for f, p, r in zip(fused, plain, ref):
+        assert rel(f, r) <= 1.05 * rel(p, r) + 1e-4
+
+
+def test_linear_gelu_epilogue_is_the_tanh_gelu():
+    import torch.nn.functional as F
+
+    from helios.model.transformer_kernels import linear_gelu
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1000, 512, device="cuda", generator=g)
+    w, b = torch.randn(768, 512, device="cuda", generator=g) * 0.1, torch.randn(768, device="cuda", generator=g)
+    lin = F.linear(x, w, b)
+    out = linear_gelu(x, w, b)  # float32: the tanh/erf difference is far above the GEMM's error
+    assert rel(out, F.gelu(lin, approximate="tanh")) < 1e-5 < rel(out, F.gelu(lin))
+    out16 = linear_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    plain16 = F.gelu(F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()), approximate="tanh")
+    ref = F.gelu(lin, approximate="tanh")
+    assert rel(out16, ref) <= 1.05 * rel(plain16, ref) + 1e-4
+
+
+def test_fused_compiled_model_matches_the_plain_one_bf16():
+    from helios.model.config import HeliosConfig
+    from helios.model.transformer import build_transformer
+
+    torch.manual_seed(0)
+    cfg = HeliosConfig(num_layers=2, is_amplify_history=True)  # the 14B widths, two blocks
+    model = build_transformer(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(1, 16, 9, 12, 20, device="cuda", generator=g, dtype=torch.bfloat16)
+    ctx = torch.randn(1, 64, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    hist = dict(latents_history_short=torch.randn(1, 16, 2, 12, 20, device="cuda", generator=g).bfloat16(),
+                indices_latents_history_short=torch.tensor([[0, 1]], device="cuda"),
+                indices_hidden_states=torch.arange(2, 11, device="cuda")[None])
+    t = torch.tensor([700.0], device="cuda")
+    with torch.no_grad():
+        ref32 = build_transformer(cfg, device="cuda", dtype=torch.float32).eval()
+        ref32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        ref = ref32(x.float(), t, ctx.float(), **hist).sample
+        del ref32
+        model.fuse_projections_(kernels=False)
+        plain = model(x, t, ctx, **hist).sample
+        model.fuse_projections_(kernels=True)
+        model.compile_blocks_()
+        fused = model(x, t, ctx, **hist).sample
+    assert rel(fused, ref) <= 1.1 * rel(plain, ref) + 1e-3

@@ -1,0 +1,136 @@
+"""The transformer's fused ops (helios.model.transformer_kernels) against the plain path, on the CPU.
+
+The Triton kernel itself runs here under Triton's interpreter when Triton is installed (a subprocess: the
+interpreter is chosen when the kernel is defined); its CUDA run is in tests/gpu/test_transformer_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helios.model.config import named_config
+from helios.model.transformer import build_transformer, gated_add, modulate
+from helios.model.transformer_kernels import linear_gelu, qk_norm_rope_reference, rope_attention
+from helpers_reference import generator_for, random_inputs, relative_error
+
+
+def tiny_model(seed: int, **config):
+    torch.manual_seed(seed)
+    model = build_transformer(named_config("tiny", text_dim=24, **config)).eval()
+    with torch.no_grad():  # non-trivial norm weights and history gains, so that each one is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or "history_key_scale" in name:
+                p.copy_(torch.randn(p.shape) * 0.5 + 1.0)
+    return model
+
+
+@pytest.mark.parametrize("amplify", [False, True])
+def test_fused_ops_equal_the_plain_block_in_float32(request, amplify):
+    model = tiny_model(4, is_amplify_history=amplify)
+    kw = random_inputs(generator_for(request.node.name), text_dim=24)
+    with torch.no_grad():
+        model.fuse_projections_(kernels=False)
+        plain = model(**kw).sample
+        model.fuse_projections_(kernels=True)
+        fused = model(**kw).sample
+    assert model.blocks[0].attn1.fused_kernels and model.blocks[0].ffn.fused_gelu
+    assert relative_error(fused, plain) < 1e-6
+
+
+def test_qk_norm_rope_reference_is_the_model_computation(request):
+    """Against the block's own pieces: nn.RMSNorm across heads, apply_rope, the history key gain."""
+    from helios.model.rope import apply_rope
+
+    g = generator_for(request.node.name)
+    model = tiny_model(5, is_amplify_history=True)
+    attn = model.blocks[0].attn1
+    b, length, nh = 2, 11, 4
+    d = attn.to_q.out_features
+    qkv = torch.randn(b, length, 3 * d, generator=g)
+    half = d // attn.heads // 2
+    cos, sin = torch.randn(b, length, half, generator=g), torch.randn(b, length, half, generator=g)
+    q_lin, k_lin, _ = qkv.chunk(3, dim=-1)
+    with torch.no_grad():
+        q = apply_rope(attn.heads_of(attn.norm_q(q_lin)), cos, sin)
+        k = apply_rope(attn.heads_of(attn.norm_k(k_lin)), cos, sin)
+        gain = attn.history_gain()
+        k = torch.cat([k[:, :nh] * gain.view(1, 1, -1, 1), k[:, nh:]], dim=1)
+        fq, fk = qk_norm_rope_reference(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.norm_q.eps,
+                                        attn.heads, nh, gain)
+    assert relative_error(fq, q) < 1e-6 and relative_error(fk, k) < 1e-6
+
+
+def test_rope_attention_op_traces_under_compile(request):
+    """The custom op's fake implementation gives torch.compile the right output shape."""
+    pytest.importorskip("torch._inductor")
+    g = generator_for(request.node.name)
+    qkv = torch.randn(1, 6, 3 * 32, generator=g)
+    w = torch.ones(32)
+    cos, sin = torch.ones(1, 6, 8), torch.zeros(1, 6, 8)
+    eager = rope_attention(qkv, w, w, cos, sin, 1e-6, 2, 0, None)
+    compiled = torch.compile(lambda t: rope_attention(t, w, w, cos, sin, 1e-6, 2, 0, None), backend="eager")(qkv)
+    assert eager.shape == (1, 6, 32) and torch.equal(compiled, eager)
+
+
+def test_linear_gelu_is_the_tanh_gelu_of_the_linear(request):
+    g = generator_for(request.node.name)
+    x, w, b = torch.randn(5, 7, 16, generator=g) * 3, torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    out = linear_gelu(x, w, b)
+    ref = torch.nn.functional.gelu(x @ w.t() + b, approximate="tanh")
+    assert out.shape == (5, 7, 24) and relative_error(out, ref) < 1e-6
+    assert relative_error(out, torch.nn.functional.gelu(x @ w.t() + b)) > 1e-5  # the tanh form, not erf's
+
+
+def test_per_token_forms_used_when_compiling_equal_the_segment_forms(request, monkeypatch):
+    g = generator_for(request.node.name)
+    x, u = torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    shift, scale, gate = (torch.randn(2, 2, 8, generator=g) for _ in range(3))
+    for nh in (0, 4):
+        segments = modulate(x, shift, scale, nh), gated_add(x, u, gate, nh)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        per_token = modulate(x, shift, scale, nh), gated_add(x, u, gate, nh)
+        monkeypatch.undo()
+        for a, b in zip(segments, per_token):
+            assert torch.equal(a, b)
+
+
+def test_block_in_its_compiling_form_equals_eager(request, monkeypatch):
+    """The whole model with the compile-time forms (per-token modulation, padded cross-attention update)."""
+    model = tiny_model(6)
+    kw = random_inputs(generator_for(request.node.name), text_dim=24)
+    with torch.no_grad():
+        plain = model(**kw).sample
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiling_form = model(**kw).sample
+    assert relative_error(compiling_form, plain) < 1e-6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_qk_norm_rope_kernel_under_the_triton_interpreter():
+    script = textwrap.dedent("""
+        import torch
+        from helios.model import transformer_kernels as tk
+        torch.manual_seed(0)
+        for b, length, heads, hd, nh in ((2, 7, 3, 8, 3), (1, 5, 4, 16, 0)):
+            d = heads * hd
+            qkv = torch.randn(b, length, 3 * d)
+            wq, wk = torch.randn(d), torch.randn(d)
+            cos, sin = torch.randn(b, length, hd // 2), torch.randn(b, length, hd // 2)
+            gain = torch.rand(heads) + 0.5 if nh else None
+            ref = tk.qk_norm_rope_reference(qkv, wq, wk, cos, sin, 1e-6, heads, nh, gain)
+            out = tk._qk_norm_rope_triton(qkv, wq, wk, cos, sin, 1e-6, heads, nh, gain)
+            for r, o in zip(ref, out):
+                err = ((r - o).norm() / r.norm()).item()
+                assert err < 1e-6, err
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
