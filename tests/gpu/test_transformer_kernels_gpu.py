@@ -31,6 +31,41 @@ def test_qk_norm_rope_kernel_is_within_bf16_rounding(nh):
         assert rel(f, r) <= 1.05 * rel(p, r) + 1e-4
 
 
+def test_qk_norm_rope_kernel_fp8_out_is_the_rounded_reference():
+    from helios.model import transformer_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, length, heads, hd = 1, 500, 40, 128
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16()
+    angles = torch.rand(b, length, hd // 2, device="cuda", generator=g) * 6.3
+    scales = (448 / tk.fp8_bound(w, d), 448 / tk.fp8_bound(w, d))
+    ref = tk.qk_norm_rope_reference(qkv.float(), w, w, angles.cos(), angles.sin(), 1e-6, heads, 0, None)
+    out = tk.qk_norm_rope(qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, 0, None, scales=scales)
+    for o, r, s in zip(out, ref, scales):
+        assert o.dtype == torch.float8_e4m3fn
+        assert rel(o.float() / s, r) < 0.04  # e4m3 rounding: 3 mantissa bits
+
+
+def test_cudnn_fp8_attention_matches_its_emulation():
+    from helios.model.attention import (CudnnFp8Attention, attention, cudnn_frontend_available,
+                                        fp8_attention_emulated, quantize_tensor)
+
+    if cudnn_frontend_available() is not None:
+        pytest.skip(f"no cuDNN frontend: {cudnn_frontend_available()}")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q, k, v = (torch.randn(1, 1000, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16) * 2 for _ in range(3))
+    (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    out = CudnnFp8Attention().run_quantized(q8, k8, v8, dq, dk, dv).float() * dv.reshape(())
+    emulated = fp8_attention_emulated(q8, k8, v8, dq, dk, dv)
+    exact = attention(q.float(), k.float(), v.float())
+    print("fp8 attention: vs emulation", rel(out, emulated), "vs float32", rel(out, exact),
+          "emulation vs float32", rel(emulated, exact))
+    assert rel(out, emulated) < 0.05
+    assert rel(out, exact) < 0.1
+
+
 def test_linear_gelu_epilogue_is_the_tanh_gelu():
     import torch.nn.functional as F
 

@@ -134,3 +134,50 @@ def test_qk_norm_rope_kernel_under_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_fp8_bound_bounds_the_normalised_rotated_rows(request):
+    from helios.model.transformer_kernels import fp8_bound
+
+    g = generator_for(request.node.name)
+    b, length, heads, hd = 1, 64, 4, 8
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, generator=g)
+    qkv[0, 3, :d] = 0.0
+    qkv[0, 3, 5] = 100.0  # a row whose whole norm sits in one channel: the bound is reached there
+    w = torch.randn(d, generator=g)
+    angles = torch.rand(b, length, hd // 2, generator=g) * 6.3
+    gain = torch.rand(heads, generator=g) + 1.0
+    q, k = qk_norm_rope_reference(qkv, w, w, angles.cos(), angles.sin(), 0.0, heads, 10, gain)
+    assert q.abs().max() <= fp8_bound(w, d) * (1 + 1e-5)
+    assert k.abs().max() <= fp8_bound(w, d, gain) * (1 + 1e-5)
+    assert q.abs().max() > 0.1 * fp8_bound(w, d)  # and not loose by orders of magnitude on that row
+
+
+def test_fp8_rope_attention_is_quantised_and_close(request):
+    g = generator_for(request.node.name)
+    b, length, heads, hd = 1, 40, 2, 16
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, generator=g)
+    w = torch.rand(d, generator=g) + 0.5
+    angles = torch.rand(b, length, hd // 2, generator=g) * 6.3
+    args = (qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, 8, None)
+    exact = rope_attention(*args, fp8=False)
+    fp8 = rope_attention(*args, fp8=True)
+    assert 1e-3 < relative_error(fp8, exact) < 0.1
+
+
+def test_fp8_attention_in_the_model(request):
+    from helios.model.fp8 import quantize_blocks_
+
+    model = tiny_model(7)
+    kw = random_inputs(generator_for(request.node.name), text_dim=24)
+    with torch.no_grad():
+        plain = model(**kw).sample
+        with pytest.raises(ValueError, match="fuse_projections_"):
+            quantize_blocks_(tiny_model(7), attention=True)
+        model.fuse_projections_()
+        quantize_blocks_(model, attention=True)
+        quant = model(**kw).sample
+    assert all(blk.attn1.fp8_attention for blk in model.blocks)
+    assert relative_error(quant, plain) < 0.15

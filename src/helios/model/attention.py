@@ -131,6 +131,36 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return (o8.float() * do).transpose(1, 2).to(q.dtype)
 
 
+def fp8_attention_emulated(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor,
+                           dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """What `CudnnFp8Attention.run_quantized` computes, in float32 torch ops, dequantised: e4m3 (B, L, H, D)
+    inputs with their descales. As in a flash kernel, the unnormalised probabilities exp(s - max) in (0, 1] are
+    rounded to e4m3 at SOFTMAX_SCALE before the product with v, the row sums stay in float32, and the output
+    is rounded to e4m3 at v's scale."""
+    q, k, v = (t.float() * s.reshape(()) for t, s in ((q8, dq), (k8, dk), (v8, dv)))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    rowsum = p.sum(dim=-1, keepdim=True)
+    p = (p * SOFTMAX_SCALE).to(FP8).float() / SOFTMAX_SCALE
+    out = torch.einsum("bhqk,bkhd->bqhd", p / rowsum, v)
+    return (out / dv.reshape(())).to(FP8).float() * dv.reshape(())
+
+
+_fp8_kernel: "CudnnFp8Attention | None" = None
+
+
+def fp8_attention_kernel() -> "CudnnFp8Attention":
+    """The process's cuDNN FP8 attention (one handle, graphs per shape); raises if the frontend is missing."""
+    global _fp8_kernel
+    if _fp8_kernel is None:
+        missing = cudnn_frontend_available()
+        if missing is not None:
+            raise RuntimeError(f"FP8 attention needs cuDNN's Python frontend (pip install nvidia-cudnn-frontend): "
+                               f"{missing}")
+        _fp8_kernel = CudnnFp8Attention()
+    return _fp8_kernel
+
+
 def cudnn_frontend_available() -> str | None:
     """None if cuDNN's Python frontend imports, else why not."""
     try:

@@ -56,8 +56,14 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-def quantize_blocks_(model: nn.Module) -> int:
-    """Swap every nn.Linear inside `model.blocks` for an Fp8Linear; returns how many were swapped."""
+def quantize_blocks_(model: nn.Module, attention: bool | None = None) -> int:
+    """Swap every nn.Linear inside `model.blocks` for an Fp8Linear; returns how many were swapped.
+
+    attention: also run the self-attention in e4m3 (cuDNN's FP8 attention; needs the fused q/k/v projection
+    with its kernels, `fuse_projections_()`, first). None: where it runs (CUDA with `nvidia-cudnn-frontend`).
+    """
+    from helios.model.attention import cudnn_frontend_available
+
     count = 0
     for blk in model.blocks:
         for name, module in list(blk.named_modules()):
@@ -65,4 +71,10 @@ def quantize_blocks_(model: nn.Module) -> int:
                 if isinstance(child, nn.Linear):
                     setattr(module, child_name, Fp8Linear(child))
                     count += 1
+    if attention is None:
+        attention = model.device.type == "cuda" and cudnn_frontend_available() is None
+    for blk in model.blocks:
+        if attention and not blk.attn1.fused_kernels:
+            raise ValueError("FP8 attention runs inside the fused q/k/v op: call fuse_projections_() first")
+        blk.attn1.fp8_attention = bool(attention)
     return count

@@ -141,6 +141,7 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.amplify_history = amplify_history
         self.fused_kernels = False  # inference: q/k norm + RoPE + attention as one op (fuse_qkv_)
+        self.fp8_attention = False  # with fused_kernels: e4m3 self-attention (helios.model.fp8.quantize_blocks_)
         if amplify_history:
             # Head-wise learnable gain on the history keys: 1 + sigmoid(theta) * (max_scale - 1).
             self.history_key_scale = nn.Parameter(torch.ones(heads if history_scale_mode == "per_head" else 1))
@@ -174,7 +175,7 @@ class Attention(nn.Module):
         if self.fused_kernels and hasattr(self, "to_qkv") and layout.parallel is None:
             gain = self.history_gain() if self.amplify_history and layout.num_history > 0 else None
             out = rope_attention(self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
-                                 self.norm_q.eps, self.heads, layout.num_history, gain)
+                                 self.norm_q.eps, self.heads, layout.num_history, gain, self.fp8_attention)
             return self.to_out[0](out)
         if hasattr(self, "to_qkv"):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
@@ -187,7 +188,7 @@ class Attention(nn.Module):
         if self.amplify_history and layout.num_history > 0:
             gain = self.history_gain()
             nh = layout.num_history
-            k = torch.cat([k[:, :nh] * gain.view(1, 1, -1, 1), k[:, nh:]], dim=1)
+            k = torch.cat([(k[:, :nh] * gain.view(1, 1, -1, 1)).to(k.dtype), k[:, nh:]], dim=1)
         out = attention(q, k, v) if layout.parallel is None else layout.parallel.attention(q, k, v)
         return self.to_out[0](out.flatten(2))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from helios.model.attention import attention
+from helios.model.attention import FP8, FP8_MAX, attention, fp8_attention_emulated, fp8_attention_kernel
 
 try:  # Triton ships with CUDA builds of PyTorch; the CPU wheels have none
     import triton
@@ -51,26 +51,44 @@ def qk_norm_rope_reference(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: 
     return q.to(qkv.dtype), k.to(qkv.dtype)
 
 
+def fp8_bound(weight: torch.Tensor, dim: int, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """A bound on |x| for x an RMS-normalised (over `dim` channels), rotated, gained row: float32 scalar tensor.
+
+    The normalised row has squared sum at most `dim`, a rotation keeps each pair's norm, so no element exceeds
+    sqrt(dim) * max|weight| (* max gain). Scaling by 448 / bound puts every q/k element in e4m3's range
+    without a pass over the data; typical elements land near 448 / sqrt(dim), far above its subnormals."""
+    bound = weight.detach().abs().amax().float() * dim**0.5
+    if gain is not None:
+        bound = bound * gain.detach().abs().amax().float().clamp(min=1.0)
+    return bound.clamp(min=1e-12)
+
+
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, eps: float, heads: int, num_history: int = 0,
-                 key_gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`qk_norm_rope_reference`, in one Triton kernel where it runs (CUDA, rows of the projection contiguous)."""
+                 key_gain: torch.Tensor | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qk_norm_rope_reference`, in one Triton kernel where it runs (CUDA, rows of the projection contiguous).
+
+    scales: (q, k) float32 scalar tensors; when given, q * scale_q and k * scale_k come out in e4m3."""
     if not _kernel_takes(qkv, cos, sin):
-        return qk_norm_rope_reference(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
-    return _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
+        q, k = qk_norm_rope_reference(qkv.float() if scales else qkv, q_weight, k_weight, cos, sin, eps, heads,
+                                      num_history, key_gain)
+        return (q, k) if scales is None else ((q * scales[0]).to(FP8), (k * scales[1]).to(FP8))
+    return _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, scales)
 
 
-def _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
+def _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, scales=None):
     b, length, three_d = qkv.shape
     d = three_d // 3
-    q = torch.empty(b, length, heads, d // heads, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(b, length, heads, d // heads, dtype=qkv.dtype if scales is None else FP8, device=qkv.device)
     k = torch.empty_like(q)
     gain = key_gain.float().contiguous() if key_gain is not None else q_weight  # unread without HAS_GAIN
+    sq, sk = scales if scales is not None else (q_weight, q_weight)  # unread without SCALED
     block = triton.next_power_of_2(d)
     _qk_norm_rope_kernel[(b * length, 2)](
-        qkv, q_weight, k_weight, cos, sin, gain, q, k, length, num_history, qkv.stride(0), qkv.stride(1),
+        qkv, q_weight, k_weight, cos, sin, gain, sq, sk, q, k, length, num_history, qkv.stride(0), qkv.stride(1),
         cos.stride(0), cos.stride(1), float(eps), D=d, HALF_HEAD=d // heads // 2,
-        HAS_GAIN=key_gain is not None and num_history > 0, BLOCK=block, num_warps=8)
+        HAS_GAIN=key_gain is not None and num_history > 0, SCALED=scales is not None, BLOCK=block, num_warps=8)
     return q, k
 
 
@@ -82,9 +100,10 @@ def _kernel_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
 if triton is not None:
 
     @triton.jit
-    def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gain_ptr, q_ptr, k_ptr, L, num_history,
-                             qkv_bs, qkv_ls, cos_bs, cos_ls, eps, D: tl.constexpr, HALF_HEAD: tl.constexpr,
-                             HAS_GAIN: tl.constexpr, BLOCK: tl.constexpr):
+    def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gain_ptr, sq_ptr, sk_ptr, q_ptr, k_ptr, L,
+                             num_history, qkv_bs, qkv_ls, cos_bs, cos_ls, eps, D: tl.constexpr,
+                             HALF_HEAD: tl.constexpr, HAS_GAIN: tl.constexpr, SCALED: tl.constexpr,
+                             BLOCK: tl.constexpr):
         row = tl.program_id(0)  # token, over B * L
         which = tl.program_id(1)  # 0: q, 1: k
         b = row // L
@@ -114,6 +133,11 @@ if triton is not None:
             y1 = y1 * g
             y2 = y2 * g
         y = tl.reshape(tl.join(y1, y2), (BLOCK,))
+        if SCALED:  # e4m3 out: one scale per tensor
+            if which == 0:
+                y = y * tl.load(sq_ptr)
+            else:
+                y = y * tl.load(sk_ptr)
         dst = row.to(tl.int64) * D + cols
         if which == 0:
             tl.store(q_ptr + dst, y.to(q_ptr.dtype.element_ty), mask=mask)
@@ -124,15 +148,40 @@ if triton is not None:
 @torch.library.custom_op("helios::rope_attention", mutates_args=())
 def rope_attention(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, eps: float, heads: int, num_history: int,
-                   key_gain: torch.Tensor | None) -> torch.Tensor:
-    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L, D), before to_out."""
+                   key_gain: torch.Tensor | None, fp8: bool = False) -> torch.Tensor:
+    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L, D), before to_out.
+
+    fp8: q, k, v, the probabilities and the output in e4m3 (cuDNN's FP8 attention on CUDA, its numbers
+    emulated elsewhere): q and k scaled by `fp8_bound`, v by its max; see helios.model.attention.
+    """
+    d = qkv.shape[-1] // 3
+    v = qkv[..., 2 * d:].unflatten(-1, (heads, -1))
+    if fp8:
+        return _fp8_rope_attention(qkv, v, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
     q, k = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
-    v = qkv[..., 2 * q.shape[2] * q.shape[3]:].unflatten(-1, (heads, -1))
     return attention(q, k, v).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
+def _fp8_rope_attention(qkv, v, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
+    d = v.shape[2] * v.shape[3]
+    bq = fp8_bound(q_weight, d)
+    bk = fp8_bound(k_weight, d, key_gain if num_history > 0 else None)
+    q8, k8 = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
+                          scales=(FP8_MAX / bq, FP8_MAX / bk))
+    amax = torch.linalg.vector_norm(v, float("inf")).float()  # one reduction, no |v| copy
+    v8 = (v * (FP8_MAX / amax.clamp(min=1e-12))).to(FP8)
+    dv = (amax.clamp(min=1e-12) / FP8_MAX).reshape(1, 1, 1, 1)
+    dq, dk = (bq / FP8_MAX).reshape(1, 1, 1, 1), (bk / FP8_MAX).reshape(1, 1, 1, 1)
+    if qkv.is_cuda:
+        out8 = fp8_attention_kernel().run_quantized(q8, k8, v8, dq, dk, dv)
+        out = out8.to(qkv.dtype) * dv.reshape(()).to(qkv.dtype)
+    else:
+        out = fp8_attention_emulated(q8, k8, v8, dq, dk, dv).to(qkv.dtype)
+    return out.reshape(qkv.shape[0], qkv.shape[1], -1)
+
+
 @rope_attention.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
+def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, fp8=False):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
 
 
