@@ -226,7 +226,8 @@ def glue_probe(args) -> None:
     model.fuse_projections_(kernels=not args.no_kernels)
     if args.fp8:
         from helios.model.fp8 import quantize_blocks_
-        quantize_blocks_(model)
+        quantize_blocks_(model, attention=False if args.no_fp8_attention else None)
+        res["fp8_attention"] = model.blocks[0].attn1.fp8_attention
     model.compile_blocks_()
     graphs = GraphedForward(model)
     t500 = torch.tensor([500.0], device=dev)
@@ -253,6 +254,7 @@ def glue_probe(args) -> None:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=2)
     res["chunk_111_graphed_s"] = sum(r["graphed_s"] for r in stages.values())
+    res["graph_capture_failures"] = {str(k[0]): v for k, v in graphs.failed.items()}
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
@@ -267,6 +269,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=40, help="--glue: transformer blocks (40 in the 14B model)")
     ap.add_argument("--fp8", action="store_true", help="--glue: FP8 matmuls in the blocks")
     ap.add_argument("--no-kernels", action="store_true", help="--glue: without transformer_kernels' fused ops")
+    ap.add_argument("--no-fp8-attention", action="store_true", help="--glue --fp8: bf16 attention")
     ap.add_argument("--skip-attention", action="store_true", help="--glue: skip the attention/GEMM timings")
     args = ap.parse_args()
     if args.glue:

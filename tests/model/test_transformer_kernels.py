@@ -181,3 +181,29 @@ def test_fp8_attention_in_the_model(request):
         quant = model(**kw).sample
     assert all(blk.attn1.fp8_attention for blk in model.blocks)
     assert relative_error(quant, plain) < 0.15
+
+
+def test_fp8_feed_forward_with_fused_gelu_quantisation_equals_the_plain_fp8_one(request):
+    from helios.model.fp8 import quantize_blocks_
+
+    model = tiny_model(8)
+    kw = random_inputs(generator_for(request.node.name), text_dim=24)
+    with torch.no_grad():
+        model.fuse_projections_(kernels=False)
+        quantize_blocks_(model, attention=False)
+        plain = model(**kw).sample
+        for blk in model.blocks:
+            blk.ffn.fused_gelu = True
+        fused = model(**kw).sample
+    assert relative_error(fused, plain) < 1e-5
+
+
+def test_gelu_quantize_rows_pads_to_the_row_multiple(request):
+    from helios.model.transformer_kernels import gelu_quantize_rows
+
+    h = torch.randn(21, 40, generator=generator_for(request.node.name))
+    values, scales = gelu_quantize_rows(h, 16)
+    assert values.shape == (32, 40) and scales.shape == (32, 1)
+    assert not values[21:].float().any()
+    y = torch.nn.functional.gelu(h, approximate="tanh")
+    assert relative_error(values[:21].float() * scales[:21], y) < 0.04

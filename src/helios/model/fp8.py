@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
+ROW_MULTIPLE = 16  # FP8 tensor-core matmuls need row counts in multiples of 16: CUDA inputs are padded to it
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +37,27 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         m = x2.shape[0]
         if x.is_cuda:
-            pad = (-m) % 16  # FP8 tensor-core matmuls need row counts in multiples of 16
+            pad = (-m) % ROW_MULTIPLE
             if pad:
                 x2 = F.pad(x2, (0, 0, 0, pad))
-            xq, xs = quantize_rows(x2)
+        xq, xs = quantize_rows(x2)
+        return self.forward_quantized(xq, xs, m, shape[:-1], x.dtype)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, m: int, lead: tuple[int, ...],
+                          dtype: torch.dtype) -> torch.Tensor:
+        """The product from already quantised rows: xq (M', K) e4m3 and xs (M', 1), of which the first m are
+        the tokens (on CUDA M' is a multiple of ROW_MULTIPLE); returns (*lead, N) in `dtype`."""
+        if xq.is_cuda:
             out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                                   bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
-            out = out[:m] if pad else out
+                                   bias=None if self.bias is None else self.bias.to(dtype), out_dtype=dtype)
         else:
-            xq, xs = quantize_rows(x2)
             w = self.weight_fp8.float() * self.weight_scale.t()
             out = (xq.float() * xs) @ w.t()
             if self.bias is not None:
                 out = out + self.bias.float()
-            out = out.to(x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+            out = out.to(dtype)
+        out = out[:m] if out.shape[0] != m else out
+        return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"

@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from helios.model.attention import attention
 from helios.model.config import HeliosConfig
 from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
-from helios.model.transformer_kernels import linear_gelu, rope_attention
+from helios.model.fp8 import ROW_MULTIPLE, Fp8Linear
+from helios.model.transformer_kernels import gelu_quantize_rows, linear_gelu, rope_attention
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -120,9 +121,14 @@ class FeedForward(nn.Module):
         self.fused_gelu = False  # inference: the GELU in the up projection's epilogue (fuse_projections_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = self.net[0].proj
+        up, down = self.net[0].proj, self.net[2]
         if self.fused_gelu and type(up) is nn.Linear and up.bias is not None:
-            return self.net[2](linear_gelu(x, up.weight, up.bias))
+            return down(linear_gelu(x, up.weight, up.bias))
+        if self.fused_gelu and isinstance(down, Fp8Linear):  # GELU + the down projection's quantisation
+            h = up(x)
+            rows = h.reshape(-1, h.shape[-1])
+            xq, xs = gelu_quantize_rows(rows, ROW_MULTIPLE if h.is_cuda else 1)
+            return down.forward_quantized(xq, xs, rows.shape[0], h.shape[:-1], h.dtype)
         return self.net[2](F.gelu(up(x), approximate="tanh"))
 
 

@@ -201,3 +201,55 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 @linear_gelu.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# tanh-GELU + per-row e4m3 quantisation (the FP8 feed-forward's down projection input)
+
+
+def gelu_quantize_rows_reference(h: torch.Tensor, row_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from helios.model.fp8 import quantize_rows
+
+    y = F.gelu(h.float(), approximate="tanh")
+    pad = (-y.shape[0]) % row_multiple
+    return quantize_rows(F.pad(y, (0, 0, 0, pad)) if pad else y)
+
+
+@torch.library.custom_op("helios::gelu_quantize_rows", mutates_args=())
+def gelu_quantize_rows(h: torch.Tensor, row_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> the tanh-GELU's rows in e4m3 with one float32 scale each: ((M', K), (M', 1)), M' the next
+    multiple of row_multiple (padding rows are zero). One Triton pass on CUDA, float32 inside."""
+    if triton is None or not h.is_cuda or h.stride(1) != 1:
+        return gelu_quantize_rows_reference(h, row_multiple)
+    from helios.model.fp8 import FP8_MAX as MAX
+
+    m, k = h.shape
+    rows = m + (-m) % row_multiple
+    values = torch.empty(rows, k, dtype=FP8, device=h.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=h.device)
+    block = triton.next_power_of_2(k)
+    _gelu_quantize_kernel[(rows,)](h, values, scales, m, h.stride(0), K=k, BLOCK=block, FP8_LIMIT=MAX,
+                                   num_warps=16 if block >= 8192 else 8)
+    return values, scales
+
+
+@gelu_quantize_rows.register_fake
+def _(h, row_multiple):
+    rows = h.shape[0] + (-h.shape[0]) % row_multiple
+    return h.new_empty(rows, h.shape[1], dtype=FP8), h.new_empty(rows, 1, dtype=torch.float32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_quantize_kernel(h_ptr, v_ptr, s_ptr, M, h_rs, K: tl.constexpr, BLOCK: tl.constexpr,
+                              FP8_LIMIT: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = (cols < K) & (row < M)
+        x = tl.load(h_ptr + row.to(tl.int64) * h_rs + cols, mask=mask, other=0.0).to(tl.float32)
+        # 0.5 x (1 + tanh(z)) = x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3)
+        y = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / FP8_LIMIT
+        tl.store(v_ptr + row.to(tl.int64) * K + cols, (y / scale).to(v_ptr.dtype.element_ty), mask=cols < K)
+        tl.store(s_ptr + row, scale)
