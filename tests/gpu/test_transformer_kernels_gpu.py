@@ -40,12 +40,34 @@ def test_qk_norm_rope_kernel_fp8_out_is_the_rounded_reference():
     qkv = torch.randn(b, length, 3 * d, device="cuda", generator=g, dtype=torch.bfloat16)
     w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16()
     angles = torch.rand(b, length, hd // 2, device="cuda", generator=g) * 6.3
-    scales = (448 / tk.fp8_bound(w, d), 448 / tk.fp8_bound(w, d))
-    ref = tk.qk_norm_rope_reference(qkv.float(), w, w, angles.cos(), angles.sin(), 1e-6, heads, 0, None)
+    v = qkv[..., 2 * d:].float().unflatten(-1, (heads, -1))
+    scales = (448 / tk.fp8_bound(w, d), 448 / tk.fp8_bound(w, d), 448 / v.abs().amax())
+    ref = tk.qk_norm_rope_reference(qkv.float(), w, w, angles.cos(), angles.sin(), 1e-6, heads, 0, None) + (v,)
     out = tk.qk_norm_rope(qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, 0, None, scales=scales)
     for o, r, s in zip(out, ref, scales):
         assert o.dtype == torch.float8_e4m3fn
         assert rel(o.float() / s, r) < 0.04  # e4m3 rounding: 3 mantissa bits
+
+
+def test_fp8_rope_attention_on_cuda_matches_its_cpu_emulation():
+    from helios.model.attention import cudnn_frontend_available
+    from helios.model.transformer_kernels import rope_attention_fp8
+
+    if cudnn_frontend_available() is not None:
+        pytest.skip(f"no cuDNN frontend: {cudnn_frontend_available()}")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    b, length, heads, hd = 1, 300, 8, 128
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16()
+    angles = torch.rand(b, length, hd // 2, device="cuda", generator=g) * 6.3
+    args = (qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, 100, None)
+    values, scales = rope_attention_fp8(*args, 16)
+    cpu_values, cpu_scales = rope_attention_fp8(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), 16)
+    assert values.shape == cpu_values.shape == (304, d)
+    out, emulated = values.float() * scales, (cpu_values.float() * cpu_scales).cuda()
+    assert not out[length:].any()
+    assert rel(out, emulated) < 0.05
 
 
 def test_cudnn_fp8_attention_matches_its_emulation():

@@ -155,6 +155,8 @@ def test_fp8_bound_bounds_the_normalised_rotated_rows(request):
 
 
 def test_fp8_rope_attention_is_quantised_and_close(request):
+    from helios.model.transformer_kernels import rope_attention_fp8
+
     g = generator_for(request.node.name)
     b, length, heads, hd = 1, 40, 2, 16
     d = heads * hd
@@ -162,9 +164,11 @@ def test_fp8_rope_attention_is_quantised_and_close(request):
     w = torch.rand(d, generator=g) + 0.5
     angles = torch.rand(b, length, hd // 2, generator=g) * 6.3
     args = (qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, 8, None)
-    exact = rope_attention(*args, fp8=False)
-    fp8 = rope_attention(*args, fp8=True)
-    assert 1e-3 < relative_error(fp8, exact) < 0.1
+    exact = rope_attention(*args).reshape(length, d)
+    values, scales = rope_attention_fp8(*args, 16)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (48, d) and scales.shape == (48, 1)
+    assert not values[length:].float().any()
+    assert 1e-3 < relative_error(values[:length].float() * scales[:length], exact) < 0.1
 
 
 def test_fp8_attention_in_the_model(request):

@@ -230,12 +230,13 @@ class CudnnFp8Attention:
         return (out.float() * dv.reshape(())).to(q.dtype)  # the output's range is v's
 
     def run_quantized(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor,
-                      dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
-        """The kernel alone: e4m3 inputs and their descales -> e4m3 output whose descale is dv."""
+                      dk: torch.Tensor, dv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel alone: e4m3 inputs and their descales -> e4m3 output whose descale is dv (written into
+        `out`, contiguous (B, L, H, D) e4m3, when given)."""
         graph, tensors, workspace, amax_buffers = self._graph(q8, k8)
         if self.softmax_scale.device != q8.device:
             self.softmax_scale, self.softmax_descale = self.softmax_scale.to(q8.device), self.softmax_descale.to(q8.device)
-        out = torch.empty(q8.shape, dtype=FP8, device=q8.device)
+        out = torch.empty(q8.shape, dtype=FP8, device=q8.device) if out is None else out
         tq, tk, tv, sdq, sdk, sdv, sds, sss, sso, to, tamax_s, tamax_o = tensors
         self.cudnn.set_stream(self.handle, torch.cuda.current_stream(q8.device).cuda_stream)
         graph.execute({tq: q8, tk: k8, tv: v8, sdq: dq, sdk: dk, sdv: dv, sds: self.softmax_descale,

@@ -27,7 +27,7 @@ from helios.model.attention import attention
 from helios.model.config import HeliosConfig
 from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
 from helios.model.fp8 import ROW_MULTIPLE, Fp8Linear
-from helios.model.transformer_kernels import gelu_quantize_rows, linear_gelu, rope_attention
+from helios.model.transformer_kernels import gelu_quantize_rows, linear_gelu, rope_attention, rope_attention_fp8
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -180,9 +180,13 @@ class Attention(nn.Module):
     def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if self.fused_kernels and hasattr(self, "to_qkv") and layout.parallel is None:
             gain = self.history_gain() if self.amplify_history and layout.num_history > 0 else None
-            out = rope_attention(self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
-                                 self.norm_q.eps, self.heads, layout.num_history, gain, self.fp8_attention)
-            return self.to_out[0](out)
+            args = (self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin, self.norm_q.eps,
+                    self.heads, layout.num_history, gain)
+            out_proj = self.to_out[0]
+            if self.fp8_attention and isinstance(out_proj, Fp8Linear):  # e4m3 output straight into to_out
+                values, scales = rope_attention_fp8(*args, ROW_MULTIPLE if x.is_cuda else 1)
+                return out_proj.forward_quantized(values, scales, x.shape[0] * x.shape[1], x.shape[:2], x.dtype)
+            return out_proj(rope_attention(*args))
         if hasattr(self, "to_qkv"):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
             q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)

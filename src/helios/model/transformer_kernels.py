@@ -65,15 +65,19 @@ def fp8_bound(weight: torch.Tensor, dim: int, gain: torch.Tensor | None = None) 
 
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, eps: float, heads: int, num_history: int = 0,
-                 key_gain: torch.Tensor | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 key_gain: torch.Tensor | None = None, scales: tuple[torch.Tensor, ...] | None = None
+                 ) -> tuple[torch.Tensor, ...]:
     """`qk_norm_rope_reference`, in one Triton kernel where it runs (CUDA, rows of the projection contiguous).
 
-    scales: (q, k) float32 scalar tensors; when given, q * scale_q and k * scale_k come out in e4m3."""
+    scales: (q, k, v) float32 scalar tensors; when given, the result is (q * scale_q, k * scale_k, v * scale_v)
+    in e4m3, each (B, L, H, Dh) contiguous (v straight from the projection, scaled)."""
     if not _kernel_takes(qkv, cos, sin):
         q, k = qk_norm_rope_reference(qkv.float() if scales else qkv, q_weight, k_weight, cos, sin, eps, heads,
                                       num_history, key_gain)
-        return (q, k) if scales is None else ((q * scales[0]).to(FP8), (k * scales[1]).to(FP8))
+        if scales is None:
+            return q, k
+        v = qkv[..., 2 * qkv.shape[-1] // 3:].float().unflatten(-1, (heads, -1))
+        return tuple((t * s).to(FP8) for t, s in zip((q, k, v), scales))
     return _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, scales)
 
 
@@ -82,14 +86,15 @@ def _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, num_hist
     d = three_d // 3
     q = torch.empty(b, length, heads, d // heads, dtype=qkv.dtype if scales is None else FP8, device=qkv.device)
     k = torch.empty_like(q)
+    v = torch.empty_like(q) if scales is not None else q  # unwritten without SCALED
     gain = key_gain.float().contiguous() if key_gain is not None else q_weight  # unread without HAS_GAIN
-    sq, sk = scales if scales is not None else (q_weight, q_weight)  # unread without SCALED
+    sq, sk, sv = scales if scales is not None else (q_weight, q_weight, q_weight)  # unread without SCALED
     block = triton.next_power_of_2(d)
-    _qk_norm_rope_kernel[(b * length, 2)](
-        qkv, q_weight, k_weight, cos, sin, gain, sq, sk, q, k, length, num_history, qkv.stride(0), qkv.stride(1),
+    _qk_norm_rope_kernel[(b * length, 2 if scales is None else 3)](
+        qkv, q_weight, k_weight, cos, sin, gain, sq, sk, sv, q, k, v, length, num_history, qkv.stride(0), qkv.stride(1),
         cos.stride(0), cos.stride(1), float(eps), D=d, HALF_HEAD=d // heads // 2,
         HAS_GAIN=key_gain is not None and num_history > 0, SCALED=scales is not None, BLOCK=block, num_warps=8)
-    return q, k
+    return (q, k) if scales is None else (q, k, v)
 
 
 def _kernel_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -100,89 +105,105 @@ def _kernel_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
 if triton is not None:
 
     @triton.jit
-    def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gain_ptr, sq_ptr, sk_ptr, q_ptr, k_ptr, L,
-                             num_history, qkv_bs, qkv_ls, cos_bs, cos_ls, eps, D: tl.constexpr,
+    def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gain_ptr, sq_ptr, sk_ptr, sv_ptr, q_ptr,
+                             k_ptr, v_ptr, L, num_history, qkv_bs, qkv_ls, cos_bs, cos_ls, eps, D: tl.constexpr,
                              HALF_HEAD: tl.constexpr, HAS_GAIN: tl.constexpr, SCALED: tl.constexpr,
                              BLOCK: tl.constexpr):
         row = tl.program_id(0)  # token, over B * L
-        which = tl.program_id(1)  # 0: q, 1: k
+        which = tl.program_id(1)  # 0: q, 1: k, 2 (SCALED only): v
         b = row // L
         pos = row % L
         src = qkv_ptr + b.to(tl.int64) * qkv_bs + pos.to(tl.int64) * qkv_ls + which * D
         cols = tl.arange(0, BLOCK)
         mask = cols < D
-        x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        if which == 0:
-            w = tl.load(wq_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.load(wk_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x * inv * w
-        # channel pairs (2i, 2i + 1) rotate by the token's angle i within each head
-        x1, x2 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
-        pair = tl.arange(0, BLOCK // 2)
-        pmask = pair < D // 2
-        angle = b.to(tl.int64) * cos_bs + pos.to(tl.int64) * cos_ls + (pair % HALF_HEAD)
-        c = tl.load(cos_ptr + angle, mask=pmask, other=0.0)
-        s = tl.load(sin_ptr + angle, mask=pmask, other=0.0)
-        y1 = x1 * c - x2 * s
-        y2 = x1 * s + x2 * c
-        if HAS_GAIN:  # history keys only
-            g = tl.load(gain_ptr + pair // HALF_HEAD, mask=pmask, other=1.0)
-            g = tl.where((which == 1) & (pos < num_history), g, 1.0)
-            y1 = y1 * g
-            y2 = y2 * g
-        y = tl.reshape(tl.join(y1, y2), (BLOCK,))
-        if SCALED:  # e4m3 out: one scale per tensor
-            if which == 0:
-                y = y * tl.load(sq_ptr)
-            else:
-                y = y * tl.load(sk_ptr)
         dst = row.to(tl.int64) * D + cols
-        if which == 0:
-            tl.store(q_ptr + dst, y.to(q_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        if which == 2:  # v: only its e4m3 scaling
+            tl.store(v_ptr + dst, (x * tl.load(sv_ptr)).to(v_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(k_ptr + dst, y.to(k_ptr.dtype.element_ty), mask=mask)
+            inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            if which == 0:
+                w = tl.load(wq_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(wk_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x * inv * w
+            # channel pairs (2i, 2i + 1) rotate by the token's angle i within each head
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
+            pair = tl.arange(0, BLOCK // 2)
+            pmask = pair < D // 2
+            angle = b.to(tl.int64) * cos_bs + pos.to(tl.int64) * cos_ls + (pair % HALF_HEAD)
+            c = tl.load(cos_ptr + angle, mask=pmask, other=0.0)
+            s = tl.load(sin_ptr + angle, mask=pmask, other=0.0)
+            y1 = x1 * c - x2 * s
+            y2 = x1 * s + x2 * c
+            if HAS_GAIN:  # history keys only
+                g = tl.load(gain_ptr + pair // HALF_HEAD, mask=pmask, other=1.0)
+                g = tl.where((which == 1) & (pos < num_history), g, 1.0)
+                y1 = y1 * g
+                y2 = y2 * g
+            y = tl.reshape(tl.join(y1, y2), (BLOCK,))
+            if SCALED:  # e4m3 out: one scale per tensor
+                if which == 0:
+                    y = y * tl.load(sq_ptr)
+                else:
+                    y = y * tl.load(sk_ptr)
+            if which == 0:
+                tl.store(q_ptr + dst, y.to(q_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(k_ptr + dst, y.to(k_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("helios::rope_attention", mutates_args=())
 def rope_attention(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, eps: float, heads: int, num_history: int,
-                   key_gain: torch.Tensor | None, fp8: bool = False) -> torch.Tensor:
-    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L, D), before to_out.
-
-    fp8: q, k, v, the probabilities and the output in e4m3 (cuDNN's FP8 attention on CUDA, its numbers
-    emulated elsewhere): q and k scaled by `fp8_bound`, v by its max; see helios.model.attention.
-    """
-    d = qkv.shape[-1] // 3
-    v = qkv[..., 2 * d:].unflatten(-1, (heads, -1))
-    if fp8:
-        return _fp8_rope_attention(qkv, v, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
+                   key_gain: torch.Tensor | None) -> torch.Tensor:
+    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L, D), before to_out."""
     q, k = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
+    v = qkv[..., 2 * q.shape[2] * q.shape[3]:].unflatten(-1, (heads, -1))
     return attention(q, k, v).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
-def _fp8_rope_attention(qkv, v, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
-    d = v.shape[2] * v.shape[3]
+@rope_attention.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+
+
+@torch.library.custom_op("helios::rope_attention_fp8", mutates_args=())
+def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, eps: float, heads: int, num_history: int, key_gain: torch.Tensor | None,
+                       row_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_attention` with q, k, v, the probabilities and the output in e4m3 (cuDNN's FP8 attention on CUDA,
+    its numbers emulated elsewhere). Returns the output as the rows of an FP8 matmul's input: e4m3 (M', D) and
+    float32 scales (M', 1), M = B * L tokens padded to row_multiple with zero rows, so that an Fp8Linear
+    (`forward_quantized`) reads it without another pass. q and k are scaled by `fp8_bound` (no pass over the
+    data), v by its max, which also bounds the output."""
+    b, length, three_d = qkv.shape
+    d = three_d // 3
+    v = qkv[..., 2 * d:]
     bq = fp8_bound(q_weight, d)
     bk = fp8_bound(k_weight, d, key_gain if num_history > 0 else None)
-    q8, k8 = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
-                          scales=(FP8_MAX / bq, FP8_MAX / bk))
-    amax = torch.linalg.vector_norm(v, float("inf")).float()  # one reduction, no |v| copy
-    v8 = (v * (FP8_MAX / amax.clamp(min=1e-12))).to(FP8)
-    dv = (amax.clamp(min=1e-12) / FP8_MAX).reshape(1, 1, 1, 1)
-    dq, dk = (bq / FP8_MAX).reshape(1, 1, 1, 1), (bk / FP8_MAX).reshape(1, 1, 1, 1)
+    amax = torch.linalg.vector_norm(v, float("inf")).float().clamp(min=1e-12)  # one reduction, no |v| copy
+    q8, k8, v8 = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
+                              scales=(FP8_MAX / bq, FP8_MAX / bk, FP8_MAX / amax))
+    dq, dk, dv = ((x / FP8_MAX).reshape(1, 1, 1, 1) for x in (bq, bk, amax))
+    m = b * length
+    rows = m + (-m) % row_multiple
     if qkv.is_cuda:
-        out8 = fp8_attention_kernel().run_quantized(q8, k8, v8, dq, dk, dv)
-        out = out8.to(qkv.dtype) * dv.reshape(()).to(qkv.dtype)
+        out = torch.empty(rows, d, dtype=FP8, device=qkv.device)
+        if rows > m:
+            out[m:].zero_()
+        fp8_attention_kernel().run_quantized(q8, k8, v8, dq, dk, dv, out=out[:m].view(q8.shape))
     else:
-        out = fp8_attention_emulated(q8, k8, v8, dq, dk, dv).to(qkv.dtype)
-    return out.reshape(qkv.shape[0], qkv.shape[1], -1)
+        out = (fp8_attention_emulated(q8, k8, v8, dq, dk, dv) / dv.reshape(())).to(FP8).reshape(m, d)
+        out = torch.cat([out, out.new_zeros(rows - m, d)]) if rows > m else out
+    return out, dv.reshape(1, 1).expand(rows, 1).contiguous()
 
 
-@rope_attention.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, fp8=False):
-    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+@rope_attention_fp8.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple):
+    m = qkv.shape[0] * qkv.shape[1]
+    rows = m + (-m) % row_multiple
+    return qkv.new_empty(rows, qkv.shape[2] // 3, dtype=FP8), qkv.new_empty(rows, 1, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
