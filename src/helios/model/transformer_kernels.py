@@ -16,10 +16,14 @@ against; on CUDA the torch path is used for inputs the kernel does not take.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from helios.model.attention import FP8, FP8_MAX, attention, fp8_attention_emulated, fp8_attention_kernel
+
+log = logging.getLogger("helios")
 
 try:  # Triton ships with CUDA builds of PyTorch; the CPU wheels have none
     import triton
@@ -188,15 +192,37 @@ def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
     dq, dk, dv = ((x / FP8_MAX).reshape(1, 1, 1, 1) for x in (bq, bk, amax))
     m = b * length
     rows = m + (-m) % row_multiple
-    if qkv.is_cuda:
+    if qkv.is_cuda and (tuple(q8.shape), q8.device) not in _FP8_UNSUPPORTED:
         out = torch.empty(rows, d, dtype=FP8, device=qkv.device)
         if rows > m:
             out[m:].zero_()
-        fp8_attention_kernel().run_quantized(q8, k8, v8, dq, dk, dv, out=out[:m].view(q8.shape))
+        try:
+            fp8_attention_kernel().run_quantized(q8, k8, v8, dq, dk, dv, out=out[:m].view(q8.shape))
+        except Exception as e:  # cuDNN has no FP8 plan for this shape: bf16 attention, its output quantised
+            _FP8_UNSUPPORTED[(tuple(q8.shape), q8.device)] = f"{type(e).__name__}: {e}"[:300]
+            log.warning("no cuDNN FP8 attention for %s (%s): bf16 attention there", tuple(q8.shape),
+                        _FP8_UNSUPPORTED[(tuple(q8.shape), q8.device)])
+            return _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
+                                             row_multiple)
+    elif qkv.is_cuda:
+        return _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
+                                         row_multiple)
     else:
         out = (fp8_attention_emulated(q8, k8, v8, dq, dk, dv) / dv.reshape(())).to(FP8).reshape(m, d)
         out = torch.cat([out, out.new_zeros(rows - m, d)]) if rows > m else out
     return out, dv.reshape(1, 1).expand(rows, 1).contiguous()
+
+
+_FP8_UNSUPPORTED: dict[tuple, str] = {}  # (shape, device) -> why cuDNN refused it
+
+
+def _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple):
+    from helios.model.fp8 import quantize_rows
+
+    out = rope_attention(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
+    rows = out.reshape(-1, out.shape[-1])
+    pad = (-rows.shape[0]) % row_multiple
+    return quantize_rows(F.pad(rows, (0, 0, 0, pad)) if pad else rows)
 
 
 @rope_attention_fp8.register_fake
