@@ -121,16 +121,6 @@ def quantize_tensor(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[
     return (x.float() / descale.reshape(())).to(FP8), descale
 
 
-def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The FP8 attention's numbers without its kernel: q, k, v and the output rounded to e4m3 with per-tensor
-    scales (the output's from max|v|, which bounds it), the softmax in float32. (B, L, H, D) in and out."""
-    (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
-    out = F.scaled_dot_product_attention((q8.float() * dq).transpose(1, 2), (k8.float() * dk).transpose(1, 2),
-                                         (v8.float() * dv).transpose(1, 2))
-    o8, do = quantize_tensor(out, amax=dv.reshape(()) * FP8_MAX)
-    return (o8.float() * do).transpose(1, 2).to(q.dtype)
-
-
 def fp8_attention_emulated(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor,
                            dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """What `CudnnFp8Attention.run_quantized` computes, in float32 torch ops, dequantised: e4m3 (B, L, H, D)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
+from helios.model.attention import FP8, FP8_MAX, cudnn_frontend_available
+
 ROW_MULTIPLE = 16  # FP8 tensor-core matmuls need row counts in multiples of 16: CUDA inputs are padded to it
 
 
@@ -69,8 +69,6 @@ def quantize_blocks_(model: nn.Module, attention: bool | None = None) -> int:
     attention: also run the self-attention in e4m3 (cuDNN's FP8 attention; needs the fused q/k/v projection
     with its kernels, `fuse_projections_()`, first). None: where it runs (CUDA with `nvidia-cudnn-frontend`).
     """
-    from helios.model.attention import cudnn_frontend_available
-
     count = 0
     for blk in model.blocks:
         for name, module in list(blk.named_modules()):

@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from helios.model.attention import attention
 from helios.model.config import HeliosConfig
-from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
 from helios.model.fp8 import ROW_MULTIPLE, Fp8Linear
+from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
 from helios.model.transformer_kernels import gelu_quantize_rows, linear_gelu, rope_attention, rope_attention_fp8
 
 if TYPE_CHECKING:
@@ -118,7 +118,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.net = nn.ModuleList([Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
-        self.fused_gelu = False  # inference: the GELU in the up projection's epilogue (fuse_projections_)
+        # inference (fuse_projections_): bf16, the GELU in the up projection's GEMM epilogue; FP8, the GELU and
+        # the down projection's row quantisation in one pass
+        self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.net[0].proj, self.net[2]
@@ -129,7 +131,7 @@ class FeedForward(nn.Module):
             rows = h.reshape(-1, h.shape[-1])
             xq, xs = gelu_quantize_rows(rows, ROW_MULTIPLE if h.is_cuda else 1)
             return down.forward_quantized(xq, xs, rows.shape[0], h.shape[:-1], h.dtype)
-        return self.net[2](F.gelu(up(x), approximate="tanh"))
+        return down(F.gelu(up(x), approximate="tanh"))
 
 
 class Attention(nn.Module):

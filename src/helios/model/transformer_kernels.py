@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from helios.model.attention import FP8, FP8_MAX, attention, fp8_attention_emulated, fp8_attention_kernel
+from helios.model.fp8 import quantize_rows
 
 log = logging.getLogger("helios")
 
@@ -217,8 +218,6 @@ _FP8_UNSUPPORTED: dict[tuple, str] = {}  # (shape, device) -> why cuDNN refused 
 
 
 def _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple):
-    from helios.model.fp8 import quantize_rows
-
     out = rope_attention(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
     rows = out.reshape(-1, out.shape[-1])
     pad = (-rows.shape[0]) % row_multiple
@@ -255,8 +254,6 @@ def _(x, weight, bias):
 
 
 def gelu_quantize_rows_reference(h: torch.Tensor, row_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from helios.model.fp8 import quantize_rows
-
     y = F.gelu(h.float(), approximate="tanh")
     pad = (-y.shape[0]) % row_multiple
     return quantize_rows(F.pad(y, (0, 0, 0, pad)) if pad else y)
@@ -268,14 +265,12 @@ def gelu_quantize_rows(h: torch.Tensor, row_multiple: int) -> tuple[torch.Tensor
     multiple of row_multiple (padding rows are zero). One Triton pass on CUDA, float32 inside."""
     if triton is None or not h.is_cuda or h.stride(1) != 1:
         return gelu_quantize_rows_reference(h, row_multiple)
-    from helios.model.fp8 import FP8_MAX as MAX
-
     m, k = h.shape
     rows = m + (-m) % row_multiple
     values = torch.empty(rows, k, dtype=FP8, device=h.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=h.device)
     block = triton.next_power_of_2(k)
-    _gelu_quantize_kernel[(rows,)](h, values, scales, m, h.stride(0), K=k, BLOCK=block, FP8_LIMIT=MAX,
+    _gelu_quantize_kernel[(rows,)](h, values, scales, m, h.stride(0), K=k, BLOCK=block, FP8_LIMIT=FP8_MAX,
                                    num_warps=16 if block >= 8192 else 8)
     return values, scales
 
