@@ -211,3 +211,34 @@ def test_gelu_quantize_rows_pads_to_the_row_multiple(request):
     assert not values[21:].float().any()
     y = torch.nn.functional.gelu(h, approximate="tanh")
     assert relative_error(values[:21].float() * scales[:21], y) < 0.04
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+@pytest.mark.parametrize("scaled", [False, True])
+def test_kernels_compile_for_hopper_without_a_gpu(scaled):
+    """Triton builds the kernels for sm_90 here (its bundled ptxas), at the 14B widths: a kernel that does not
+    compile fails on the CPU, not first on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helios.model import transformer_kernels as tk
+
+    hopper = GPUTarget("cuda", 90, 32)
+    out = "*fp8e4nv" if scaled else "*bf16"
+    signature = {"qkv_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                 "gain_ptr": "*fp32", "sq_ptr": "*fp32", "sk_ptr": "*fp32", "sv_ptr": "*fp32", "q_ptr": out,
+                 "k_ptr": out, "v_ptr": out, "L": "i32", "num_history": "i32", "qkv_bs": "i64", "qkv_ls": "i64",
+                 "cos_bs": "i32", "cos_ls": "i32", "eps": "fp32", "D": "constexpr", "HALF_HEAD": "constexpr",
+                 "HAS_GAIN": "constexpr", "SCALED": "constexpr", "BLOCK": "constexpr"}
+    consts = {"D": 5120, "HALF_HEAD": 64, "HAS_GAIN": True, "SCALED": scaled, "BLOCK": 8192}
+    built = triton.compile(ASTSource(fn=tk._qk_norm_rope_kernel, signature=signature, constexprs=consts),
+                           target=hopper, options={"num_warps": 8})
+    assert "cubin" in built.asm
+    if scaled:
+        signature = {"h_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "h_rs": "i64",
+                     "K": "constexpr", "BLOCK": "constexpr", "FP8_LIMIT": "constexpr"}
+        consts = {"K": 13824, "BLOCK": 16384, "FP8_LIMIT": 448.0}
+        built = triton.compile(ASTSource(fn=tk._gelu_quantize_kernel, signature=signature, constexprs=consts),
+                               target=hopper, options={"num_warps": 16})
+        assert "cubin" in built.asm
