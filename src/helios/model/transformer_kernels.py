@@ -1,17 +1,21 @@
 """Fused pieces of the transformer block that the compiled graph left apart (profiled on an H200, 2026-12-03).
 
-Two custom ops, each opaque to torch.compile (it calls them as they are, between its own fused kernels):
+Custom ops, each opaque to torch.compile (it calls them as they are, between its own fused kernels):
 
 * `rope_attention(qkv, ...)`: self-attention from the fused q/k/v projection's output. The RMS norm of q and
   of k across all heads and the rotary embedding run in one Triton pass over q and k (one program per token
   and tensor, float32 inside, rounded once to the activations' dtype); v goes to attention as a strided view
   of the projection's output, with no copy. Compiled, the same work was three kernels (the norm statistics,
   norm + RoPE + a stack, and a copy of v) at about a third of the card's bandwidth.
+* `rope_attention_fp8`: the same with e4m3 q, k, v, probabilities and output (cuDNN's FP8 attention), the
+  scaling done in the same Triton launch and the output handed to `to_out`'s FP8 matmul as quantised rows.
 * `linear_gelu(x, w, b)`: the feed-forward up projection with its tanh-GELU applied in the GEMM's epilogue
   (cuBLASLt, through `torch._addmm_activation`), instead of a separate pass over the (tokens x 13824) output.
+* `gelu_quantize_rows`: with FP8 matmuls, the GELU and the down projection's per-row e4m3 quantisation in one
+  Triton pass (there is no GELU epilogue for `torch._scaled_mm`).
 
-Both have plain torch implementations that run on the CPU (no Triton there) and are what the tests compare
-against; on CUDA the torch path is used for inputs the kernel does not take.
+Each has a plain torch implementation that runs on the CPU (no Triton there; the FP8 attention emulated) and
+is what the tests compare against; on CUDA the torch path is used for inputs the kernels do not take.
 """
 
 from __future__ import annotations
