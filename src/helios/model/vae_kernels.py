@@ -1,4 +1,6 @@
-"""The Wan VAE decoder's fused elementwise kernel: [residual add] + RMS norm + [SiLU] in one pass.
+"""The Wan VAE decoder's fused elementwise kernels.
+
+`rms_norm_silu`: [bias add] + [residual add] + RMS norm + [SiLU] in one pass.
 
 Wan's RMS norm is x / max(|x|_2, 1e-12) * sqrt(C) * gamma over the channels of each position. On
 channels-last tensors a position's channels are one contiguous row, so one Triton program normalises a
@@ -7,8 +9,12 @@ straight into the slice of a causal convolution's input buffer. That replaces di
 normalize, cast back, two multiplies, SiLU and the cache concatenation: seven passes over the
 activations become one read and one or two writes.
 
-The torch path computes the same in plain ops; it runs on the CPU, where Triton is absent, and for
-layouts the kernel does not take.
+`sum_taps`: the temporal taps of a causal 3-D convolution computed as one 2-D convolution with the taps
+folded into its output channels, (B T_in, K C, H, W), summed back per output frame (frame t takes tap k
+of input frame t + k) with the bias added, in float32, rounded once.
+
+The torch paths compute the same in plain ops; they run on the CPU, where Triton is absent, and for
+layouts the kernels do not take.
 """
 
 from __future__ import annotations
@@ -27,18 +33,20 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, scale: float, out: torch.Tensor,
                   residual: torch.Tensor | None = None, total: torch.Tensor | None = None,
-                  silu: bool = True) -> torch.Tensor:
-    """out = silu?(norm(x + residual) * scale * gain) over dim 1; `total` (if given) receives x + residual.
+                  silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = silu?(norm(x + bias + residual) * scale * gain) over dim 1; `total` (if given) receives the sum.
 
-    x, residual, total and out have the same shape (B, C, ...); `out` may be a view into a larger buffer.
+    x, residual, total and out have the same shape (B, C, ...); `out` may be a view into a larger buffer;
+    bias (C,) is a convolution's bias left for this kernel to add.
     """
     if use_triton(x, out, residual, total):
-        _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu)
+        _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu, bias)
         return out
-    s = x if residual is None else x + residual
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    s = x if bias is None else x + bias.to(x.dtype).view(shape)
+    s = s if residual is None else s + residual
     if total is not None:
         total.copy_(s)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
     y = F.normalize(s.float(), dim=1) * (scale * gain.float().view(shape))
     out.copy_(F.silu(y) if silu else y)
     return out
@@ -63,7 +71,7 @@ def _row_batch_stride(t: torch.Tensor) -> int | None:
     return t.stride(0)
 
 
-def _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu):
+def _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu, bias=None):
     c = x.shape[1]
     per_batch = x[0, 0].numel()
     rows = x.shape[0] * per_batch
@@ -71,19 +79,22 @@ def _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu):
     block_rows = max(1, 8192 // block_c)
     grid = (triton.cdiv(rows, block_rows),)
     res, tot = residual if residual is not None else x, total if total is not None else out
+    gain = gain.float().contiguous()
     _rms_norm_silu_kernel[grid](
-        x, res, tot, out, gain.float().contiguous(), rows, per_batch, c, float(scale),
+        x, res, tot, out, gain, bias.contiguous() if bias is not None else gain, rows, per_batch, c, float(scale),
         _row_batch_stride(x), _row_batch_stride(res), _row_batch_stride(tot), _row_batch_stride(out),
-        HAS_RESIDUAL=residual is not None, WRITE_TOTAL=total is not None, SILU=silu,
+        HAS_RESIDUAL=residual is not None, WRITE_TOTAL=total is not None, SILU=silu, HAS_BIAS=bias is not None,
+        ADD=bias is not None or residual is not None,
         BLOCK_C=block_c, BLOCK_ROWS=block_rows, num_warps=4 if block_c <= 256 else 8)
 
 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_silu_kernel(x_ptr, r_ptr, t_ptr, o_ptr, g_ptr, rows, per_batch, C, scale,
+    def _rms_norm_silu_kernel(x_ptr, r_ptr, t_ptr, o_ptr, g_ptr, bias_ptr, rows, per_batch, C, scale,
                               xs, rs, ts, os, HAS_RESIDUAL: tl.constexpr, WRITE_TOTAL: tl.constexpr,
-                              SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                              SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ADD: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         col = tl.arange(0, BLOCK_C)
         mask = (row[:, None] < rows) & (col[None, :] < C)
@@ -91,9 +102,14 @@ if triton is not None:
         p = (row % per_batch).to(tl.int64) * C
         within = p[:, None] + col[None, :]
         v = tl.load(x_ptr + b[:, None] * xs + within, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            # the sum is rounded to the activations' dtype first, as the unfused decoder stores it
-            v = v + tl.load(r_ptr + b[:, None] * rs + within, mask=mask, other=0.0)
+        if ADD:
+            s = v.to(tl.float32)
+            if HAS_BIAS:
+                s += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
+            if HAS_RESIDUAL:
+                s += tl.load(r_ptr + b[:, None] * rs + within, mask=mask, other=0.0).to(tl.float32)
+            # the sum is rounded to the activations' dtype once: the next block's identity is that stored sum
+            v = s.to(x_ptr.dtype.element_ty)
         if WRITE_TOTAL:
             tl.store(t_ptr + b[:, None] * ts + within, v, mask=mask)
         v = v.to(tl.float32)
@@ -104,3 +120,63 @@ if triton is not None:
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(o_ptr + b[:, None] * os + within, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the folded temporal taps: one 2-D convolution's K * C output channels summed back into C
+
+
+def sum_taps(y: torch.Tensor, batch: int, taps: int, bias: torch.Tensor | None,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    """y (B * T_in, taps * C, H, W), tap k of each input frame in channels [k C, (k + 1) C) ->
+    out (B, C, T_in - taps + 1, H, W) with out[:, :, t] = sum_k y[frame t + k, tap k] + bias."""
+    n, kc, h, w = y.shape
+    if n % batch or kc % taps:
+        raise ValueError(f"sum_taps: {tuple(y.shape)} is not (B * T_in, taps * C, H, W) for B={batch}, taps={taps}")
+    c, frames_in = kc // taps, n // batch
+    frames = frames_in - taps + 1
+    out = torch.empty((batch, c, frames, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+    if (triton is not None and y.is_cuda and y.is_contiguous(memory_format=torch.channels_last)
+            and out.is_contiguous(memory_format=torch.channels_last_3d)):
+        _sum_taps_triton(y, out, frames_in, taps, bias)
+        return out
+    yv = y.reshape(batch, frames_in, taps, c, h, w)  # a view in either layout
+    ov = out.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W)
+    ov.copy_(yv[:, :frames, 0])
+    for k in range(1, taps):
+        ov.add_(yv[:, k:k + frames, k])
+    if bias is not None:
+        ov.add_(bias.to(y.dtype).view(c, 1, 1))
+    return out
+
+
+def _sum_taps_triton(y, out, frames_in, taps, bias):
+    b, c, frames, h, w = out.shape
+    rows = b * frames * h * w
+    block_c = triton.next_power_of_2(c)
+    block_rows = max(16, 8192 // block_c)
+    grid = (triton.cdiv(rows, block_rows),)
+    _sum_taps_kernel[grid](y, bias.contiguous() if bias is not None else y, out, rows, frames, frames_in, h * w, c,
+                           TAPS=taps, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_ROWS=block_rows,
+                           num_warps=4 if block_c <= 128 else 8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sum_taps_kernel(y_ptr, bias_ptr, o_ptr, rows, frames, frames_in, hw, C, TAPS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        # one row per output position (b, t, p); y is (B T_in, H, W, TAPS C) in memory, out (B, T, H, W, C)
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.arange(0, BLOCK_C)
+        mask = (row[:, None] < rows) & (col[None, :] < C)
+        p = row % hw
+        bt = row // hw
+        frame0 = (bt // frames) * frames_in + bt % frames  # input frame of tap 0
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(TAPS):
+            src = ((frame0 + k) * hw + p) * (TAPS * C) + k * C
+            acc += tl.load(y_ptr + src[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptr + row[:, None] * C + col[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)

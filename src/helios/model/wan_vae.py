@@ -99,70 +99,214 @@ class CausalConv3d(nn.Conv3d):
         p = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(c_in, c_out, k, padding=(0, p[1], p[2]))
         self.impl: str = "conv3d"  # see autotune_convs
+        self.derived: dict[str, tuple[tuple, torch.Tensor]] = {}  # weights rearranged for an impl
+
+    @property
+    def impls(self) -> list[str]:
+        return ["conv3d", "taps", "folded"] if self.kernel_size[0] > 1 else ["conv3d"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_conv(self, x)
 
 
-CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor], torch.Tensor]] = {}
+# Each implementation computes conv(x) + bias (bias may be None) with the same result in float32.
+CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
+# Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
+# that can take it (`run_conv(..., defer_bias=True)`), as cuDNN's bias is a separate pass over the output.
+FREE_BIAS = {"folded", "phase"}
 _tuning: list[bool] = [False]  # set by autotune_convs while its decode runs
 
 
 def run_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-    """The convolution by the implementation chosen for its shape (all give the same result in float32)."""
-    if _tuning[0] and x.is_cuda:
-        conv.impl = fastest_impl(conv, x)
-    return CONV_IMPLS[conv.impl](conv, x)
+    """The convolution (with its bias) by the implementation chosen for its shape."""
+    y, bias = run_conv_deferred(conv, x, defer_bias=False)
+    return y
 
 
-def conv3d_direct(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+def run_conv_deferred(conv: CausalConv3d, x: torch.Tensor, defer_bias: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conv(x) [+ bias], the bias still to add): with `defer_bias`, an implementation whose bias would cost
+    a pass of its own leaves it to the caller, who adds it in a fused kernel it runs anyway."""
+
+    def call(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if defer_bias and name not in FREE_BIAS:
+            return CONV_IMPLS[name](conv, x, None), conv.bias
+        return CONV_IMPLS[name](conv, x, conv.bias), None
+
+    pick_impl(conv, conv.impls, call, x.is_cuda)
+    return call(conv.impl)
 
 
-def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+def pick_impl(module: nn.Module, candidates: list[str], call: Callable[[str], Any], cuda: bool) -> None:
+    """While autotune_convs runs, set `module.impl` to the fastest candidate on this very input."""
+    if _tuning[0] and cuda and len(candidates) > 1:
+        module.impl = fastest_impl(module, candidates, call)
+
+
+def cuda_ms(fn: Callable[[], Any], iters: int = 3) -> float:
+    """Milliseconds per call of fn on the current stream (CUDA events), after one warm-up call."""
+    fn()  # warm-up: plan selection, Triton compiles, derived weights
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def fastest_impl(module: nn.Module, candidates: list[str], call: Callable[[str], Any],
+                 timer: Callable[[Callable[[], Any]], float] = cuda_ms) -> str:
+    """Time each candidate (`call(name)` runs it) and return the fastest one's name; the timings (ms) are
+    kept on the module as `tuned_ms`."""
+    times = {name: timer(lambda name=name: call(name)) for name in candidates}
+    module.tuned_ms = times
+    return min(times, key=times.get)
+
+
+def derived_weight(module: nn.Module, impl: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
+                   memory_format: torch.memory_format) -> torch.Tensor:
+    """`make(weight)` in the weight's dtype and the given layout, made once and kept on the module (remade
+    when the weight tensor, its dtype, device or contents change)."""
+    key = (weight.data_ptr(), weight.dtype, weight.device, weight._version, memory_format)
+    kept = module.derived.get(impl)
+    if kept is None or kept[0] != key:
+        made = make(weight.float()).to(weight.dtype).contiguous(memory_format=memory_format)
+        module.derived[impl] = kept = (key, made)
+    return kept[1]
+
+
+def conv3d_direct(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv3d(x, conv.weight, bias, padding=conv.padding)
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B T, C, H, W); a view of a channels-last tensor (then channels-last itself)."""
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _format2d(x: torch.Tensor) -> torch.memory_format:
+    """The 2-D layout matching x's (a 5-D or 4-D activation): channels-last where x is."""
+    cl = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.channels_last if x.is_contiguous(memory_format=cl) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
     2-D kernels can beat its 3-D ones for some shapes."""
     b, c, t_in, h, w = x.shape
     kt = conv.kernel_size[0]
     if kt == 1:
-        return conv3d_direct(conv, x)
+        return conv3d_direct(conv, x, bias)
     t = t_in - kt + 1
     frames = x.permute(0, 2, 1, 3, 4)  # (B, T_in, C, H, W), a view
     out = None
     for k in range(kt):
         view = frames[:, k:k + t].reshape(b * t, c, h, w)
-        y = F.conv2d(view, conv.weight[:, :, k], conv.bias if k == 0 else None, padding=conv.padding[1:])
+        y = F.conv2d(view, conv.weight[:, :, k], bias if k == 0 else None, padding=conv.padding[1:])
         out = y if out is None else out.add_(y)
     return out.reshape(b, t, -1, out.shape[-2], out.shape[-1]).permute(0, 2, 1, 3, 4)
 
 
-CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps)
+def conv3d_folded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The temporal taps folded into the output channels: one 2-D convolution over all input frames with
+    kt x C_out outputs (a GEMM kt times wider than a tap's), then one pass that sums each output frame's
+    taps (tap k from input frame t + k) and adds the bias (`vae_kernels.sum_taps`)."""
+    kt = conv.kernel_size[0]
+    if kt == 1:
+        return conv3d_direct(conv, x, bias)
+    fmt = _format2d(x)
+    weight = derived_weight(conv, "folded", conv.weight,
+                            lambda w: w.permute(2, 0, 1, 3, 4).reshape(kt * w.shape[0], *w.shape[1:2], *w.shape[3:]),
+                            fmt)
+    y = F.conv2d(_frames(x), weight, None, padding=conv.padding[1:])
+    if fmt == torch.channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)  # a no-op unless cuDNN chose another layout
+    out_fmt = torch.channels_last_3d if fmt == torch.channels_last else torch.contiguous_format
+    return vae_kernels.sum_taps(y, x.shape[0], kt, bias, out_fmt)
 
 
-def fastest_impl(conv: CausalConv3d, x: torch.Tensor, iters: int = 3) -> str:
-    """Time each implementation on this input (CUDA events) and return the fastest one's name."""
-    candidates = ["conv3d"] + (["taps"] if conv.kernel_size[0] > 1 else [])
-    if len(candidates) == 1:
-        return candidates[0]
-    times = {}
-    for name in candidates:
-        fn = CONV_IMPLS[name]
-        fn(conv, x)  # warm-up: plan selection
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn(conv, x)
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end) / iters
-    conv.tuned_ms = times
-    return min(times, key=times.get)
+CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded)
+
+
+# ---- nearest 2x upsampling + 3x3 convolution -----------------------------------------------------
+# Upsampled pixel (2i + a, 2j + b) is input pixel (i, j), so output phase (a, b) of the 3x3 convolution
+# over the upsampled image is a 2x2 convolution of the input: along each axis, phase 0 reads rows i - 1
+# (weight row 0) and i (rows 1 + 2 summed), phase 1 rows i (rows 0 + 1) and i + 1 (row 2). With padding 1
+# a 2x2 convolution's output row i' reads input rows i' - 1 and i', so phase a is its output row i + a.
+# All four phases are one 2x2 convolution with 4 C_out outputs: 2.25x fewer FLOPs than the 3x3 over the
+# upsampled image, a 4x wider GEMM, and no upsampled copy; a shuffle interleaves the phases.
+
+_PHASE_ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # phase 0: rows (i - 1, i)
+                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # phase 1: rows (i, i + 1)
+
+
+def phase_weights(w: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2): phase (a, b) in output channels [(2a + b) C_out, ...)."""
+    r = _PHASE_ROWS.to(w.device, w.dtype)
+    k = torch.einsum("ari,ocij,bsj->abocrs", r, w, r)  # (2, 2, C_out, C_in, 2, 2)
+    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2)
+
+
+def shuffle_phases(y: torch.Tensor, bias: torch.Tensor | None, memory_format: torch.memory_format) -> torch.Tensor:
+    """y (N, 4 C, h + 1, w + 1), the 2x2 phase convolution -> (N, C, 2h, 2w) (+ bias)."""
+    n, c4, h1, w1 = y.shape
+    c, h, w = c4 // 4, h1 - 1, w1 - 1
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+    phases = y.unflatten(1, (2, 2, c))  # (N, a, b, C, h + 1, w + 1)
+    rows = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # (N, C, h, a, w, b)
+    for a in range(2):
+        for b in range(2):
+            src, dst = phases[:, a, b, :, a:a + h, b:b + w], rows[:, :, :, a, :, b]
+            if bias is None:
+                dst.copy_(src)
+            else:
+                torch.add(src, bias.to(y.dtype).view(c, 1, 1), out=dst)
+    return out
+
+
+def upsample_conv_direct(rs: "Resample", frames: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fmt = _format2d(frames)
+    up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact").contiguous(memory_format=fmt)
+    return F.conv2d(up, rs.resample[1].weight, bias, padding=1)
+
+
+def upsample_conv_phases(rs: "Resample", frames: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fmt = _format2d(frames)
+    weight = derived_weight(rs, "phase", rs.resample[1].weight, phase_weights, fmt)
+    y = F.conv2d(frames, weight, None, padding=1)
+    return shuffle_phases(y, bias, fmt)
+
+
+UPSAMPLE_IMPLS: dict[str, Callable[["Resample", torch.Tensor, torch.Tensor | None], torch.Tensor]] = dict(
+    upsample=upsample_conv_direct, phase=upsample_conv_phases)
+
+
+def run_upsample_conv(rs: "Resample", frames: torch.Tensor, defer_bias: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest 2x upsampling + the resampler's 3x3 convolution of (N, C, h, w) frames, by the chosen impl;
+    returns (output, the bias still to add) as run_conv_deferred."""
+    bias = rs.resample[1].bias
+
+    def call(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if defer_bias and name not in FREE_BIAS:
+            return UPSAMPLE_IMPLS[name](rs, frames, None), bias
+        return UPSAMPLE_IMPLS[name](rs, frames, bias), None
+
+    pick_impl(rs, list(UPSAMPLE_IMPLS), call, frames.is_cuda)
+    return call(rs.impl)
+
+
+def tunable_modules(decoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in decoder.named_modules() if isinstance(m, (CausalConv3d, Resample))]
 
 
 @torch.no_grad()
 def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Choose each causal convolution's implementation by timing it on the input it meets when decoding
-    latents of z's shape; returns the timings (ms) per module name. A no-op off CUDA."""
+    """Choose each causal convolution's and each upsampler's implementation by timing it on the input it
+    meets when decoding latents of z's shape; returns the timings (ms) per module name. A no-op off CUDA."""
     if not z.is_cuda:
         return {}
     _tuning[0] = True
@@ -170,8 +314,9 @@ def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor) -> dict[str, dict[
         decoder.decode(z)
     finally:
         _tuning[0] = False
-    return {name: dict(m.tuned_ms, chosen=m.impl) for name, m in decoder.named_modules()
-            if isinstance(m, CausalConv3d) and hasattr(m, "tuned_ms")}
+    for _, m in tunable_modules(decoder):  # the rearranged weights of impls not chosen go
+        m.derived = {k: v for k, v in m.derived.items() if k == m.impl}
+    return {name: dict(m.tuned_ms, chosen=m.impl) for name, m in tunable_modules(decoder) if hasattr(m, "tuned_ms")}
 
 
 class ResidualBlock(nn.Module):
@@ -209,6 +354,8 @@ class Resample(nn.Module):
         super().__init__()
         self.temporal = temporal
         self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.impl: str = "upsample"  # or "phase"; see autotune_convs
+        self.derived: dict[str, tuple[tuple, torch.Tensor]] = {}
         if temporal:
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
@@ -303,19 +450,32 @@ class WanVAEDecoder(nn.Module):
         x = run.layout(z.to(self.dtype))
         x = run_conv(self.post_quant_conv, x)
         d = self.decoder
-        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x))
-        x = run.residual_block("mid.0", d.mid_block.resnets[0], x)
+        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x), defer_bias=True)
+        x = run.residual_block("mid.0", d.mid_block.resnets[0], x, defer_bias=False)  # attention next: no fused norm
         x = run.attention(d.mid_block.attentions[0], x)
         x = run.residual_block("mid.1", d.mid_block.resnets[1], x)
         for i, block in enumerate(d.up_blocks):
             for j, resnet in enumerate(block.resnets):
-                x = run.residual_block(f"up{i}.{j}", resnet, x)
+                into_upsampler = j == len(block.resnets) - 1 and block.upsamplers is not None
+                x = run.residual_block(f"up{i}.{j}", resnet, x, defer_bias=not into_upsampler)
             if block.upsamplers is not None:
                 x = run.resample(f"up{i}.resample", block.upsamplers[0], x)
         x = run.causal_conv("conv_out", d.conv_out, run.norm_silu_into("conv_out", d.norm_out, x))
         state.started = True
         x = x.contiguous()  # (B, 3, T, H, W) in the usual layout for whoever reads the frames
         return x.clamp_(-1.0, 1.0) if clamp else x
+
+
+@dataclass
+class Pending:
+    """x + residual + bias, not added yet: the next fused norm adds them on its way in (a pass each saved)."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # a convolution's bias, per channel
+
+
+Activation = torch.Tensor | Pending
 
 
 class _Run:
@@ -351,45 +511,53 @@ class _Run:
         new.copy_(x)
         return buf
 
-    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor, defer_bias: bool = False) -> Activation:
+        """The convolution of a history buffer; with `defer_bias`, a bias that would cost a pass of its own
+        comes back pending, for the next fused norm."""
         self.keep_history(key, buf)
-        return run_conv(conv, buf)
+        y, bias = run_conv_deferred(conv, buf, defer_bias)
+        return y if bias is None else Pending(y, bias=bias)
 
-    def norm_silu_into(self, key: str, norm: RMSNorm, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                       total: torch.Tensor | None = None) -> torch.Tensor:
-        """silu(norm(x)) written into a history buffer for `key`. x may be a pending sum (a, b), added on
-        the way in; with `total`, that sum is also written there (the next block's identity)."""
-        a, b = x if isinstance(x, tuple) else (x, None)
-        buf, new = self.buffer(key, a, a.shape[1], a.shape[2])
-        vae_kernels.rms_norm_silu(a, norm.gain(), norm.scale, out=new, residual=b, total=total, silu=True)
+    def norm_silu_into(self, key: str, norm: RMSNorm, x: Activation, total: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """silu(norm(x)) written into a history buffer for `key`. A pending x is summed on the way in;
+        with `total`, that sum is also written there (the next block's identity)."""
+        p = x if isinstance(x, Pending) else Pending(x)
+        buf, new = self.buffer(key, p.x, p.x.shape[1], p.x.shape[2])
+        vae_kernels.rms_norm_silu(p.x, norm.gain(), norm.scale, out=new, residual=p.residual, total=total,
+                                  silu=True, bias=p.bias)
         return buf
 
-    def residual_block(self, key: str, blk: ResidualBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x is a tensor, or a pending sum (a, b) that the block's first norm adds on its way in.
-        Returns the pending sum (conv2 output, identity): the next consumer adds it."""
-        if isinstance(x, tuple):
-            identity = torch.empty_like(x[0], memory_format=self.fmt)
+    def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer_bias: bool = True) -> Pending:
+        """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
+        `defer_bias` where that consumer is a fused norm."""
+        if isinstance(x, Pending):
+            identity = torch.empty_like(x.x, memory_format=self.fmt)
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
         else:
             identity = x
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
         h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
-        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1)
-        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y))
-        return y, h
+        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer_bias=True)  # norm2 takes conv1's bias
+        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y),
+                             defer_bias=defer_bias)
+        return Pending(y, h) if isinstance(y, torch.Tensor) else Pending(y.x, h, y.bias)
 
-    def settle(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """A pending residual sum made into a tensor (where the next consumer is no fused norm)."""
-        if isinstance(x, tuple):
-            a, b = x
-            return a.add_(b)
-        return x
+    def settle(self, x: Activation) -> torch.Tensor:
+        """A pending sum made into a tensor (where the next consumer is no fused norm)."""
+        if not isinstance(x, Pending):
+            return x
+        out = x.x
+        if x.residual is not None:
+            out = out.add_(x.residual)
+        if x.bias is not None:
+            out = out.add_(x.bias.view(-1, 1, 1, 1))
+        return out
 
-    def attention(self, blk: AttentionBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attention(self, blk: AttentionBlock, x: Activation) -> torch.Tensor:
         x = self.settle(x)
         b, c, t, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        frames = _frames(x)
         normed = torch.empty_like(frames)
         vae_kernels.rms_norm_silu(frames, blk.norm.gain(), blk.norm.scale, out=normed, silu=False)
         qkv = blk.to_qkv(normed).flatten(2).transpose(1, 2)  # (BT, HW, 3C)
@@ -400,17 +568,16 @@ class _Run:
                                   torch.contiguous_format))
         return o.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).add_(x)
 
-    def resample(self, key: str, rs: Resample, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def resample(self, key: str, rs: Resample, x: Activation) -> Activation:
+        """(Temporal doubling, then) nearest 2x upsampling + 3x3 convolution; its bias may come back pending
+        (the next block's first norm adds it)."""
         x = self.settle(x)
         if rs.temporal:
             x = self.double_frames(key, rs, x)
         b, c, t, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
-        if self.model.channels_last:
-            up = up.contiguous(memory_format=torch.channels_last)
-        y = rs.resample[1](up)
-        return y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+        y, bias = run_upsample_conv(rs, _frames(x), defer_bias=True)
+        y = y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+        return y if bias is None else Pending(y, bias=bias)
 
     def double_frames(self, key: str, rs: Resample, x: torch.Tensor) -> torch.Tensor:
         """Each latent frame after the chunk's first becomes two (the first stays one)."""
