@@ -1,6 +1,6 @@
 """The Wan VAE decode of one 14B chunk (9 latent frames at 48x80 -> 33 frames at 384x640, bf16) on one GPU:
 diffusers' `AutoencoderKLWan.decode` (the reference) against ours (helios.model.wan_vae) in each of its
-settings, the error of each against a float32 decode by diffusers, each convolution's timed implementations,
+settings (each step of the decoder's development measured in the same run), the error of each against a float32 decode by diffusers, each convolution's timed implementations,
 and a profile of our fastest path naming the kernels its time goes to.
 
     python benchmarks/probe_vae_decode.py --out vae.json
@@ -36,6 +36,7 @@ def main() -> None:
     from diffusers import AutoencoderKLWan
 
     from helios.engine.conditioning import LatentCodec
+    from helios.model.wan_vae import autotune_convs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="vae.json")
@@ -49,6 +50,7 @@ def main() -> None:
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latents": list(shape)}
     exact = LatentCodec(vae).decode_reference(z).float()  # diffusers, float32
     codec = LatentCodec(vae.to(torch.bfloat16))
+    z_raw = codec._vae_latents(z)  # what the decoder itself sees
 
     def record(name, fn):
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +65,20 @@ def main() -> None:
     decoder = codec.decoder
     decoder.channels_last_()
     record("ours-channels-last", lambda: codec.decode(z))
+    # what each step brings, same run: the 2026-12-02 choices (cuDNN 3-D or per-tap 2-D, materialised
+    # upsampling, biases added by cuDNN's separate pass), then biases deferred into the fused norms, then
+    # the folded taps, then the phase convolution (all implementations: the default)
+    decoder.defer_biases = False
+    autotune_convs(decoder, z_raw, {"conv3d", "taps", "upsample"})
+    record("ours-tuned-v1", lambda: codec.decode(z))
+    decoder.defer_biases = True
+    autotune_convs(decoder, z_raw, {"conv3d", "taps", "upsample"})
+    record("ours-tuned-v1+deferred-biases", lambda: codec.decode(z))
+    autotune_convs(decoder, z_raw, {"conv3d", "taps", "folded", "upsample"})
+    record("ours-tuned+folded-taps", lambda: codec.decode(z))
     res["conv_timings_ms"] = codec.fast_decode_(shape, graphs=False)
+    res["chosen"] = {impl: sum(t["chosen"] == impl for t in res["conv_timings_ms"].values())
+                     for impl in sorted({t["chosen"] for t in res["conv_timings_ms"].values()})}
     record("ours-tuned", lambda: codec.decode(z))
     res["profile_tuned"] = profile(lambda: codec.decode(z))
     codec.fast_decode_(None, graphs=True)  # keeps the tuned choices

@@ -10,9 +10,13 @@ frame), and the others are, with zero history. So 9 latent frames become 1 + 4 *
 Layout and fusion (the GPU fast path; the CPU runs the same maths with plain torch):
 - every activation is channels-last (`channels_last_3d`), the layout cuDNN's Hopper kernels want;
 - each causal convolution reads a buffer with room for its two history frames in front, and the
-  RMS norm + SiLU before it (and the residual add before that) write straight into that buffer in one
-  fused kernel (`helios.model.vae_kernels`), so no concatenation or separate activation pass is made;
-- the convolution algorithm per layer shape can be chosen by timing (`autotune_convs`);
+  RMS norm + SiLU before it (and the residual add and the previous convolution's bias before that)
+  write straight into that buffer in one fused kernel (`helios.model.vae_kernels`), so no
+  concatenation or separate activation pass is made;
+- each convolution has several implementations with the same result in float32, chosen per layer by
+  timing (`autotune_convs`): cuDNN's 3-D kernel, one 2-D convolution per temporal tap summed, or the taps
+  folded into one 2-D convolution's output channels and summed by a Triton kernel; each upsampler's
+  nearest 2x upsampling + 3x3 convolution runs as is or as one 2x2 convolution of its four output phases;
 - the whole decode can be captured as a CUDA graph per latent shape (`GraphedDecode`).
 
 `decode(z, state)` also decodes a chunk in parts (frame 0 first, then the rest): `state` carries each
@@ -114,7 +118,7 @@ CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None]
 # Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
 # that can take it (`run_conv(..., defer_bias=True)`), as cuDNN's bias is a separate pass over the output.
 FREE_BIAS = {"folded", "phase"}
-_tuning: list[bool] = [False]  # set by autotune_convs while its decode runs
+_tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
 
 def run_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +142,11 @@ def run_conv_deferred(conv: CausalConv3d, x: torch.Tensor, defer_bias: bool = Tr
 
 
 def pick_impl(module: nn.Module, candidates: list[str], call: Callable[[str], Any], cuda: bool) -> None:
-    """While autotune_convs runs, set `module.impl` to the fastest candidate on this very input."""
-    if _tuning[0] and cuda and len(candidates) > 1:
-        module.impl = fastest_impl(module, candidates, call)
+    """While autotune_convs runs, set `module.impl` to the fastest allowed candidate on this very input."""
+    if _tuning[0] is None or not cuda:
+        return
+    allowed = [name for name in candidates if name in _tuning[0]] or candidates[:1]
+    module.impl = allowed[0] if len(allowed) == 1 else fastest_impl(module, allowed, call)
 
 
 def cuda_ms(fn: Callable[[], Any], iters: int = 3) -> float:
@@ -304,19 +310,26 @@ def tunable_modules(decoder: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor) -> dict[str, dict[str, float]]:
+def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor, impls: set[str] | None = None
+                   ) -> dict[str, dict[str, float]]:
     """Choose each causal convolution's and each upsampler's implementation by timing it on the input it
-    meets when decoding latents of z's shape; returns the timings (ms) per module name. A no-op off CUDA."""
+    meets when decoding latents of z's shape (among `impls` only, if given: for measuring what each brings);
+    returns the timings (ms) per module name. A no-op off CUDA."""
     if not z.is_cuda:
         return {}
-    _tuning[0] = True
+    known = set(CONV_IMPLS) | set(UPSAMPLE_IMPLS)
+    if impls is not None and not impls <= known:
+        raise ValueError(f"unknown implementations {sorted(impls - known)}; known: {sorted(known)}")
+    for _, m in tunable_modules(decoder):
+        m.__dict__.pop("tuned_ms", None)
+    _tuning[0] = set(impls) if impls is not None else known
     try:
         decoder.decode(z)
     finally:
-        _tuning[0] = False
+        _tuning[0] = None
     for _, m in tunable_modules(decoder):  # the rearranged weights of impls not chosen go
         m.derived = {k: v for k, v in m.derived.items() if k == m.impl}
-    return {name: dict(m.tuned_ms, chosen=m.impl) for name, m in tunable_modules(decoder) if hasattr(m, "tuned_ms")}
+    return {name: dict(getattr(m, "tuned_ms", {}), chosen=m.impl) for name, m in tunable_modules(decoder)}
 
 
 class ResidualBlock(nn.Module):
@@ -398,6 +411,7 @@ class WanVAEDecoder(nn.Module):
         self.post_quant_conv = CausalConv3d(self.config.z_dim, self.config.z_dim, 1)
         self.decoder = Decoder(self.config)
         self.channels_last = False
+        self.defer_biases = True  # biases that would cost a pass of their own go into the next fused norm
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -484,6 +498,7 @@ class _Run:
     def __init__(self, model: WanVAEDecoder, state: DecodeState):
         self.model, self.state = model, state
         self.fmt = torch.channels_last_3d if model.channels_last else torch.contiguous_format
+        self.defer = model.defer_biases
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=self.fmt)
@@ -515,7 +530,7 @@ class _Run:
         """The convolution of a history buffer; with `defer_bias`, a bias that would cost a pass of its own
         comes back pending, for the next fused norm."""
         self.keep_history(key, buf)
-        y, bias = run_conv_deferred(conv, buf, defer_bias)
+        y, bias = run_conv_deferred(conv, buf, defer_bias and self.defer)
         return y if bias is None else Pending(y, bias=bias)
 
     def norm_silu_into(self, key: str, norm: RMSNorm, x: Activation, total: torch.Tensor | None = None
@@ -575,7 +590,7 @@ class _Run:
         if rs.temporal:
             x = self.double_frames(key, rs, x)
         b, c, t, h, w = x.shape
-        y, bias = run_upsample_conv(rs, _frames(x), defer_bias=True)
+        y, bias = run_upsample_conv(rs, _frames(x), defer_bias=self.defer)
         y = y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
         return y if bias is None else Pending(y, bias=bias)
 
