@@ -66,16 +66,18 @@ def main() -> None:
     decoder.channels_last_()
     record("ours-channels-last", lambda: codec.decode(z))
     # what each step brings, same run: the 2026-12-02 choices (cuDNN 3-D or per-tap 2-D, materialised
-    # upsampling, biases added by cuDNN's separate pass), then biases deferred into the fused norms, then
-    # the folded taps, then the phase convolution (all implementations: the default)
-    decoder.defer_biases = False
-    autotune_convs(decoder, z_raw, {"conv3d", "taps", "upsample"})
-    record("ours-tuned-v1", lambda: codec.decode(z))
-    decoder.defer_biases = True
-    autotune_convs(decoder, z_raw, {"conv3d", "taps", "upsample"})
-    record("ours-tuned-v1+deferred-biases", lambda: codec.decode(z))
-    autotune_convs(decoder, z_raw, {"conv3d", "taps", "folded", "upsample"})
-    record("ours-tuned+folded-taps", lambda: codec.decode(z))
+    # upsampling, biases added by cuDNN's separate pass), then biases deferred into the fused norms, then the
+    # per-tap sums too, then the folded taps, then the phase convolution, then (all implementations: the
+    # default) the padded output convolution
+    old = {"conv3d", "taps", "upsample"}
+    steps = [("ours-tuned-v1", old, False, False), ("ours-tuned-v1+deferred-biases", old, True, False),
+             ("ours-tuned-v1+deferred-biases+tap-sums", old, True, True),
+             ("ours-tuned+folded-taps", old | {"folded"}, True, True),
+             ("ours-tuned+folded-taps+phase-conv", old | {"folded", "phase"}, True, True)]
+    for name, impls, biases, tap_sums in steps:
+        decoder.defer_biases, decoder.defer_tap_sums = biases, tap_sums
+        autotune_convs(decoder, z_raw, impls)
+        record(name, lambda: codec.decode(z))
     res["conv_timings_ms"] = codec.fast_decode_(shape, graphs=False)
     res["chosen"] = {impl: sum(t["chosen"] == impl for t in res["conv_timings_ms"].values())
                      for impl in sorted({t["chosen"] for t in res["conv_timings_ms"].values()})}

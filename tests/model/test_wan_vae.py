@@ -99,16 +99,19 @@ def test_each_convolution_implementation_equals_conv3d(kernel, padding, channels
         x = x.contiguous(memory_format=torch.channels_last_3d)
     ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
     assert ref.shape[2] == 6 - kernel[0] + 1
+    assert ("pad16" in conv.impls) and (("folded" in conv.impls) == (kernel[0] == 3))
     for name in conv.impls:
         assert (CONV_IMPLS[name](conv, x, conv.bias) - ref).abs().max().item() < 1e-5, name
         no_bias = CONV_IMPLS[name](conv, x, None)
         assert (no_bias + conv.bias.view(-1, 1, 1, 1) - ref).abs().max().item() < 1e-5, name
         # a deferred bias comes back to the caller unless the implementation adds it for free
         conv.impl = name
-        y, bias = run_conv_deferred(conv, x, defer_bias=True)
-        y = y if bias is None else y + bias.view(-1, 1, 1, 1)
+        parts, bias = run_conv_deferred(conv, x, defer=True)
+        y = sum(parts) if bias is None else sum(parts) + bias.view(-1, 1, 1, 1)
         assert (y - ref).abs().max().item() < 1e-5, name
         assert (bias is None) == (name == "folded"), name
+        assert len(parts) == (kernel[0] if name == "taps" else 1), name  # the taps come back unsummed
+        assert len(run_conv_deferred(conv, x, defer=True, partial_sums=False)[0]) == 1
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -132,17 +135,20 @@ def test_the_phase_convolution_equals_nearest_upsampling_then_the_3x3_convolutio
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_the_fused_norm_adds_a_deferred_bias_and_the_residual():
+def test_the_fused_norm_adds_a_deferred_bias_the_taps_and_the_residual():
     from helios.model import vae_kernels
 
     g = torch.Generator().manual_seed(2)
     x, r = torch.randn(2, 6, 3, 4, 5, generator=g), torch.randn(2, 6, 3, 4, 5, generator=g)
     bias, gain = torch.randn(6, generator=g), 1 + 0.3 * torch.randn(6, generator=g)
     out, total = torch.empty_like(x), torch.empty_like(x)
-    vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=r, total=total, bias=bias)
-    s = x + bias.view(1, -1, 1, 1, 1) + r
+    parts = [torch.randn(2, 6, 3, 4, 5, generator=g) for _ in range(2)]  # a convolution's unsummed taps
+    vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=[*parts, r], total=total, bias=bias)
+    s = x + bias.view(1, -1, 1, 1, 1) + parts[0] + parts[1] + r
     ref = torch.nn.functional.silu(torch.nn.functional.normalize(s, dim=1) * 6**0.5 * gain.view(1, -1, 1, 1, 1))
-    assert (total - s).abs().max().item() < 1e-6 and (out - ref).abs().max().item() < 1e-5
+    assert (total - s).abs().max().item() < 1e-5 and (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="at most 3"):
+        vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=[r] * 4)
 
 
 def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():
@@ -163,7 +169,7 @@ def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():
 def test_the_fastest_implementation_is_chosen_and_its_timings_kept():
     from helios.model.wan_vae import CausalConv3d, fastest_impl
 
-    conv = CausalConv3d(2, 2, 3, padding=1)
+    conv = CausalConv3d(2, 16, 3, padding=1)
     ran = []
     fake_ms = {"conv3d": 2.0, "taps": 3.0, "folded": 1.5}
     chosen = fastest_impl(conv, conv.impls, ran.append, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1])

@@ -1,6 +1,6 @@
 """The Wan VAE decoder's fused elementwise kernels.
 
-`rms_norm_silu`: [bias add] + [residual add] + RMS norm + [SiLU] in one pass.
+`rms_norm_silu`: [bias add] + [residual adds] + RMS norm + [SiLU] in one pass.
 
 Wan's RMS norm is x / max(|x|_2, 1e-12) * sqrt(C) * gamma over the channels of each position. On
 channels-last tensors a position's channels are one contiguous row, so one Triton program normalises a
@@ -19,6 +19,8 @@ layouts the kernels do not take.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -31,20 +33,28 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+MAX_ADDENDS = 3  # tensors the fused norm adds to x on its way in (the unsummed taps of a convolution + a residual)
+
+
 def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, scale: float, out: torch.Tensor,
-                  residual: torch.Tensor | None = None, total: torch.Tensor | None = None,
+                  residual: torch.Tensor | Sequence[torch.Tensor] | None = None, total: torch.Tensor | None = None,
                   silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """out = silu?(norm(x + bias + residual) * scale * gain) over dim 1; `total` (if given) receives the sum.
 
     x, residual, total and out have the same shape (B, C, ...); `out` may be a view into a larger buffer;
-    bias (C,) is a convolution's bias left for this kernel to add.
+    residual may be several tensors (at most MAX_ADDENDS), all added; bias (C,) is a convolution's bias left
+    for this kernel to add. The sum is made in float32 and rounded once to x's dtype.
     """
-    if use_triton(x, out, residual, total):
-        _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu, bias)
+    addends = [] if residual is None else [residual] if isinstance(residual, torch.Tensor) else list(residual)
+    if len(addends) > MAX_ADDENDS:
+        raise ValueError(f"rms_norm_silu adds at most {MAX_ADDENDS} tensors to x, got {len(addends)}")
+    if use_triton(x, out, total, *addends):
+        _rms_norm_silu_triton(x, gain, scale, out, addends, total, silu, bias)
         return out
     shape = (1, -1) + (1,) * (x.dim() - 2)
     s = x if bias is None else x + bias.to(x.dtype).view(shape)
-    s = s if residual is None else s + residual
+    for a in addends:
+        s = s + a
     if total is not None:
         total.copy_(s)
     y = F.normalize(s.float(), dim=1) * (scale * gain.float().view(shape))
@@ -71,28 +81,30 @@ def _row_batch_stride(t: torch.Tensor) -> int | None:
     return t.stride(0)
 
 
-def _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu, bias=None):
+def _rms_norm_silu_triton(x, gain, scale, out, addends, total, silu, bias=None):
     c = x.shape[1]
     per_batch = x[0, 0].numel()
     rows = x.shape[0] * per_batch
     block_c = triton.next_power_of_2(c)
     block_rows = max(1, 8192 // block_c)
     grid = (triton.cdiv(rows, block_rows),)
-    res, tot = residual if residual is not None else x, total if total is not None else out
+    adds = list(addends) + [x] * (MAX_ADDENDS - len(addends))  # unused slots point anywhere valid
+    tot = total if total is not None else out
     gain = gain.float().contiguous()
     _rms_norm_silu_kernel[grid](
-        x, res, tot, out, gain, bias.contiguous() if bias is not None else gain, rows, per_batch, c, float(scale),
-        _row_batch_stride(x), _row_batch_stride(res), _row_batch_stride(tot), _row_batch_stride(out),
-        HAS_RESIDUAL=residual is not None, WRITE_TOTAL=total is not None, SILU=silu, HAS_BIAS=bias is not None,
-        ADD=bias is not None or residual is not None,
+        x, adds[0], adds[1], adds[2], tot, out, gain, bias.contiguous() if bias is not None else gain,
+        rows, per_batch, c, float(scale), _row_batch_stride(x), *(_row_batch_stride(a) for a in adds),
+        _row_batch_stride(tot), _row_batch_stride(out),
+        N_ADD=len(addends), WRITE_TOTAL=total is not None, SILU=silu, HAS_BIAS=bias is not None,
+        ADD=bias is not None or len(addends) > 0,
         BLOCK_C=block_c, BLOCK_ROWS=block_rows, num_warps=4 if block_c <= 256 else 8)
 
 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_silu_kernel(x_ptr, r_ptr, t_ptr, o_ptr, g_ptr, bias_ptr, rows, per_batch, C, scale,
-                              xs, rs, ts, os, HAS_RESIDUAL: tl.constexpr, WRITE_TOTAL: tl.constexpr,
+    def _rms_norm_silu_kernel(x_ptr, a1_ptr, a2_ptr, a3_ptr, t_ptr, o_ptr, g_ptr, bias_ptr, rows, per_batch, C,
+                              scale, xs, a1s, a2s, a3s, ts, os, N_ADD: tl.constexpr, WRITE_TOTAL: tl.constexpr,
                               SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ADD: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -106,8 +118,12 @@ if triton is not None:
             s = v.to(tl.float32)
             if HAS_BIAS:
                 s += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
-            if HAS_RESIDUAL:
-                s += tl.load(r_ptr + b[:, None] * rs + within, mask=mask, other=0.0).to(tl.float32)
+            if N_ADD >= 1:
+                s += tl.load(a1_ptr + b[:, None] * a1s + within, mask=mask, other=0.0).to(tl.float32)
+            if N_ADD >= 2:
+                s += tl.load(a2_ptr + b[:, None] * a2s + within, mask=mask, other=0.0).to(tl.float32)
+            if N_ADD >= 3:
+                s += tl.load(a3_ptr + b[:, None] * a3s + within, mask=mask, other=0.0).to(tl.float32)
             # the sum is rounded to the activations' dtype once: the next block's identity is that stored sum
             v = s.to(x_ptr.dtype.element_ty)
         if WRITE_TOTAL:

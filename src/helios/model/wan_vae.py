@@ -107,7 +107,8 @@ class CausalConv3d(nn.Conv3d):
 
     @property
     def impls(self) -> list[str]:
-        return ["conv3d", "taps", "folded"] if self.kernel_size[0] > 1 else ["conv3d"]
+        names = ["conv3d", "taps", "folded"] if self.kernel_size[0] > 1 else ["conv3d"]
+        return names + (["pad16"] if self.out_channels < PADDED_CHANNELS else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_conv(self, x)
@@ -116,26 +117,32 @@ class CausalConv3d(nn.Conv3d):
 # Each implementation computes conv(x) + bias (bias may be None) with the same result in float32.
 CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
 # Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
-# that can take it (`run_conv(..., defer_bias=True)`), as cuDNN's bias is a separate pass over the output.
+# that can take it (`run_conv_deferred`), as cuDNN's bias is a separate pass over the output.
 FREE_BIAS = {"folded", "phase"}
+# Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
+PARTIAL_SUMS = {"taps"}
+PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
 _tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
 
 def run_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
     """The convolution (with its bias) by the implementation chosen for its shape."""
-    y, bias = run_conv_deferred(conv, x, defer_bias=False)
-    return y
+    return run_conv_deferred(conv, x, defer=False)[0][0]
 
 
-def run_conv_deferred(conv: CausalConv3d, x: torch.Tensor, defer_bias: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(conv(x) [+ bias], the bias still to add): with `defer_bias`, an implementation whose bias would cost
-    a pass of its own leaves it to the caller, who adds it in a fused kernel it runs anyway."""
+def run_conv_deferred(conv: CausalConv3d, x: torch.Tensor, defer: bool = True, partial_sums: bool = True
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(the parts whose sum is conv(x) [+ bias], the bias still to add). Without `defer`: one part, the
+    whole output. With it, for a caller that adds them in a fused kernel it runs anyway: an implementation
+    whose bias would cost a pass of its own leaves the bias, and (with `partial_sums`) the per-tap one
+    leaves its taps unsummed."""
 
-    def call(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if defer_bias and name not in FREE_BIAS:
-            return CONV_IMPLS[name](conv, x, None), conv.bias
-        return CONV_IMPLS[name](conv, x, conv.bias), None
+    def call(name: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if defer and partial_sums and name in PARTIAL_SUMS:
+            return conv3d_tap_parts(conv, x, None), conv.bias
+        if defer and name not in FREE_BIAS:
+            return [CONV_IMPLS[name](conv, x, None)], conv.bias
+        return [CONV_IMPLS[name](conv, x, conv.bias)], None
 
     pick_impl(conv, conv.impls, call, x.is_cuda)
     return call(conv.impl)
@@ -199,21 +206,41 @@ def _format2d(x: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
-    2-D kernels can beat its 3-D ones for some shapes."""
+def conv3d_tap_parts(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """One 2-D convolution per temporal tap over all frames (tap k reads frames k..k + T - 1), unsummed;
+    each part (B, C_out, T, H', W'); the bias goes into the first."""
     b, c, t_in, h, w = x.shape
     kt = conv.kernel_size[0]
-    if kt == 1:
-        return conv3d_direct(conv, x, bias)
     t = t_in - kt + 1
     frames = x.permute(0, 2, 1, 3, 4)  # (B, T_in, C, H, W), a view
-    out = None
+    parts = []
     for k in range(kt):
         view = frames[:, k:k + t].reshape(b * t, c, h, w)
         y = F.conv2d(view, conv.weight[:, :, k], bias if k == 0 else None, padding=conv.padding[1:])
-        out = y if out is None else out.add_(y)
-    return out.reshape(b, t, -1, out.shape[-2], out.shape[-1]).permute(0, 2, 1, 3, 4)
+        parts.append(y.reshape(b, t, -1, y.shape[-2], y.shape[-1]).permute(0, 2, 1, 3, 4))
+    return parts
+
+
+def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
+    2-D kernels can beat its 3-D ones for some shapes."""
+    if conv.kernel_size[0] == 1:
+        return conv3d_direct(conv, x, bias)
+    parts = conv3d_tap_parts(conv, x, bias)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.add_(part)
+    return out
+
+
+def conv3d_padded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN's 3-D kernel with the outputs padded to PADDED_CHANNELS by zero weights (its kernels for very few
+    output channels are slow), cut back to the real ones (a view)."""
+    pad = PADDED_CHANNELS - conv.out_channels
+    fmt = torch.channels_last_3d if _format2d(x) == torch.channels_last else torch.contiguous_format
+    weight = derived_weight(conv, "pad16", conv.weight, lambda w: F.pad(w, (0, 0, 0, 0, 0, 0, 0, 0, 0, pad)), fmt)
+    y = F.conv3d(x, weight, None if bias is None else F.pad(bias, (0, pad)), padding=conv.padding)
+    return y[:, :conv.out_channels]
 
 
 def conv3d_folded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -234,7 +261,7 @@ def conv3d_folded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None
     return vae_kernels.sum_taps(y, x.shape[0], kt, bias, out_fmt)
 
 
-CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded)
+CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded)
 
 
 # ---- nearest 2x upsampling + 3x3 convolution -----------------------------------------------------
@@ -293,7 +320,7 @@ UPSAMPLE_IMPLS: dict[str, Callable[["Resample", torch.Tensor, torch.Tensor | Non
 def run_upsample_conv(rs: "Resample", frames: torch.Tensor, defer_bias: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Nearest 2x upsampling + the resampler's 3x3 convolution of (N, C, h, w) frames, by the chosen impl;
-    returns (output, the bias still to add) as run_conv_deferred."""
+    returns (output, the bias still to add)."""
     bias = rs.resample[1].bias
 
     def call(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -411,7 +438,10 @@ class WanVAEDecoder(nn.Module):
         self.post_quant_conv = CausalConv3d(self.config.z_dim, self.config.z_dim, 1)
         self.decoder = Decoder(self.config)
         self.channels_last = False
-        self.defer_biases = True  # biases that would cost a pass of their own go into the next fused norm
+        # what the next fused norm adds on its way in: biases that would cost a pass of their own, and the
+        # per-tap convolution's partial sums (switches for measuring what each brings)
+        self.defer_biases = True
+        self.defer_tap_sums = True
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -464,14 +494,14 @@ class WanVAEDecoder(nn.Module):
         x = run.layout(z.to(self.dtype))
         x = run_conv(self.post_quant_conv, x)
         d = self.decoder
-        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x), defer_bias=True)
-        x = run.residual_block("mid.0", d.mid_block.resnets[0], x, defer_bias=False)  # attention next: no fused norm
+        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x), defer=True)
+        x = run.residual_block("mid.0", d.mid_block.resnets[0], x, defer=False)  # attention next: no fused norm
         x = run.attention(d.mid_block.attentions[0], x)
         x = run.residual_block("mid.1", d.mid_block.resnets[1], x)
         for i, block in enumerate(d.up_blocks):
             for j, resnet in enumerate(block.resnets):
                 into_upsampler = j == len(block.resnets) - 1 and block.upsamplers is not None
-                x = run.residual_block(f"up{i}.{j}", resnet, x, defer_bias=not into_upsampler)
+                x = run.residual_block(f"up{i}.{j}", resnet, x, defer=not into_upsampler)
             if block.upsamplers is not None:
                 x = run.resample(f"up{i}.resample", block.upsamplers[0], x)
         x = run.causal_conv("conv_out", d.conv_out, run.norm_silu_into("conv_out", d.norm_out, x))
@@ -482,11 +512,16 @@ class WanVAEDecoder(nn.Module):
 
 @dataclass
 class Pending:
-    """x + residual + bias, not added yet: the next fused norm adds them on its way in (a pass each saved)."""
+    """The sum of parts + residual + bias, not added yet: the next fused norm adds them on its way in (a pass
+    each saved). The parts are one convolution's output, or its unsummed per-tap outputs."""
 
-    x: torch.Tensor
+    parts: list[torch.Tensor]
     residual: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # a convolution's bias, per channel
+
+    def addends(self) -> list[torch.Tensor]:
+        """What the norm adds to parts[0]."""
+        return self.parts[1:] + ([self.residual] if self.residual is not None else [])
 
 
 Activation = torch.Tensor | Pending
@@ -498,7 +533,7 @@ class _Run:
     def __init__(self, model: WanVAEDecoder, state: DecodeState):
         self.model, self.state = model, state
         self.fmt = torch.channels_last_3d if model.channels_last else torch.contiguous_format
-        self.defer = model.defer_biases
+        self.defer, self.partial_sums = model.defer_biases, model.defer_tap_sums
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=self.fmt)
@@ -526,45 +561,46 @@ class _Run:
         new.copy_(x)
         return buf
 
-    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor, defer_bias: bool = False) -> Activation:
-        """The convolution of a history buffer; with `defer_bias`, a bias that would cost a pass of its own
-        comes back pending, for the next fused norm."""
+    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor, defer: bool = False) -> Activation:
+        """The convolution of a history buffer; with `defer` (its consumer is a fused norm), what would cost
+        passes of their own (bias, per-tap sums) comes back pending."""
         self.keep_history(key, buf)
-        y, bias = run_conv_deferred(conv, buf, defer_bias and self.defer)
-        return y if bias is None else Pending(y, bias=bias)
+        parts, bias = run_conv_deferred(conv, buf, defer and self.defer, self.partial_sums)
+        return parts[0] if len(parts) == 1 and bias is None else Pending(parts, bias=bias)
 
     def norm_silu_into(self, key: str, norm: RMSNorm, x: Activation, total: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """silu(norm(x)) written into a history buffer for `key`. A pending x is summed on the way in;
         with `total`, that sum is also written there (the next block's identity)."""
-        p = x if isinstance(x, Pending) else Pending(x)
-        buf, new = self.buffer(key, p.x, p.x.shape[1], p.x.shape[2])
-        vae_kernels.rms_norm_silu(p.x, norm.gain(), norm.scale, out=new, residual=p.residual, total=total,
+        p = x if isinstance(x, Pending) else Pending([x])
+        first = p.parts[0]
+        buf, new = self.buffer(key, first, first.shape[1], first.shape[2])
+        vae_kernels.rms_norm_silu(first, norm.gain(), norm.scale, out=new, residual=p.addends(), total=total,
                                   silu=True, bias=p.bias)
         return buf
 
-    def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer_bias: bool = True) -> Pending:
+    def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer: bool = True) -> Pending:
         """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
-        `defer_bias` where that consumer is a fused norm."""
+        `defer` where that consumer is a fused norm."""
         if isinstance(x, Pending):
-            identity = torch.empty_like(x.x, memory_format=self.fmt)
+            identity = torch.empty_like(x.parts[0], memory_format=self.fmt)
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
         else:
             identity = x
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
         h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
-        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer_bias=True)  # norm2 takes conv1's bias
+        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer=True)  # norm2 adds what conv1 leaves
         y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y),
-                             defer_bias=defer_bias)
-        return Pending(y, h) if isinstance(y, torch.Tensor) else Pending(y.x, h, y.bias)
+                             defer=defer)
+        return Pending([y], h) if isinstance(y, torch.Tensor) else Pending(y.parts, h, y.bias)
 
     def settle(self, x: Activation) -> torch.Tensor:
         """A pending sum made into a tensor (where the next consumer is no fused norm)."""
         if not isinstance(x, Pending):
             return x
-        out = x.x
-        if x.residual is not None:
-            out = out.add_(x.residual)
+        out = x.parts[0]
+        for a in x.addends():
+            out = out.add_(a)
         if x.bias is not None:
             out = out.add_(x.bias.view(-1, 1, 1, 1))
         return out
@@ -592,7 +628,7 @@ class _Run:
         b, c, t, h, w = x.shape
         y, bias = run_upsample_conv(rs, _frames(x), defer_bias=self.defer)
         y = y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
-        return y if bias is None else Pending(y, bias=bias)
+        return y if bias is None else Pending([y], bias=bias)
 
     def double_frames(self, key: str, rs: Resample, x: torch.Tensor) -> torch.Tensor:
         """Each latent frame after the chunk's first becomes two (the first stays one)."""
