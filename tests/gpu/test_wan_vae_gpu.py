@@ -86,7 +86,7 @@ def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
     # each implementation on its own, whatever the timing chose (the Triton tap sum and the phase shuffle)
     from helios.model.wan_vae import CausalConv3d, Resample
 
-    for conv_impl, upsample_impl in [("folded", "phase"), ("taps", "upsample"), ("pad16", "phase")]:
+    for conv_impl, upsample_impl in [("folded", "phase"), ("taps", "upsample"), ("pad16", "phase"), ("gather", "phase")]:
         for m in codec.decoder.modules():
             if isinstance(m, CausalConv3d) and conv_impl in m.impls:
                 m.impl = conv_impl

@@ -79,6 +79,7 @@ def test_every_convolution_implementation_and_layout_gives_the_same_frames(vae):
     for conv, upsample in [("taps", "upsample"), ("folded", "phase")]:
         set_impls(decoder, conv, upsample)
         outs[conv] = decoder.decode(z)
+    decoder.decoder.conv_out.impl = "gather"  # with the folded taps and the phase convolution elsewhere
     decoder.channels_last_()
     outs["folded, channels-last"] = decoder.decode(z)
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in decoder.parameters() if p.dim() == 5)
@@ -87,12 +88,13 @@ def test_every_convolution_implementation_and_layout_gives_the_same_frames(vae):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("kernel, padding", [((3, 3, 3), 1), ((3, 1, 1), (1, 0, 0)), ((1, 1, 1), 0)])
-def test_each_convolution_implementation_equals_conv3d(kernel, padding, channels_last):
+@pytest.mark.parametrize("kernel, padding, c_out", [((3, 3, 3), 1, 7), ((3, 3, 3), 1, 3), ((3, 1, 1), (1, 0, 0), 7),
+                                                     ((1, 1, 1), 0, 7)])
+def test_each_convolution_implementation_equals_conv3d(kernel, padding, c_out, channels_last):
     from helios.model.wan_vae import CONV_IMPLS, CausalConv3d, run_conv_deferred
 
     torch.manual_seed(0)
-    conv = CausalConv3d(5, 7, kernel, padding=padding)
+    conv = CausalConv3d(5, c_out, kernel, padding=padding)
     x = torch.randn(2, 5, 6, 4, 5)
     if channels_last:
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
@@ -100,6 +102,7 @@ def test_each_convolution_implementation_equals_conv3d(kernel, padding, channels
     ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
     assert ref.shape[2] == 6 - kernel[0] + 1
     assert ("pad16" in conv.impls) and (("folded" in conv.impls) == (kernel[0] == 3))
+    assert ("gather" in conv.impls) == (kernel == (3, 3, 3) and c_out <= 4)
     for name in conv.impls:
         assert (CONV_IMPLS[name](conv, x, conv.bias) - ref).abs().max().item() < 1e-5, name
         no_bias = CONV_IMPLS[name](conv, x, None)
@@ -164,6 +167,23 @@ def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():
         assert (out[:, :, t] - expected).abs().max().item() < 1e-6
     with pytest.raises(ValueError, match="not \\(B \\* T_in"):
         vae_kernels.sum_taps(y, batch=3, taps=3, bias=None, memory_format=torch.contiguous_format)
+
+
+def test_gathering_taps_sums_each_shifted_tap_with_zeros_outside_the_frame():
+    from helios.model import vae_kernels
+
+    b, t_in, h, w = 1, 4, 3, 5
+    p = torch.randn(b * t_in * h * w, 27 * 4, generator=torch.Generator().manual_seed(4))
+    out = vae_kernels.gather_taps(p, b, t_in, h, w, channels=3, bias=None)
+    assert out.shape == (1, 3, 2, 3, 5) and out.is_contiguous()
+    per = p.reshape(b, t_in, h, w, 27, 4)
+    t, y, x, c = 1, 0, 4, 2  # a corner: the taps reaching outside the frame add nothing
+    expected = sum(per[0, t + kt, y + ky - 1, x + kx - 1, 9 * kt + 3 * ky + kx, c]
+                   for kt in range(3) for ky in range(3) for kx in range(3)
+                   if 0 <= y + ky - 1 < h and 0 <= x + kx - 1 < w)
+    assert abs(out[0, c, t, y, x].item() - expected.item()) < 1e-5
+    with pytest.raises(ValueError, match="gather_taps"):
+        vae_kernels.gather_taps(p, b, t_in, h + 1, w, channels=3, bias=None)
 
 
 def test_the_fastest_implementation_is_chosen_and_its_timings_kept():

@@ -196,3 +196,72 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
         tl.store(o_ptr + row[:, None] * C + col[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# a 3x3x3 convolution with very few outputs (the decoder's last, 96 -> 3) as a matmul + gather
+
+
+GATHER_CHANNELS = 4  # outputs per tap in the matmul's result (the real ones, then zeros)
+GATHER_TAPS = 27  # a 3x3x3 kernel
+
+
+def gather_taps(p: torch.Tensor, batch: int, frames_in: int, h: int, w: int, channels: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """p (B * T_in * H * W, 27 * 4): at each input position, every tap's contribution to each output channel
+    (tap (kt, ky, kx) in columns [(9 kt + 3 ky + kx) 4, ... + 4)) -> out (B, channels, T_in - 2, H, W),
+    contiguous, with out[b, c, t, y, x] = sum over taps of p at (t + kt, y + ky - 1, x + kx - 1) (zero
+    outside the frame) + bias[c]."""
+    if p.shape != (batch * frames_in * h * w, GATHER_TAPS * GATHER_CHANNELS) or channels > GATHER_CHANNELS:
+        raise ValueError(f"gather_taps: p {tuple(p.shape)} is not (B T_in H W, {GATHER_TAPS * GATHER_CHANNELS}) "
+                         f"for B={batch}, T_in={frames_in}, H={h}, W={w}, or channels {channels} > {GATHER_CHANNELS}")
+    frames = frames_in - 2
+    out = torch.empty((batch, channels, frames, h, w), dtype=p.dtype, device=p.device)
+    if triton is not None and p.is_cuda and p.is_contiguous():
+        rows = batch * frames * h * w
+        block_rows = 64
+        _gather_taps_kernel[(triton.cdiv(rows, block_rows),)](
+            p, bias.contiguous() if bias is not None else p, out, rows, frames, frames_in, h, w, channels,
+            CP=GATHER_CHANNELS, TAPS=GATHER_TAPS, TAPS_P2=32, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows,
+            num_warps=4)
+        return out
+    per = F.pad(p.reshape(batch, frames_in, h, w, GATHER_TAPS, GATHER_CHANNELS), (0, 0, 0, 0, 1, 1, 1, 1))
+    acc = torch.zeros((batch, frames, h, w, GATHER_CHANNELS), dtype=p.dtype, device=p.device)
+    for tap in range(GATHER_TAPS):
+        kt, ky, kx = tap // 9, tap // 3 % 3, tap % 3
+        acc += per[:, kt:kt + frames, ky:ky + h, kx:kx + w, tap]
+    out.copy_(acc[..., :channels].permute(0, 4, 1, 2, 3))
+    if bias is not None:
+        out += bias.to(p.dtype).view(-1, 1, 1, 1)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_taps_kernel(p_ptr, bias_ptr, o_ptr, rows, frames, frames_in, H, W, C, CP: tl.constexpr,
+                            TAPS: tl.constexpr, TAPS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_ROWS: tl.constexpr):
+        # one row per output position (b, t, y, x): its 27 taps' CP channels, gathered and summed over taps
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        rmask = row < rows
+        hw = row % (H * W)
+        x = hw % W
+        y = hw // W
+        bt = row // (H * W)
+        t = bt % frames
+        b = bt // frames
+        tap = tl.arange(0, TAPS_P2)
+        kt, ky, kx = tap // 9, (tap // 3) % 3, tap % 3
+        yy = y[:, None] + ky[None, :] - 1
+        xx = x[:, None] + kx[None, :] - 1
+        valid = rmask[:, None] & (tap[None, :] < TAPS) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        pos = ((b[:, None] * frames_in + t[:, None] + kt[None, :]) * H + yy) * W + xx
+        base = pos * (TAPS * CP) + tap[None, :] * CP
+        c = tl.arange(0, CP)
+        vals = tl.load(p_ptr + base[:, :, None] + c[None, None, :], mask=valid[:, :, None], other=0.0)
+        acc = tl.sum(vals.to(tl.float32), axis=1)  # (BLOCK_ROWS, CP)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        o = ((b[:, None] * C + c[None, :]) * frames + t[:, None]) * (H * W) + hw[:, None]
+        tl.store(o_ptr + o, acc.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (c[None, :] < C))

@@ -108,7 +108,12 @@ class CausalConv3d(nn.Conv3d):
     @property
     def impls(self) -> list[str]:
         names = ["conv3d", "taps", "folded"] if self.kernel_size[0] > 1 else ["conv3d"]
-        return names + (["pad16"] if self.out_channels < PADDED_CHANNELS else [])
+        if self.out_channels < PADDED_CHANNELS:
+            names.append("pad16")
+        if (self.out_channels <= vae_kernels.GATHER_CHANNELS and self.kernel_size == (3, 3, 3)
+                and self.padding == (0, 1, 1)):
+            names.append("gather")
+        return names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_conv(self, x)
@@ -261,7 +266,23 @@ def conv3d_folded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None
     return vae_kernels.sum_taps(y, x.shape[0], kt, bias, out_fmt)
 
 
-CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded)
+def conv3d_by_gather(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3x3 convolution with very few outputs (cuDNN's kernels fill a GEMM 3 wide poorly): one matmul
+    from the input channels to every tap's contribution to each output (27 x 4 columns, a GEMM that wide),
+    then one pass that gathers and sums each output position's 27 shifted taps, adding the bias
+    (`vae_kernels.gather_taps`). Its output is contiguous (B, C, T, H, W), as the decoder hands it over."""
+    b, c, t_in, h, w = x.shape
+    cp = vae_kernels.GATHER_CHANNELS
+    weight = derived_weight(conv, "gather", conv.weight,  # (27 cp, C_in): row (tap, output channel)
+                            lambda wt: F.pad(wt.permute(2, 3, 4, 0, 1), (0, 0, 0, cp - wt.shape[0]))
+                            .reshape(vae_kernels.GATHER_TAPS * cp, wt.shape[1]), torch.contiguous_format)
+    rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c)  # a view of a channels-last x
+    p = F.linear(rows, weight)
+    return vae_kernels.gather_taps(p, b, t_in, h, w, conv.out_channels, bias)
+
+
+CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded,
+                  gather=conv3d_by_gather)
 
 
 # ---- nearest 2x upsampling + 3x3 convolution -----------------------------------------------------
