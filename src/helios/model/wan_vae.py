@@ -123,7 +123,7 @@ class CausalConv3d(nn.Conv3d):
 CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
 # Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
 # that can take it (`run_conv_deferred`), as cuDNN's bias is a separate pass over the output.
-FREE_BIAS = {"folded", "phase"}
+FREE_BIAS = {"folded", "phase", "gather"}
 # Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
 PARTIAL_SUMS = {"taps"}
 PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
