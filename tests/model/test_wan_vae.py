@@ -198,6 +198,15 @@ def test_the_fastest_implementation_is_chosen_and_its_timings_kept():
     fake_ms["folded"] = 4.0  # a slower new implementation is not picked
     assert fastest_impl(conv, conv.impls, ran.append, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1]) == "conv3d"
 
+    def conv3d_fails(name):
+        if name == "conv3d":
+            raise RuntimeError("no kernel for this device")
+        ran.append(name)
+
+    # one that fails while tuning is left out; the fastest of the others is chosen
+    assert fastest_impl(conv, conv.impls, conv3d_fails, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1]) == "taps"
+    assert set(conv.tuned_ms) == {"taps", "folded"}
+
 
 def test_graph_replay_reads_each_new_latent(vae):
     # replay="host" re-runs the captured decode on its static input: a latent that skipped the copy

@@ -25,6 +25,7 @@ causal convolution's history between the calls, as diffusers' feature cache does
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helios.model import vae_kernels
+
+log = logging.getLogger("helios")
 
 HISTORY = 2  # frames of history a kernel-3 causal convolution reads
 
@@ -127,6 +130,8 @@ FREE_BIAS = {"folded", "phase", "gather"}
 # Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
 PARTIAL_SUMS = {"taps"}
 PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
+# Built and equal in float32, but not measured on a GPU yet: tuned only when asked for by name.
+NOT_TUNED_BY_DEFAULT = {"gather"}
 _tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
 
@@ -177,7 +182,15 @@ def fastest_impl(module: nn.Module, candidates: list[str], call: Callable[[str],
                  timer: Callable[[Callable[[], Any]], float] = cuda_ms) -> str:
     """Time each candidate (`call(name)` runs it) and return the fastest one's name; the timings (ms) are
     kept on the module as `tuned_ms`."""
-    times = {name: timer(lambda name=name: call(name)) for name in candidates}
+    times = {}
+    for name in candidates:
+        try:
+            times[name] = timer(lambda name=name: call(name))
+        except Exception as e:  # e.g. a kernel that does not compile for this device: not a candidate here
+            log.warning("%s implementation %r failed while tuning (%s); not using it", type(module).__name__,
+                        name, f"{type(e).__name__}: {e}"[:200])
+    if not times:
+        raise RuntimeError(f"every implementation of {type(module).__name__} failed while tuning: {candidates}")
     module.tuned_ms = times
     return min(times, key=times.get)
 
@@ -361,8 +374,8 @@ def tunable_modules(decoder: nn.Module) -> list[tuple[str, nn.Module]]:
 def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor, impls: set[str] | None = None
                    ) -> dict[str, dict[str, float]]:
     """Choose each causal convolution's and each upsampler's implementation by timing it on the input it
-    meets when decoding latents of z's shape (among `impls` only, if given: for measuring what each brings);
-    returns the timings (ms) per module name. A no-op off CUDA."""
+    meets when decoding latents of z's shape (among `impls` only, if given: for measuring what each brings;
+    by default all but NOT_TUNED_BY_DEFAULT); returns the timings (ms) per module name. A no-op off CUDA."""
     if not z.is_cuda:
         return {}
     known = set(CONV_IMPLS) | set(UPSAMPLE_IMPLS)
@@ -370,7 +383,7 @@ def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor, impls: set[str] | 
         raise ValueError(f"unknown implementations {sorted(impls - known)}; known: {sorted(known)}")
     for _, m in tunable_modules(decoder):
         m.__dict__.pop("tuned_ms", None)
-    _tuning[0] = set(impls) if impls is not None else known
+    _tuning[0] = set(impls) if impls is not None else known - NOT_TUNED_BY_DEFAULT
     try:
         decoder.decode(z)
     finally:
