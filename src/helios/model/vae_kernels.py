@@ -13,6 +13,9 @@ activations become one read and one or two writes.
 folded into its output channels, (B T_in, K C, H, W), summed back per output frame (frame t takes tap k
 of input frame t + k) with the bias added, in float32, rounded once.
 
+`gather_taps`: a 3x3x3 convolution with very few outputs computed as one matmul to every tap's contribution,
+then summed back over the 27 shifted taps per output position, in float32.
+
 The torch paths compute the same in plain ops; they run on the CPU, where Triton is absent, and for
 layouts the kernels do not take.
 """
