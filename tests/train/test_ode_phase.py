@@ -17,7 +17,7 @@ from helios.engine.history import HistoryBuffer
 from helios.model.loading import load_transformer
 from helios.sampling.dmd import flow_to_x0
 from helios.sampling.pyramid import pyramid_stage_mus
-from helios.sampling.schedulers import load_scheduler
+from helios.sampling.loading import load_scheduler
 from helios.train.config import ConfigError, load_config
 from helios.train.distill import student_timesteps
 from helios.train.ode import ODEPairDataset, make_ode_pairs, ode_chunks

@@ -32,7 +32,7 @@ from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
-from helios.sampling.schedulers import load_scheduler
+from helios.sampling.loading import load_scheduler
 
 log = logging.getLogger("helios")
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -47,9 +46,9 @@ import torch.nn.functional as F
 from helios.engine.history import HistoryBuffer, HistoryLayout, split_history
 from helios.model.transformer import HeliosTransformer
 from helios.sampling.dmd import DMDScheduler, flow_to_x0
-from helios.sampling.pyramid import first_stage_latents, initial_noise, pyramid_stage_mus, renoise_for_stage
-from helios.sampling.sampler import SamplerSettings, denoise_chunk
-from helios.sampling.schedulers import config_from_dict, model_timestep
+from helios.sampling.pyramid import noise_like
+from helios.sampling.sampler import ChunkHooks, SamplerSettings, denoise_chunk, stage_timesteps
+from helios.sampling.schedulers import config_from_dict
 
 from .corrupt import HistoryCorruptionConfig, TaskDropoutConfig, apply_task_dropout, degrade_history, saturate_history
 from .timesteps import TimestepConfig, dmd_sigma_table, noise_at_timestep, sample_dmd_timesteps
@@ -385,13 +384,6 @@ class RolloutResult:
     forwards: int  # generator forwards run
 
 
-def _x0_sigma(sched: DMDScheduler, i: int) -> float:
-    """The sigma DMDScheduler.step uses for x0 at step i (nearest entry to the truncated timestep)."""
-    t = sched.timesteps_cpu
-    j = int(torch.argmin((t - math.trunc(float(t[i]))).abs()))
-    return float(sched.sigmas[j])
-
-
 def generator_rollout(generator: nn.Module, text: torch.Tensor, history: History, shape: Sequence[int],
                       scheduler: DMDScheduler, steps_per_stage: Sequence[int], rng: torch.Generator | None,
                       shared: torch.Generator | None = None, amplify: bool = False,
@@ -408,32 +400,24 @@ def generator_rollout(generator: nn.Module, text: torch.Tensor, history: History
     With ``exits`` = the last step of every stage the output equals the sampler's.
     """
     device = next(generator.parameters()).device
-    b = shape[0]
-    stages = len(steps_per_stage)
-    cfg = scheduler.config
-    mus = pyramid_stage_mus(shape[2:], stages, cfg) if cfg.use_dynamic_shifting else [None] * stages
-    x = first_stage_latents(initial_noise(shape, rng, device), stages)
-    used_exits, used_steps, forwards = [], [], 0
-    for k, n in enumerate(steps_per_stage):
-        scheduler.set_timesteps(n, stage_index=k, mu=mus[k], amplify=amplify, device=device)
-        if k > 0:
-            x = renoise_for_stage(x, k, scheduler.ori_start_sigmas, cfg.gamma, rng, noise_dtype=noise_dtype)
-        start = x
-        m = scheduler.num_steps
-        e = int(exits[k]) if exits is not None else int(torch.randint(m, (1,), generator=shared).item())
-        if not 0 <= e < m:
-            raise ValueError(f"exit step {e} outside the {m} steps of stage {k}")
-        for i in range(e):
-            with torch.no_grad():
-                t = model_timestep(scheduler.timesteps[i], b, truncate=True)
-                x = scheduler.step(generator(x, t, text, **history).sample, x, start)
-        t = model_timestep(scheduler.timesteps[e], b, truncate=True)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            x = flow_to_x0(generator(x, t, text, **history).sample, x, _x0_sigma(scheduler, e))
+    used_exits, used_steps = [], []
+
+    def exit_step(stage: int, num_steps: int) -> int:
+        e = int(exits[stage]) if exits is not None else int(torch.randint(num_steps, (1,), generator=shared).item())
         used_exits.append(e)
-        used_steps.append(m)
-        forwards += e + 1
-    return RolloutResult(x, used_exits, used_steps, forwards)
+        used_steps.append(num_steps)
+        return e
+
+    def model_context(stage: int, step: int, exiting: bool):
+        return torch.set_grad_enabled(grad and torch.is_grad_enabled()) if exiting else torch.no_grad()
+
+    def predict(x, t, with_uncond):
+        return generator(x, t, text, **history).sample, None
+
+    settings = SamplerSettings(pyramid_steps=tuple(steps_per_stage), guidance_scale=1.0, amplify_first_chunk=amplify)
+    x = denoise_chunk(predict, tuple(shape), scheduler, settings, rng, device, first_chunk=True,
+                      noise_dtype=noise_dtype, hooks=ChunkHooks(exit_step, model_context))
+    return RolloutResult(x, used_exits, used_steps, sum(e + 1 for e in used_exits))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,14 +446,8 @@ class ODEChunk:
 def student_timesteps(scheduler: DMDScheduler, shape: Sequence[int], steps_per_stage: Sequence[int],
                       amplify: bool = False) -> list[list[float]]:
     """Timesteps the few-step sampler visits, per stage (where the ODE states are recorded)."""
-    stages = len(steps_per_stage)
-    cfg = scheduler.config
-    mus = pyramid_stage_mus(shape[2:], stages, cfg) if cfg.use_dynamic_shifting else [None] * stages
-    out = []
-    for k, n in enumerate(steps_per_stage):
-        scheduler.set_timesteps(n, stage_index=k, mu=mus[k], amplify=amplify)
-        out.append([float(t) for t in scheduler.timesteps_cpu])
-    return out
+    settings = SamplerSettings(pyramid_steps=tuple(steps_per_stage), guidance_scale=1.0, amplify_first_chunk=amplify)
+    return stage_timesteps(scheduler, shape, settings, first_chunk=True)
 
 
 class _RecordingScheduler:
@@ -619,11 +597,6 @@ def sample_timesteps(batch: int, table: SigmaTable, spec: dict[str, Any], cfg: D
                                 min_step=cfg.min_step, max_step=cfg.max_step, generator=rng)
 
 
-def _randn_like(x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-    dev = rng.device if rng is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=rng, device=dev, dtype=torch.float32).to(x.device, x.dtype)
-
-
 def _renoise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
              table: SigmaTable) -> tuple[torch.Tensor, torch.Tensor]:
     xt, s = noise_at_timestep(x0, noise, t, table.sigmas, table.timesteps)
@@ -642,22 +615,18 @@ def dmd_loss(critic: ScoreCritic, x0: torch.Tensor, t: torch.Tensor, noise: torc
         xt, s = _renoise(x0.detach(), noise, t, table)
         tt = t.to(x0.device)
         neg = negative_text.expand_as(text) if negative_text.shape[0] != text.shape[0] else negative_text
-        fake = flow_to_x0(critic.fake(xt, tt, text, history), xt, _bcast(s, xt))
+        fake = flow_to_x0(critic.fake(xt, tt, text, history), xt, s)
         if fake_guidance_scale != 0.0:
-            fu = flow_to_x0(critic.fake(xt, tt, neg, history), xt, _bcast(s, xt))
+            fu = flow_to_x0(critic.fake(xt, tt, neg, history), xt, s)
             fake = fake + (fake - fu) * fake_guidance_scale
-        real = flow_to_x0(critic.real(xt, tt, text, history), xt, _bcast(s, xt))
+        real = flow_to_x0(critic.real(xt, tt, text, history), xt, s)
         if real_guidance_scale != 0.0:
-            ru = flow_to_x0(critic.real(xt, tt, neg, history), xt, _bcast(s, xt))
+            ru = flow_to_x0(critic.real(xt, tt, neg, history), xt, s)
             real = real + (real - ru) * real_guidance_scale
         norm = (x0.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = torch.nan_to_num((fake - real) / norm)
     loss = 0.5 * F.mse_loss(x0.double(), (x0.double() - grad.double()).detach())
     return loss, {"dmd_grad_norm": float(grad.abs().mean())}
-
-
-def _bcast(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return s.to(x.device).double().view(-1, *([1] * (x.ndim - 1)))
 
 
 def critic_flow_loss(critic: ScoreCritic, x0_fake: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -735,7 +704,7 @@ def discriminator_loss(critic: ScoreCritic, x0_fake: torch.Tensor, x0_real: torc
     cf, _ = gan_crop(xf, gan.crop_scale, rng)
     cr, corners = gan_crop(xr, gan.crop_scale, rng)
     cp, _ = gan_crop(xr, gan.crop_scale, rng, corners if gan.r1_same_crop else None)
-    cp = cp + gan.r1_sigma * _randn_like(cp, rng)
+    cp = cp + gan.r1_sigma * noise_like(cp, rng)
     B = x0_fake.shape[0]
     rep = {k: torch.cat([v] * 3) for k, v in history.items()}
     logits = critic.logits(torch.cat([cf, cr, cp]), t.to(xf.device).repeat(3), torch.cat([text] * 3), rep)
@@ -895,11 +864,11 @@ class Distiller:
         B = x0.shape[0]
         t = sample_timesteps(B, table, cfg.generator_timesteps, cfg, step, rng)
         with self.autocast():
-            loss, m = dmd_loss(self.critic, x0, t, _randn_like(x0, rng), table, batch.text, batch.negative_text,
+            loss, m = dmd_loss(self.critic, x0, t, noise_like(x0, rng), table, batch.text, batch.negative_text,
                                batch.history, cfg.real_guidance_scale, cfg.fake_guidance_scale)
             metrics = {"dmd_loss": float(loss.detach()), **m, "rollout_forwards": float(out.forwards)}
             if self.uses_gan(step):
-                lg = generator_gan_loss(self.critic, x0, t, _randn_like(x0, rng), table, batch.text, batch.history,
+                lg = generator_gan_loss(self.critic, x0, t, noise_like(x0, rng), table, batch.text, batch.history,
                                         cfg.gan.crop_scale, rng)
                 metrics["gan_g_loss"] = float(lg.detach())
                 loss = loss + cfg.gan.g_weight * lg
@@ -915,7 +884,7 @@ class Distiller:
             x0 = self.rollout(batch, rng, shared, grad=False, amplify=amplify, exits=exits).x0
         table = self.table(x0.shape)
         t = sample_timesteps(x0.shape[0], table, cfg.critic_timesteps, cfg, step, rng)
-        noise = _randn_like(x0, rng)
+        noise = noise_like(x0, rng)
         with self.autocast():
             flow = critic_flow_loss(self.critic, x0, t, noise, table, batch.text, batch.history)
         backward(flow)  # first, on its own: its activations are freed before the GAN forward

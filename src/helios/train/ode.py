@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 from helios.model.loading import write_text_atomic
 from helios.sampling.sampler import SamplerSettings
-from helios.sampling.schedulers import FlowScheduler, load_scheduler
+from helios.sampling.loading import load_scheduler
+from helios.sampling.schedulers import FlowScheduler
 
 from .config import ConfigError, check_folder, is_ode_phase, load_config
 from .data import DataError, ModelParts, seeded_generator

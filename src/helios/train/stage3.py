@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from helios.model.loading import load_transformer
-from helios.sampling.schedulers import load_scheduler
+from helios.sampling.loading import load_scheduler
 
 from .config import ConfigError
 from .data import seeded_generator
