@@ -20,10 +20,10 @@ from helios.sampling.sampler import SamplerSettings, denoise_chunk
 from helios.sampling.schedulers import FlowScheduler, SchedulerConfig
 from test_train_loop import checkpoint_tensors  # the same flattening of a checkpoint's DCP part
 from helios.train.corrupt import HistoryCorruptionConfig, TaskDropoutConfig
-from helios.train.distill import (
+from helpers.distill_loop import StandaloneDistiller as Distiller
+from helios.train.stage3 import (
     DistillBatch,
     DistillConfig,
-    Distiller,
     GANConfig,
     ScoreCritic,
     adapters_enabled,
@@ -291,7 +291,7 @@ def test_update_ratio_optimisers_and_ema(teacher, inputs):
 
 
 def test_ema_decay_schedule():
-    from helios.train.distill import EMA
+    from helpers.distill_loop import EMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", p)], decay=0.99, start_step=2)

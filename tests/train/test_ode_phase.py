@@ -19,8 +19,8 @@ from helios.sampling.dmd import flow_to_x0
 from helios.sampling.pyramid import pyramid_stage_mus
 from helios.sampling.loading import load_scheduler
 from helios.train.config import ConfigError, load_config
-from helios.train.distill import student_timesteps
-from helios.train.ode import ODEPairDataset, make_ode_pairs, ode_chunks
+from helios.train.stage3 import student_timesteps
+from helios.train.stage3.ode import ODEPairDataset, make_ode_pairs, ode_chunks
 from helios.train.recipes import history_layout
 from helios.train.stage3 import few_step_scheduler_config
 from helios.train.trainer import train

@@ -30,6 +30,7 @@ from helios.engine.history import HistoryBuffer, HistoryLayout
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
+from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
 from helios.sampling.loading import load_scheduler
@@ -66,11 +67,11 @@ class FramePlan:
     def note(self) -> str | None:
         if self.frames == self.requested:
             return None
-        return (f"{self.requested} frames requested; Helios writes {self.chunks} chunk(s) of 33 frames and the "
+        return (f"{self.requested} frames requested; Helios writes {self.chunks} chunk(s) of {CHUNK_FRAMES} frames and the "
                 f"video is trimmed to 4k+1 frames, so {self.frames} frames will be produced")
 
 
-def plan_frames(num_frames: int, window: int = 33, temporal: int = 4) -> FramePlan:
+def plan_frames(num_frames: int, window: int = CHUNK_FRAMES, temporal: int = TEMPORAL_COMPRESSION) -> FramePlan:
     """Chunks needed for `num_frames`, and the frame count produced (as the reference rounds it)."""
     if not isinstance(num_frames, int) or num_frames < 1:
         raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")

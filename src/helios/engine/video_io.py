@@ -25,6 +25,8 @@ import av
 import numpy as np
 import torch
 
+from helios.model_folder import CHUNK_FRAMES
+
 log = logging.getLogger(__name__)
 
 # Tried in order after the requested codec. mpeg4 ships with every FFmpeg build.
@@ -265,8 +267,8 @@ def write_video(path: str | os.PathLike, frames, fps: float = 24, crf: int = 18)
     """Write a whole uint8 (T,H,W,3) video at once (chunked internally). Returns the path."""
     frames = _to_uint8_frames(frames)
     with VideoWriter(path, fps=fps, crf=crf) as w:
-        for i in range(0, len(frames), 33):
-            w.write(frames[i : i + 33])
+        for i in range(0, len(frames), CHUNK_FRAMES):
+            w.write(frames[i : i + CHUNK_FRAMES])
     return Path(path)
 
 
@@ -314,7 +316,7 @@ def _parse_size(size) -> tuple[int, int] | None:
 
 
 def iter_video(
-    path: str | os.PathLike, chunk_frames: int = 33, size: int | tuple[int, int] | None = None,
+    path: str | os.PathLike, chunk_frames: int = CHUNK_FRAMES, size: int | tuple[int, int] | None = None,
     max_frames: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode a video lazily as uint8 (t,H,W,3) chunks of up to chunk_frames; size=(H, W) resizes.

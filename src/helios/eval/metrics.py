@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-CHUNK_FRAMES = 33  # Helios writes 33 frames per autoregressive chunk
+from helios.model_folder import CHUNK_FRAMES  # Helios writes this many frames per autoregressive chunk
+
 DRIFT_FRACTION = 0.15  # the paper's drift: first 15% vs last 15% of frames
 MOTION_MAX_SIDE = 128  # block matching runs on luma downscaled to this longest side
 MOTION_BLOCK = 8

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helios.model_folder import LATENT_CHUNK_FRAMES
 from helios.sampling.pyramid import noise_like
 
 from .history import HistoryLayout, history_frames
@@ -567,7 +568,7 @@ def apply_task_dropout(
     last: torch.Tensor,
     cfg: TaskDropoutConfig,
     generator: torch.Generator | None,
-    window: int = 9,
+    window: int = LATENT_CHUNK_FRAMES,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Official task dropout on ``anchor (B,C,1,h,w)``, ``long``, ``mid``, ``last`` (the history
     frames *without* the anchor, oldest first). Returns new tensors and the task label per

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from helios.eval.palette import COLORS, SHAPES, ObjectSpec, Scene, describe_scene
+from helios.model_folder import CHUNK_FRAMES
 
 from .video_data import collate_samples
 
@@ -261,7 +262,7 @@ class SyntheticVideoDataset(Dataset):
         self,
         cfg: SyntheticConfig = SyntheticConfig(),
         num_videos: int = 1000,
-        clip_frames: int = 33,
+        clip_frames: int = CHUNK_FRAMES,
         frame_stride: int = 1,
         output: str = "float",
         clip_seed: int = 0,

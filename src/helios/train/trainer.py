@@ -29,11 +29,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from helios.engine.components import vae_scale_factors
+from helios.model_folder import vae_scale_factors
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .data import BatchStream, ModelParts, build_dataset, check_sample
+from . import stage3  # noqa: F401  (registers the stage-3 phases with make_stage)
+from .data import BatchStream, ModelParts, check_sample
 from .modeling import (
     build_trainable,
     check_components_folder,
@@ -231,7 +232,7 @@ def train(cfg: dict[str, Any], resume: bool = False,
                                int(cfg["data"]["text_max_length"]))
         if parts is not None:
             stage.bind_parts(parts)
-        dataset = build_dataset(cfg, layout, parts)
+        dataset = stage.dataset(layout, parts)
         workers = int(cfg["data"]["num_workers"]) if cfg["data"]["source"] == "cache" else 0
         components = cfg["model"]["components_from"]
         check_sample(dataset[0], model.config.in_channels, model.config.text_dim, layout,

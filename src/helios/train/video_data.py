@@ -39,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from helios.model_folder import CHUNK_FRAMES
+
 from .history import HistoryLayout, choose_section, history_from_sections
 
 __all__ = [
@@ -283,7 +285,7 @@ def build_latent_cache(
     num_frames: int,
     size: tuple[int, int] | None,
     *,
-    section_frames: int | None = 33,
+    section_frames: int | None = CHUNK_FRAMES,
     start_frame: int = 0,
     stride: int = 1,
     latent_dtype: torch.dtype = torch.float32,
