@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distill import stage3_user  # the same tiny stage-3 run settings
-from test_train_loop import Crash, checkpoint_tensors, crash_after
+from helpers.train_runs import Crash, checkpoint_tensors, crash_after, stage3_user
 
 from helios.engine.history import HistoryBuffer
 from helios.model.loading import load_transformer

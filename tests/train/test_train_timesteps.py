@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from helios.sampling.dmd import flow_to_x0
+from helios.sampling.schedulers import flow_to_x0
 from helios.sampling.schedulers import shift_sigmas as apply_shift
 from helios.sampling.schedulers import token_count as image_seq_len
 from helios.train.timesteps import (

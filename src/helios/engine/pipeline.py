@@ -32,7 +32,7 @@ from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
 from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION
 from helios.model.transformer import TextContext
-from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
+from helios.sampling.sampler import PRESETS, SamplerSettings, denoise_chunk, preset
 from helios.sampling.loading import load_scheduler
 
 log = logging.getLogger("helios")
@@ -95,6 +95,11 @@ class PipelineSpec:
     # The model's own steps / guidance for its default preset (model_index.json `helios_default_sampling`),
     # as (key, value) pairs: the small bundled model wants other values than the official preset's.
     default_sampling: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def presets(self) -> tuple[str, ...]:
+        """The sampling presets a request may name (the official three)."""
+        return tuple(sorted(PRESETS))
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -270,7 +275,7 @@ class HeliosVideoPipeline:
             if seed is None:
                 seed = torch.seed() % 2**63
                 if getattr(self.model, "context_parallel", None) is not None:  # every rank must draw the same noise
-                    from helios.model.parallel import broadcast_seed
+                    from helios.runtime import broadcast_seed
 
                     seed = broadcast_seed(seed, self.model.context_parallel.group)
             generator = torch.Generator(device="cpu").manual_seed(seed)

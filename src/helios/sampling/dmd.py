@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from helios.sampling.schedulers import ChunkScheduler, SchedulerConfig, build_schedule
+from helios.sampling.schedulers import ChunkScheduler, SchedulerConfig, build_schedule, flow_to_x0
 
 
 def _nearest_index(timesteps: torch.Tensor, t: float) -> int:
@@ -90,15 +90,6 @@ class DMDScheduler(ChunkScheduler):
     def denoised(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x0 at the current step, with the sigma of the entry nearest the truncated timestep (as the reference)."""
         return flow_to_x0(model_output, sample, self._x0_sigmas[self._i])
-
-
-def flow_to_x0(flow: torch.Tensor, sample: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """x0 = x_t - sigma * v, computed in float64, returned in the flow's dtype.
-
-    `sigma`: one float, or a (B,) tensor of per-sample sigmas (broadcast over the other dimensions)."""
-    if torch.is_tensor(sigma):
-        sigma = sigma.to(sample.device).double().view(-1, *([1] * (sample.ndim - 1)))
-    return (sample.double() - sigma * flow.double()).to(flow.dtype)
 
 
 def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:

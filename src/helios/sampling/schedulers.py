@@ -511,6 +511,15 @@ def _as(c: float, x: torch.Tensor) -> float:
     return c
 
 
+def flow_to_x0(flow: torch.Tensor, sample: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - sigma * v, computed in float64, returned in the flow's dtype.
+
+    `sigma`: one float, or a (B,) tensor of per-sample sigmas (broadcast over the other dimensions)."""
+    if torch.is_tensor(sigma):
+        sigma = sigma.to(sample.device).double().view(-1, *([1] * (sample.ndim - 1)))
+    return (sample.double() - sigma * flow.double()).to(flow.dtype)
+
+
 class ChunkScheduler:
     """What the sampler asks of a scheduler, shared by `FlowScheduler` and `DMDScheduler`.
 
@@ -569,8 +578,6 @@ class ChunkScheduler:
 
     def denoised(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma_i v at the current step (float64, in the output's dtype); the state is kept."""
-        from helios.sampling.dmd import flow_to_x0  # (dmd.py builds on this module)
-
         return flow_to_x0(model_output, sample, self.sigmas[self._i].item())
 
 

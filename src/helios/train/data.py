@@ -17,28 +17,22 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from helios.model_folder import CHUNK_FRAMES
+from helios.runtime import seeded_generator
 
 from .config import ConfigError
 from .history import HistoryLayout, choose_section, history_from_sections
 from .synthetic import SyntheticConfig, SyntheticVideoDataset
 from .video_data import LatentCacheDataset, collate_samples
 
-__all__ = ["DataError", "ModelParts", "SyntheticLatentDataset", "build_dataset", "BatchStream", "seeded_generator"]
+__all__ = ["DataError", "ModelParts", "SyntheticLatentDataset", "build_dataset", "BatchStream"]
 
 
 class DataError(ValueError):
     """Training data that cannot be used (missing, unreadable, empty, wrong shape)."""
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (well mixed: neighbouring keys are unrelated)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
 class ModelParts:

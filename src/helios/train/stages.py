@@ -39,7 +39,9 @@ from .corrupt import (
     degrade_history,
 )
 from .config import is_ode_phase
-from .data import build_dataset, seeded_generator
+from helios.runtime import seeded_generator
+
+from .data import build_dataset
 from .history import HistoryLayout, model_history_inputs
 from .timesteps import (
     TimestepConfig,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from helios import model_folder as helios_model_folder
-from helios.eval.palette import COLORS, COUNT_WORDS, SHAPES
+from helios.scenes import COLORS, COUNT_WORDS, SHAPES
 from helios.model.config import named_config
 from helios.model.loading import save_transformer
 from helios.model.transformer import build_transformer
@@ -122,7 +122,7 @@ def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS)
 def caption_targets(caption: str) -> tuple[int, list[int]]:
     """What a caption says, as class indices: its background colour, and how many objects of each
     (colour, shape) pair it names (0 for pairs it does not name), in `COLORS` x `SHAPES` order."""
-    from helios.eval.palette import parse_caption
+    from helios.scenes import parse_caption
 
     scene = parse_caption(caption)
     colors = list(COLORS)
@@ -400,7 +400,8 @@ def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_fr
     files). Resumable: entries already there are kept. Thousands of videos take a minute on a GPU."""
     import os
 
-    from helios.train.data import ModelParts, seeded_generator
+    from helios.runtime import seeded_generator
+    from helios.train.data import ModelParts
     from helios.train.synthetic import SyntheticVideo
     from helios.train.video_data import entry_key, is_valid_entry, write_cache_entry
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from helios.sampling.dmd import flow_to_x0
+from helios.sampling.schedulers import flow_to_x0
 from helios.sampling.pyramid import noise_like
 
 from ..timesteps import TimestepConfig, dmd_sigma_table, noise_at_timestep, sample_dmd_timesteps

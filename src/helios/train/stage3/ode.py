@@ -42,12 +42,13 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from helios.model.loading import write_text_atomic
+from helios.runtime import local_device, seeded_generator
 from helios.sampling.sampler import SamplerSettings
 from helios.sampling.loading import load_scheduler
 from helios.sampling.schedulers import FlowScheduler
 
 from ..config import ConfigError, check_folder, is_ode_phase, load_config
-from ..data import DataError, ModelParts, seeded_generator
+from ..data import DataError, ModelParts
 from ..history import HistoryLayout, history_from_sections, model_history_inputs
 from ..modeling import load_init_transformer
 from ..recipes import history_layout
@@ -137,12 +138,6 @@ def _stable_index(key: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
 
 
-def _device(cfg: dict[str, Any]) -> torch.device:
-    if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()):
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
-
-
 def _teacher_scheduler(cfg: dict[str, Any]) -> FlowScheduler:
     """The components folder's pyramid scheduler with the recipe's dynamic shift (official GOS:
     --use_dynamic_shifting --time_shift_type linear), the same shift the student's timesteps get."""
@@ -198,7 +193,7 @@ def make_ode_pairs(cfg: dict[str, Any], limit: int | None = None,
             todo.append(i)
     if not todo:
         return report
-    device = _device(cfg)
+    device = local_device(cfg["device"])
     bf16 = device.type == "cuda" and cfg["model"]["mixed_precision"] == "bf16"
     teacher = load_init_transformer(cfg, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
     teacher.eval().requires_grad_(False)

@@ -27,10 +27,10 @@ import torch.nn as nn
 
 from helios.model.loading import load_transformer
 from helios.model_folder import ModelFolderError, read_scheduler_config
+from helios.runtime import seeded_generator
 from helios.sampling.loading import load_scheduler
 
 from ..config import ConfigError
-from ..data import seeded_generator
 from ..modeling import transformer_folder
 from ..stages import Stage, StepContext, register_stage
 from .config import OFFICIAL_NEGATIVE_PROMPT, DistillConfig, distilled_scheduler_config, ema_decay_at

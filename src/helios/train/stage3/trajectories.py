@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helios.engine.history import HistoryBuffer, HistoryLayout
-from helios.sampling.dmd import DMDScheduler, flow_to_x0
+from helios.sampling.dmd import DMDScheduler
+from helios.sampling.schedulers import flow_to_x0
 from helios.sampling.sampler import SamplerSettings, denoise_chunk, stage_timesteps
 
 from .critic import History
