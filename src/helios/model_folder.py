@@ -129,8 +129,8 @@ def write_model_folder(out: str | Path, index: Mapping[str, Any], parts: Mapping
         else:
             shutil.copytree(Path(source), tmp / name)
     if scheduler_config is not None:
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(scheduler_config), indent=2))
-    (tmp / "model_index.json").write_text(json.dumps(dict(index), indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(scheduler_config), indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(dict(index), indent=2) + "\n")
     read_model_index(tmp)
     if check is not None:
         check(tmp)
