@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from helios.engine.history import HistoryLayout
 from helios.model.config import named_config
-from helios.model.parallel import disable_context_parallel, init_distributed, launched_world_size
+from helios.model.parallel import disable_context_parallel
+from helios.runtime import init_distributed, launched_world_size
 from helios.model.transformer import build_transformer
 
 STEPS = (2, 2, 2)  # distilled preset: forwards per pyramid stage, coarsest first

@@ -62,8 +62,6 @@ def generate(
                                        "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
-    import torch
-
     from helios.engine.components import ModelFolderError
     from helios.engine.pipeline import InputError, load_pipeline, plan_frames
     from helios.engine.prompts import PromptSchedule, PromptScheduleError
@@ -85,12 +83,14 @@ def generate(
     device = pick_device(device)
     rank, world = _context_parallel_setup(gpus, device)
     if world > 1:
-        from helios.model.parallel import init_distributed
+        from helios.runtime import init_distributed
 
         device = str(init_distributed(device))
-    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
+    from helios.runtime import resolve_dtype
+
+    try:
+        torch_dtype = resolve_dtype(dtype, device)
+    except ValueError:
         fail(f"--dtype must be auto, float32 or bfloat16, got {dtype}")
     if fp8 and not device.startswith("cuda"):
         fail("--fp8 needs a CUDA GPU (Hopper or newer); drop --fp8 on the CPU")
@@ -172,7 +172,7 @@ def _context_parallel_setup(gpus: int | None, device: str) -> tuple[int, int]:
     """(rank, world size) of this generate; with --gpus N > 1 outside torchrun, re-run it under torchrun."""
     import os
 
-    from helios.model.parallel import launched_world_size
+    from helios.runtime import launched_world_size
 
     world = launched_world_size()
     if gpus is None or gpus == world:

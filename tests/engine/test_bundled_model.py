@@ -46,7 +46,7 @@ def test_generate_without_model_writes_a_moving_video(tmp_path):
 
 def test_fast_start_reaches_the_engine(tmp_path):
     # A distilled model's first chunk gets twice the steps unless --fast-start.
-    from tiny_pipelines import save_model_folder
+    from helpers.tiny_pipelines import save_model_folder
 
     save_model_folder("distilled", tmp_path / "distilled", seed=3)
 

@@ -15,7 +15,7 @@ from helios.cli import app
 from helios.engine.components import ModelFolderError
 from helios.engine.pipeline import InputError, plan_frames
 from helios.engine.prompts import PromptSchedule, PromptScheduleError
-from tiny_pipelines import save_model_folder
+from helpers.tiny_pipelines import save_model_folder
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import torch
 
 import helios
 from helios.engine.video_io import video_info
-from tiny_pipelines import save_model_folder
+from helpers.tiny_pipelines import save_model_folder
 
 
 def rss_mb() -> float:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import helios
-from tiny_pipelines import contiguous_outputs, save_model_folder
+from helpers.tiny_pipelines import contiguous_outputs, save_model_folder
 
 PRESET_ARGS = {
     "base": (dict(num_inference_steps=3, guidance_scale=5.0), dict(steps=3, guidance_scale=5.0)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helios.eval.metrics import palette_fidelity
-from helios.eval.palette import COLORS, ObjectSpec, Scene, describe_scene, parse_caption
+from helios.scenes import COLORS, ObjectSpec, Scene, describe_scene, parse_caption
 
 
 def draw_circles(t: int, h: int, w: int, circles, color: str, background: str) -> np.ndarray:

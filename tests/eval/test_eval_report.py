@@ -10,7 +10,7 @@ import pytest
 from helios.engine.video_io import write_video
 from helios.eval.cli import eval_command
 from helios.eval.clip_score import check_clip_folder
-from helios.eval.palette import COLORS
+from helios.scenes import COLORS
 from helios.eval.report import evaluate_path, evaluate_video, plot_report, write_json
 
 

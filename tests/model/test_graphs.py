@@ -8,9 +8,6 @@ Real CUDA graphs against the plain path: tests/gpu/test_fast_paths_gpu.py.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,8 +16,7 @@ from helios.cli import default_model
 from helios.engine.prompts import PromptSchedule
 from helios.model.graphs import GraphedForward
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from tiny_pipelines import save_model_folder  # noqa: E402
+from helpers.tiny_pipelines import save_model_folder
 
 # Two chunks and a prompt change: the text keys/values must be reloaded for chunk 1.
 SCHEDULE = [(0, "two red circles bouncing on a blue background"), (1, "a green square on a yellow background")]

@@ -6,7 +6,6 @@ compare what each rank saved with the single-process result computed here.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch.multiprocessing as mp
 from helios.model.config import named_config
 from helios.model.parallel import even_split
 from helios.model.transformer import build_transformer
+from helpers.net import free_port
+from helpers.tiny_pipelines import save_model_folder
 from helpers_reference import random_inputs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from tiny_pipelines import save_model_folder  # noqa: E402
 
 # name: (heads, strategy, history terms, fused q/k/v, batch)
 MODEL_CASES = {
@@ -78,12 +77,6 @@ def _worker(rank: int, port: int, out_dir: Path, folder: Path) -> None:
         saved[f"generate-{strategy}"] = pipe.generate(PROMPT, **GENERATE)
     torch.save(saved, out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

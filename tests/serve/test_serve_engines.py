@@ -384,7 +384,7 @@ def test_serve_passes_the_device_groups(monkeypatch, model_folder):
 
 def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(tmp_path):
     # A distilled model's first chunk is amplified (twice the steps); fast_start turns that off.
-    from tiny_pipelines import save_model_folder
+    from helpers.tiny_pipelines import save_model_folder
 
     from helios.engine.pipeline import load_pipeline
     from helios.serve.engines import stream_job
@@ -405,7 +405,7 @@ def test_a_fast_start_job_samples_its_first_chunk_with_the_presets_steps(tmp_pat
 
 
 def test_a_chunk_handed_over_in_two_parts_counts_once(tmp_path):
-    from tiny_pipelines import save_model_folder
+    from helpers.tiny_pipelines import save_model_folder
 
     from helios.engine.pipeline import load_pipeline
 

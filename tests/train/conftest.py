@@ -6,15 +6,11 @@ Training-loop tests share one tiny random model folder (the reference layout, 64
 
 from __future__ import annotations
 
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
 
 @pytest.fixture(autouse=True)
@@ -26,20 +22,15 @@ def _single_threaded_torch():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from tiny_pipelines import save_model_folder
-
-    folder = tmp_path_factory.mktemp("train-model") / "helios-tiny-mid"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_model_folder("mid", folder)
-    return folder
+def tiny_model(reference_model_folder) -> Path:
+    return reference_model_folder("mid")
 
 
 @pytest.fixture(scope="session")
 def latent_cache(tmp_path_factory, tiny_model) -> Path:
     """Three 132-frame synthetic videos -> 4 sections of 9 latent frames each (8x8)."""
-    from helios.train.data import ModelParts, seeded_generator
+    from helios.runtime import seeded_generator
+    from helios.train.data import ModelParts
     from helios.train.synthetic import SyntheticConfig, export_synthetic_videos
     from helios.train.video_data import build_latent_cache
 

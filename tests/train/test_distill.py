@@ -18,12 +18,12 @@ from helios.model.transformer import build_transformer
 from helios.sampling.dmd import DMDScheduler
 from helios.sampling.sampler import SamplerSettings, denoise_chunk
 from helios.sampling.schedulers import FlowScheduler, SchedulerConfig
-from test_train_loop import checkpoint_tensors  # the same flattening of a checkpoint's DCP part
 from helios.train.corrupt import HistoryCorruptionConfig, TaskDropoutConfig
-from helios.train.distill import (
+from helpers.distill_loop import StandaloneDistiller as Distiller
+from helpers.train_runs import checkpoint_tensors, stage3_user
+from helios.train.stage3 import (
     DistillBatch,
     DistillConfig,
-    Distiller,
     GANConfig,
     ScoreCritic,
     adapters_enabled,
@@ -291,7 +291,7 @@ def test_update_ratio_optimisers_and_ema(teacher, inputs):
 
 
 def test_ema_decay_schedule():
-    from helios.train.distill import EMA
+    from helpers.distill_loop import EMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", p)], decay=0.99, start_step=2)
@@ -388,23 +388,6 @@ def test_distillation_brings_few_step_samples_to_the_teacher(teacher, inputs):
 
 
 # ---- `helios train` with stage: 3 ----------------------------------------------------------------
-
-
-def stage3_user(tmp_path, tiny_model, latent_cache, out: str) -> dict:
-    """The official stage-3 DMD+GAN recipe on the tiny "mid" model folder (8x8 latents) and cache."""
-    return {
-        "recipe": "stage3", "phase": "dmd", "output_dir": str(tmp_path / out), "device": "cpu", "max_steps": 6,
-        "model": {"init_from": str(tiny_model), "init_subfolder": "transformer", "gradient_checkpointing": True,
-                  "mixed_precision": "no"},
-        "data": {"source": "cache", "cache_dir": str(latent_cache), "height": 64, "width": 64,
-                 "text_max_length": 16},
-        "batch": {"per_gpu": 1}, "lora": {"rank": 4, "alpha": 4.0}, "optim": {"lr": 1e-4},
-        "distill": {"critic_lora": {"rank": 4, "alpha": 4.0}, "critic_lr": 1e-4,
-                    "gan": {"head_blocks": [0, 1], "head_dim": 64, "start_step": 2}},
-        "ema": {"start_step": 2},
-        "logging": {"progress": False, "tensorboard": False}, "validation": {"enabled": False},
-        "checkpointing": {"every_steps": 2, "keep_last": 5},
-    }
 
 
 def stage3_config(tmp_path, tiny_model, latent_cache, out: str, **over) -> dict:

@@ -6,8 +6,6 @@ the root may cast its inputs. Checked on the CPU with one gloo process."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,12 +15,7 @@ from helios.model.config import named_config
 from helios.model.rope import apply_rope
 from helios.model.transformer import build_transformer
 from helios.train.modeling import shard_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers.net import free_port
 
 
 @pytest.fixture

@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distill import stage3_user  # the same tiny stage-3 run settings
-from test_train_loop import Crash, checkpoint_tensors, crash_after
+from helpers.train_runs import Crash, checkpoint_tensors, crash_after, stage3_user
 
 from helios.engine.history import HistoryBuffer
 from helios.model.loading import load_transformer
 from helios.sampling.dmd import flow_to_x0
 from helios.sampling.pyramid import pyramid_stage_mus
-from helios.sampling.schedulers import load_scheduler
+from helios.sampling.loading import load_scheduler
 from helios.train.config import ConfigError, load_config
-from helios.train.distill import student_timesteps
-from helios.train.ode import ODEPairDataset, make_ode_pairs, ode_chunks
+from helios.train.stage3 import student_timesteps
+from helios.train.stage3.ode import ODEPairDataset, make_ode_pairs, ode_chunks
 from helios.train.recipes import history_layout
 from helios.train.stage3 import few_step_scheduler_config
 from helios.train.trainer import train

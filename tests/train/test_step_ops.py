@@ -83,7 +83,7 @@ def tiny_config(**over) -> dict:
 
 
 def tiny_model(cfg: dict) -> torch.nn.Module:
-    """The transformer of the tests' tiny model folders (tests/engine/tiny_pipelines.py)."""
+    """The transformer of the tests' tiny model folders (tests/helpers/tiny_pipelines.py)."""
     torch.manual_seed(0)
     model = build_transformer(HeliosConfig(num_attention_heads=2, attention_head_dim=12, in_channels=16,
                                            out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,

@@ -49,7 +49,7 @@ def first_token_background_accuracy(encoder, tokenizer) -> float:
 
 
 def test_caption_targets_name_background_and_counts():
-    from helios.eval.palette import COLORS, SHAPES
+    from helios.scenes import COLORS, SHAPES
     from helios.train.tiny import caption_targets
 
     bg, counts = caption_targets("two red circles and a green square bouncing on a blue background")

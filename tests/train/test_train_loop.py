@@ -4,49 +4,15 @@ bitwise the same weights, LoRA and full fine-tuning export model folders that lo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import helios
 from helios.train.checkpoint import list_checkpoints
+from helpers.train_runs import Crash, checkpoint_tensors, crash_after
 from helios.train.trainer import lr_factor, train
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after(k: int):
-    def hook(step: int, metrics: dict) -> None:
-        if step == k:
-            raise Crash(f"simulated crash after step {step}")
-
-    return hook
-
-
-def checkpoint_tensors(run_dir: Path, tmp_path: Path, step: int) -> dict:
-    """Everything the DCP part of a checkpoint holds (model, optimiser, EMA), as one flat dict."""
-    ck = dict(list_checkpoints(run_dir / "checkpoints"))[step]
-    out = tmp_path / f"{run_dir.name}-{step}.pt"
-    dcp_to_torch_save(ck / "dcp", out)
-    flat: dict = {}
-
-    def walk(prefix, x):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(f"{prefix}.{i}", v)
-        else:
-            flat[prefix] = x
-
-    walk("", torch.load(out, weights_only=False))
-    return flat
 
 
 def mean(xs):

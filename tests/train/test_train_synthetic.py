@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helios.eval.palette import COLORS, parse_caption
+from helios.scenes import COLORS, parse_caption
 from helios.train.synthetic import (
     SyntheticConfig,
     collate_samples,

@@ -6,10 +6,12 @@ import math
 
 import torch
 
+from helios.sampling.schedulers import flow_to_x0
+from helios.sampling.schedulers import shift_sigmas as apply_shift
+from helios.sampling.schedulers import token_count as image_seq_len
 from helios.train.timesteps import (
     TimestepConfig,
     add_noise,
-    apply_shift,
     beta_schedule_params,
     build_pyramid_schedule,
     dmd_sigma_table,
@@ -17,8 +19,6 @@ from helios.train.timesteps import (
     flow_matching_loss,
     flow_sigma_table,
     flow_target,
-    flow_to_x0,
-    image_seq_len,
     noise_at_timestep,
     sample_dmd_timesteps,
     sample_pyramid_training_inputs,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helios.train.history import HistoryLayout
-from helios.train.synthetic import write_video
+from helios.engine.video_io import write_video
 from helios.train.video_data import (
     LatentCacheDataset,
     build_latent_cache,

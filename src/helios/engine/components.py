@@ -1,16 +1,7 @@
-"""Load the parts of a model folder in the official layout.
-
-    model_index.json   {"_class_name": "HeliosPyramidPipeline", "is_distilled": ..., "is_cfg_zero_star": ...}
-    transformer/       ours (helios.model)
-    vae/               diffusers AutoencoderKLWan
-    text_encoder/      transformers UMT5EncoderModel (any T5-style encoder loads)
-    tokenizer/         transformers tokenizer
-    scheduler/         scheduler_config.json
-"""
+"""Load the parts of a model folder (the layout: helios.model_folder, which reads and checks it)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +10,10 @@ import torch
 
 from helios.model.loading import load_transformer
 from helios.model.transformer import HeliosTransformer
+from helios.model_folder import (ModelFolderError, check_default_sampling, read_model_index, read_part_json,
+                                 read_scheduler_config)
 
-PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
-PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class ModelFolderError(ValueError):
-    """A model folder that is missing parts or holds another model."""
+__all__ = ["Components", "ModelFolderError", "load_components", "load_parts"]
 
 
 @dataclass
@@ -42,28 +30,6 @@ class Components:
     @property
     def device(self) -> torch.device:
         return self.transformer.device
-
-
-def read_model_index(folder: Path) -> dict[str, Any]:
-    if not folder.exists():
-        raise ModelFolderError(f"model folder {folder} does not exist")
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ModelFolderError(f"{folder} has no model_index.json: point --model at a Helios model folder "
-                               f"(model_index.json with {', '.join(p + '/' for p in PARTS)})")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{index_path} is not valid JSON: {e}") from e
-    name = index.get("_class_name")
-    if name not in PIPELINE_CLASSES:
-        raise ModelFolderError(f"{folder} holds a {name!r} model, not a Helios pipeline "
-                               f"(model_index.json _class_name must be one of {PIPELINE_CLASSES})")
-    missing = [p for p in PARTS if not (folder / p).is_dir()]
-    if missing:
-        raise ModelFolderError(f"{folder} is missing part(s) {missing}: a Helios model folder needs "
-                               f"{', '.join(p + '/' for p in PARTS)}")
-    return index
 
 
 def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -84,22 +50,6 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device
                       folder)
 
 
-SAMPLING_DEFAULTS = ("steps", "guidance_scale")
-
-
-def check_default_sampling(value: object, folder: Path) -> dict[str, float]:
-    """model_index.json's `helios_default_sampling`: {"steps": int, "guidance_scale": number}, either optional."""
-    where = f"{folder / 'model_index.json'}: helios_default_sampling"
-    if not isinstance(value, dict) or set(value) - set(SAMPLING_DEFAULTS):
-        raise ModelFolderError(f"{where} must be an object with keys among {list(SAMPLING_DEFAULTS)}, got {value!r}")
-    steps, guidance = value.get("steps", 1), value.get("guidance_scale", 0.0)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ModelFolderError(f"{where}: steps must be a positive whole number, got {steps!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-        raise ModelFolderError(f"{where}: guidance_scale must be a number >= 0, got {guidance!r}")
-    return dict(value)
-
-
 def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype):
     """The parts around the transformer: (VAE, text encoder, tokenizer, scheduler config), frozen, on `device`."""
     import transformers
@@ -108,7 +58,7 @@ def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype,
     folder = Path(folder)
     vae = _load_part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, torch_dtype=vae_dtype), folder)
     vae.to(device).eval().requires_grad_(False)
-    enc_cfg = _read_json(folder / "text_encoder" / "config.json", "text_encoder")
+    enc_cfg = read_part_json(folder, "text_encoder")
     arch = (enc_cfg.get("architectures") or ["UMT5EncoderModel"])[0]
     if not hasattr(transformers, arch) or "Encoder" not in arch:
         raise ModelFolderError(f"{folder / 'text_encoder'} holds a {arch!r}; expected a T5/umT5 encoder "
@@ -117,23 +67,8 @@ def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype,
     text_encoder = _load_part("text_encoder", lambda p: enc_cls.from_pretrained(p, torch_dtype=text_dtype), folder)
     text_encoder.to(device).eval().requires_grad_(False)
     tokenizer = _load_part("tokenizer", lambda p: transformers.AutoTokenizer.from_pretrained(p), folder)
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
+    scheduler_config = read_scheduler_config(folder)
     return vae, text_encoder, tokenizer, scheduler_config
-
-
-def vae_scale_factors(folder: str | Path) -> tuple[int, int]:
-    """(temporal, spatial) compression of the folder's VAE, from vae/config.json (Wan defaults: 4, 8)."""
-    cfg = _read_json(Path(folder) / "vae" / "config.json", "vae")
-    return int(cfg.get("scale_factor_temporal") or 4), int(cfg.get("scale_factor_spatial") or 8)
-
-
-def _read_json(path: Path, part: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFolderError(f"the {part}/ part has no {path.name} ({path})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path} is not valid JSON: {e}") from e
 
 
 def _load_part(name: str, load, folder: Path):

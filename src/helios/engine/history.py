@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from helios.model_folder import LATENT_CHUNK_FRAMES
+
 
 @dataclass(frozen=True)
 class HistoryLayout:
     sizes: tuple[int, int, int] = (16, 2, 1)  # long, mid, short
-    chunk_frames: int = 9  # latent frames generated per chunk
+    chunk_frames: int = LATENT_CHUNK_FRAMES  # latent frames generated per chunk
     keep_first_frame: bool = True
 
     def __post_init__(self) -> None:

@@ -30,9 +30,10 @@ from helios.engine.history import HistoryBuffer, HistoryLayout
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
+from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION
 from helios.model.transformer import TextContext
-from helios.sampling.sampler import SamplerSettings, denoise_chunk, preset
-from helios.sampling.schedulers import load_scheduler
+from helios.sampling.sampler import PRESETS, SamplerSettings, denoise_chunk, preset
+from helios.sampling.loading import load_scheduler
 
 log = logging.getLogger("helios")
 
@@ -66,11 +67,11 @@ class FramePlan:
     def note(self) -> str | None:
         if self.frames == self.requested:
             return None
-        return (f"{self.requested} frames requested; Helios writes {self.chunks} chunk(s) of 33 frames and the "
+        return (f"{self.requested} frames requested; Helios writes {self.chunks} chunk(s) of {CHUNK_FRAMES} frames and the "
                 f"video is trimmed to 4k+1 frames, so {self.frames} frames will be produced")
 
 
-def plan_frames(num_frames: int, window: int = 33, temporal: int = 4) -> FramePlan:
+def plan_frames(num_frames: int, window: int = CHUNK_FRAMES, temporal: int = TEMPORAL_COMPRESSION) -> FramePlan:
     """Chunks needed for `num_frames`, and the frame count produced (as the reference rounds it)."""
     if not isinstance(num_frames, int) or num_frames < 1:
         raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -94,6 +95,11 @@ class PipelineSpec:
     # The model's own steps / guidance for its default preset (model_index.json `helios_default_sampling`),
     # as (key, value) pairs: the small bundled model wants other values than the official preset's.
     default_sampling: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def presets(self) -> tuple[str, ...]:
+        """The sampling presets a request may name (the official three)."""
+        return tuple(sorted(PRESETS))
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -269,7 +275,7 @@ class HeliosVideoPipeline:
             if seed is None:
                 seed = torch.seed() % 2**63
                 if getattr(self.model, "context_parallel", None) is not None:  # every rank must draw the same noise
-                    from helios.model.parallel import broadcast_seed
+                    from helios.runtime import broadcast_seed
 
                     seed = broadcast_seed(seed, self.model.context_parallel.group)
             generator = torch.Generator(device="cpu").manual_seed(seed)

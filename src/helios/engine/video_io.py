@@ -25,6 +25,8 @@ import av
 import numpy as np
 import torch
 
+from helios.model_folder import CHUNK_FRAMES
+
 log = logging.getLogger(__name__)
 
 # Tried in order after the requested codec. mpeg4 ships with every FFmpeg build.
@@ -265,8 +267,8 @@ def write_video(path: str | os.PathLike, frames, fps: float = 24, crf: int = 18)
     """Write a whole uint8 (T,H,W,3) video at once (chunked internally). Returns the path."""
     frames = _to_uint8_frames(frames)
     with VideoWriter(path, fps=fps, crf=crf) as w:
-        for i in range(0, len(frames), 33):
-            w.write(frames[i : i + 33])
+        for i in range(0, len(frames), CHUNK_FRAMES):
+            w.write(frames[i : i + CHUNK_FRAMES])
     return Path(path)
 
 
@@ -314,7 +316,7 @@ def _parse_size(size) -> tuple[int, int] | None:
 
 
 def iter_video(
-    path: str | os.PathLike, chunk_frames: int = 33, size: int | tuple[int, int] | None = None,
+    path: str | os.PathLike, chunk_frames: int = CHUNK_FRAMES, size: int | tuple[int, int] | None = None,
     max_frames: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode a video lazily as uint8 (t,H,W,3) chunks of up to chunk_frames; size=(H, W) resizes.
@@ -363,6 +365,61 @@ def read_video(
 ) -> torch.Tensor:
     """Decode a video to a uint8 tensor (T,H,W,3). size=(H, W) (or an int for square) resizes."""
     return torch.cat(list(iter_video(path, chunk_frames=256, size=size, max_frames=max_frames)))
+
+
+def _crop_box(h: int, w: int, H: int, W: int) -> tuple[int, int, int, int]:
+    """Centre crop of an ``h x w`` frame to the ``H / W`` aspect ratio: ``(top, left, nh, nw)``."""
+    if h / w >= H / W:
+        nh = int(w * H / W)
+        return (h - nh) // 2, 0, nh, w
+    nw = int(h * W / H)
+    return 0, (w - nw) // 2, h, nw
+
+
+def _frame_to_array(frame, size: tuple[int, int] | None):
+    """PyAV frame -> uint8 ``(H, W, 3)``: centre crop to the target aspect + area/bilinear resize
+    (done by libswscale on the whole frame, then cropped, which is much faster than resizing
+    float tensors)."""
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    H, W = size
+    h, w = frame.height, frame.width
+    top, left, nh, nw = _crop_box(h, w, H, W)
+    sy, sx = H / nh, W / nw
+    sh, sw = max(H, int(round(h * sy))), max(W, int(round(w * sx)))
+    interp = "AREA" if sh < h else "BILINEAR"
+    arr = frame.reformat(width=sw, height=sh, format="rgb24", interpolation=interp).to_ndarray()
+    y0 = min(int(round(top * sy)), sh - H)
+    x0 = min(int(round(left * sx)), sw - W)
+    return arr[y0 : y0 + H, x0 : x0 + W]
+
+
+def read_frames(path: str | os.PathLike, num_frames: int, start_frame: int = 0, stride: int = 1,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Frames ``start_frame + k * stride`` (k < num_frames) as uint8 (num_frames, H, W, 3).
+
+    size=(H, W) centre-crops each frame to that aspect ratio, then resizes (training's clips). Raises
+    ValueError when the file is not a readable video or holds fewer frames than asked."""
+    p = _check_file(path, "Video")
+    size = (int(size[0]), int(size[1])) if size is not None else None
+    wanted = start_frame + (num_frames - 1) * stride
+    frames = []
+    container = _open_video(p)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i > wanted:
+                break
+            if i >= start_frame and (i - start_frame) % stride == 0:
+                frames.append(torch.from_numpy(_frame_to_array(frame, size)))
+    except (av.error.FFmpegError, EOFError) as e:
+        raise ValueError(f"{p} could not be decoded: {type(e).__name__}: {e}") from e
+    finally:
+        container.close()
+    if len(frames) < num_frames:
+        raise ValueError(f"{p} is too short: {len(frames)} of {num_frames} frames decoded")
+    return torch.stack(frames[:num_frames])
 
 
 def video_fps(path: str | os.PathLike) -> float:

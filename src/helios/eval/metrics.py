@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-CHUNK_FRAMES = 33  # Helios writes 33 frames per autoregressive chunk
+from helios.model_folder import CHUNK_FRAMES  # Helios writes this many frames per autoregressive chunk
+
 DRIFT_FRACTION = 0.15  # the paper's drift: first 15% vs last 15% of frames
 MOTION_MAX_SIDE = 128  # block matching runs on luma downscaled to this longest side
 MOTION_BLOCK = 8
@@ -319,7 +320,7 @@ def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_
     """Background error/fraction, estimated background RGB, and per named colour: pixel fraction and object
     count; with `max_area`, also `<colour>_objects`: the blobs no larger than it (an object, not a region
     painted over)."""
-    from helios.eval.palette import COLORS
+    from helios.scenes import COLORS
 
     h, w, _ = frame.shape
     min_area = min_area or max(4, int(0.0005 * h * w))
@@ -390,7 +391,7 @@ def palette_fidelity(
     Returns {"scene": {...}, "windows": [{start_frame, end_frame, background_error, <colour>_count, ...}],
     "drift": {metric: {first, last, change, drift}}}. Raises ValueError if the caption names no colours.
     """
-    from helios.eval.palette import parse_caption
+    from helios.scenes import parse_caption
 
     scene = parse_caption(caption)
     if not scene.objects and not scene.background:
@@ -415,7 +416,7 @@ def scene_dict(scene) -> dict:
 
 def nearest_palette_colour(rgb) -> str:
     """The palette's name for the colour closest to `rgb`."""
-    from helios.eval.palette import COLORS
+    from helios.scenes import COLORS
 
     rgb = np.asarray(rgb, np.float64)
     return min(COLORS, key=lambda c: float(np.linalg.norm(rgb - np.asarray(COLORS[c], np.float64))))
@@ -428,7 +429,7 @@ def caption_adherence(frames, caption: str) -> dict[str, float]:
     objects_present (fraction of (frame, captioned object colour) pairs with at least one blob of that
     colour of an object's size: at most a quarter of the frame) and
     count_match (fraction of frames where every captioned count is right)."""
-    from helios.eval.palette import parse_caption
+    from helios.scenes import parse_caption
 
     scene = parse_caption(caption)
     if scene.background is None:

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 
 from helios.eval import metrics as M
-from helios.eval.palette import parse_caption
+from helios.scenes import parse_caption
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,6 @@ only operations that gloo also has are used, so the CPU tests run the very same 
 
 from __future__ import annotations
 
-import atexit
-import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -174,59 +172,3 @@ def enable_context_parallel(model: "HeliosTransformer", group: dist.ProcessGroup
 
 def disable_context_parallel(model: "HeliosTransformer") -> None:
     model.context_parallel = None
-
-
-# ----------------------------------------------------------------------------------------------
-# process setup
-
-
-def no_multicast_env() -> None:
-    """NVLink multicast (NVLS) off for NCCL and symmetric memory: the machines are shared, and
-    multicast objects are a scarce per-node resource. Must run before NCCL is initialised."""
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-
-
-def launched_world_size() -> int:
-    """The world size torchrun launched this process with (1 when not under torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: str | None = None, *, rank: int | None = None, world_size: int | None = None,
-                     init_method: str | None = None) -> torch.device:
-    """Initialise the default process group and return this rank's device.
-
-    device: "cuda" (NCCL, one GPU per local rank) or "cpu" (gloo, for tests); default cuda if available.
-    Without rank/world_size the group comes from torchrun's environment and rank r uses
-    cuda:$LOCAL_RANK. With them (processes a server starts itself, helios.serve.engines) `device`
-    is this rank's own device, e.g. "cuda:3", and the ranks meet at `init_method` (e.g. "file:///...").
-    """
-    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    explicit = rank is not None
-    if cuda:
-        no_multicast_env()
-        local = torch.device(device) if explicit else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if local.index is None:
-            local = torch.device("cuda", 0)
-        torch.cuda.set_device(local)
-    else:
-        local = torch.device("cpu")
-    if not dist.is_initialized():
-        where = {"init_method": init_method, "rank": rank, "world_size": world_size} if explicit else {}
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=local if cuda else None, **where)
-        atexit.register(_destroy)  # NCCL warns at exit about a group left alive
-    return local
-
-
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
-    """Rank 0's seed on every rank (a random seed must still give all ranks the same noise)."""
-    t = torch.tensor([seed], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return int(t.item())

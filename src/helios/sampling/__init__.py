@@ -14,20 +14,21 @@ from helios.sampling.pyramid import (
     stage_resolutions,
     upsample_latents,
 )
+from helios.sampling.loading import load_scheduler
 from helios.sampling.schedulers import (
+    ChunkScheduler,
     FlowScheduler,
     SchedulerConfig,
     base_sigmas,
     compute_mu,
     config_from_dict,
-    load_scheduler,
     model_timestep,
     time_shift,
     token_count,
 )
 
 __all__ = [
-    "DMDScheduler", "FlowScheduler", "SchedulerConfig", "base_sigmas", "cfg", "cfg_zero_star",
+    "ChunkScheduler", "DMDScheduler", "FlowScheduler", "SchedulerConfig", "base_sigmas", "cfg", "cfg_zero_star",
     "cfg_zero_star_scale", "check_pyramid_shape", "compute_mu", "config_from_dict", "first_stage_latents", "initial_noise",
     "is_zero_init_step", "load_scheduler", "model_timestep", "pyramid_stage_mus", "renoise_coefficients",
     "renoise_for_stage", "sample_block_noise", "stage_resolutions", "time_shift", "token_count",

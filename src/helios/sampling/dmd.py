@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from helios.sampling.schedulers import SchedulerConfig, build_schedule, stage_tables
+from helios.sampling.schedulers import ChunkScheduler, SchedulerConfig, build_schedule, flow_to_x0
 
 
 def _nearest_index(timesteps: torch.Tensor, t: float) -> int:
@@ -39,7 +39,7 @@ def _nearest_index(timesteps: torch.Tensor, t: float) -> int:
     return int(torch.argmin((timesteps - math.trunc(t)).abs()))
 
 
-class DMDScheduler:
+class DMDScheduler(ChunkScheduler):
     """x0-prediction few-step sampler over the pyramid stages (stateless apart from the step counter)."""
 
     def __init__(self, config: SchedulerConfig | None = None, **overrides: Any):
@@ -47,40 +47,26 @@ class DMDScheduler:
         config = dataclasses.replace(base, **overrides)
         if config.scheduler_type != "dmd":
             raise ValueError(f"DMDScheduler needs scheduler_type='dmd', got {config.scheduler_type!r}")
-        self.config = config
-        self.tables = stage_tables(config)
-        self.timesteps: torch.Tensor | None = None
-        self.timesteps_cpu: torch.Tensor | None = None
-        self.sigmas: torch.Tensor | None = None
+        super().__init__(config)
         self._x0_sigmas: list[float] = []
         self._renoise_sigmas: list[float | None] = []
-        self._i = 0
-
-    @property
-    def ori_start_sigmas(self) -> tuple[float, ...]:
-        return self.tables.ori_start_sigmas
-
-    @property
-    def num_steps(self) -> int:
-        return 0 if self.timesteps_cpu is None else len(self.timesteps_cpu)
-
-    @property
-    def step_index(self) -> int:
-        return self._i
 
     def set_timesteps(
         self,
         num_inference_steps: int,
         stage_index: int | None = None,
         mu: float | None = None,
-        amplify: bool = False,
-        device: torch.device | str | None = None,
         sigmas=None,
+        device: torch.device | str | None = None,
+        amplify: bool = False,
+        extra_timesteps=None,
     ) -> torch.Tensor:
         """Schedule for one stage: `num_inference_steps` steps, doubled when `amplify`."""
+        if extra_timesteps:
+            raise ValueError("the DMD sampler visits only its own timesteps (extra_timesteps is for "
+                             "multi-step pyramid schedulers)")
         t, s = build_schedule(self.config, self.tables, num_inference_steps, stage_index, mu, sigmas, amplify)
-        self.timesteps_cpu, self.sigmas = t, s
-        self.timesteps = t.to(device) if device is not None else t
+        self._use_schedule(t, s, device)
         ts = t.tolist()
         self._x0_sigmas = [s[_nearest_index(t, ti)].item() for ti in ts]
         self._renoise_sigmas = [s[_nearest_index(t, tn)].item() for tn in ts[1:]] + [None]
@@ -90,22 +76,20 @@ class DMDScheduler:
     def reset(self) -> None:
         self._i = 0
 
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor, start_point: torch.Tensor) -> torch.Tensor:
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor,
+             start_point: torch.Tensor | None = None) -> torch.Tensor:
         """x0 from the flow prediction; re-noised towards the next timestep with `start_point`."""
-        if self.timesteps_cpu is None:
-            raise RuntimeError("call set_timesteps() before step()")
-        if self._i >= self.num_steps:
-            raise RuntimeError(f"step() called {self._i + 1} times for a {self.num_steps}-step schedule; "
-                               "call set_timesteps() for the next stage")
-        x0 = flow_to_x0(model_output, sample, self._x0_sigmas[self._i])
+        self._check_can_step()
         s_next = self._renoise_sigmas[self._i]
+        if s_next is not None and start_point is None:
+            raise ValueError("a DMD step before the stage's last needs start_point (the stage's start latents)")
+        x0 = self.denoised(model_output, sample)
         self._i += 1
         return x0 if s_next is None else renoise(x0, start_point, s_next)
 
-
-def flow_to_x0(flow: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x0 = x_t - sigma * v, computed in float64, returned in the flow's dtype."""
-    return (sample.double() - sigma * flow.double()).to(flow.dtype)
+    def denoised(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0 at the current step, with the sigma of the entry nearest the truncated timestep (as the reference)."""
+        return flow_to_x0(model_output, sample, self._x0_sigmas[self._i])
 
 
 def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:

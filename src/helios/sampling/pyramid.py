@@ -76,11 +76,22 @@ def check_pyramid_shape(height: int, width: int, num_stages: int) -> None:
 def first_stage_latents(noise: torch.Tensor, num_stages: int) -> torch.Tensor:
     """Full-res noise -> stage-0 latents: bilinear half-size, times 2 to keep unit variance."""
     check_pyramid_shape(noise.shape[-2], noise.shape[-1], num_stages)
-    x = noise
+    return downsampled_levels(noise, num_stages, gain=2.0)[0]
+
+
+def downsampled_levels(x: torch.Tensor, num_stages: int, gain: float = 1.0) -> list[torch.Tensor]:
+    """`x` and its num_stages-1 bilinear halvings (floor sizes), each halving times `gain`, lowest first.
+
+    gain 2 keeps noise at unit variance (the sampler's first stage); gain 1 is clean latents (training)."""
+    levels = [x]
     for _ in range(num_stages - 1):
         h, w = x.shape[-2] // 2, x.shape[-1] // 2
-        x = _per_frame(lambda f: F.interpolate(f, size=(h, w), mode="bilinear") * 2, x)
-    return x
+        if gain == 1.0:
+            x = _per_frame(lambda f: F.interpolate(f, size=(h, w), mode="bilinear"), x)
+        else:
+            x = _per_frame(lambda f: F.interpolate(f, size=(h, w), mode="bilinear") * gain, x)
+        levels.append(x)
+    return levels[::-1]
 
 
 def upsample_latents(x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +220,12 @@ def initial_noise(
                                     for g in generator]), device, non_blocking)
     noise = torch.randn(tuple(shape), generator=generator, device=_draw_device(generator, device), dtype=dtype)
     return to_device(noise, device, non_blocking)
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Float32 Gaussian noise of `x`'s shape drawn on the generator's device, then given `x`'s device and dtype."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
 
 
 def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:

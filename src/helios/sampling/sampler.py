@@ -3,20 +3,23 @@
 The engine hands in `predict(x, timestep, with_uncond) -> (cond, uncond | None)`; everything about
 *how* the chunk is sampled lives here, so the base, mid and distilled presets are settings, not code.
 Random draws, in order: the chunk's initial noise, then one block-noise draw per pyramid stage > 0.
+
+Training runs this same loop: its few-step rollout stops each pyramid stage early through `ChunkHooks`,
+and the timesteps a student visits come from `stage_timesteps`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from helios.sampling.dmd import DMDScheduler
 from helios.sampling.guidance import cfg, cfg_zero_star, is_zero_init_step, uses_cfg
 from helios.sampling.pyramid import (check_pyramid_shape, first_stage_latents, initial_noise, pyramid_stage_mus,
                                      renoise_for_stage, to_device)
-from helios.sampling.schedulers import base_sigmas, compute_mu, model_timestep, token_count
+from helios.sampling.schedulers import ChunkScheduler, base_sigmas, compute_mu, model_timestep, token_count
 
 Predict = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -64,6 +67,23 @@ def preset(name: str) -> SamplerSettings:
     return PRESETS[name]
 
 
+@dataclass(frozen=True)
+class ChunkHooks:
+    """How a caller changes the pyramid loop without a second copy of it (training's rollout).
+
+    exit_step(stage, num_steps) -> e: the stage stops at its step e, whose x0 (`scheduler.denoised`)
+    starts the next stage (or is the result); asked after the stage's schedule and block noise.
+    model_context(stage, step, exiting) -> a context manager around that step's model call
+    (e.g. no gradients before the exit step).
+    """
+
+    exit_step: Callable[[int, int], int] | None = None
+    model_context: Callable[[int, int, bool], ContextManager] | None = None
+
+    def context(self, stage: int, step: int, exiting: bool) -> ContextManager:
+        return self.model_context(stage, step, exiting) if self.model_context else contextlib.nullcontext()
+
+
 def guided(settings: SamplerSettings, cond: torch.Tensor, uncond: torch.Tensor | None, stage: int,
            step: int) -> torch.Tensor:
     if uncond is None:
@@ -77,20 +97,24 @@ def guided(settings: SamplerSettings, cond: torch.Tensor, uncond: torch.Tensor |
 def denoise_chunk(predict: Predict, shape: tuple[int, ...], scheduler, settings: SamplerSettings,
                   generator: torch.Generator | None, device: torch.device, first_chunk: bool = False,
                   noise_dtype: torch.dtype | None = None,
-                  on_step: Callable[[int, int], None] | None = None, non_blocking: bool = False) -> torch.Tensor:
+                  on_step: Callable[[int, int], None] | None = None, non_blocking: bool = False,
+                  hooks: ChunkHooks | None = None) -> torch.Tensor:
     """Sample one chunk of latents of `shape` (B, C, T, H, W), float32, starting from fresh noise.
 
     on_step(stage, step) is called after every solver step is queued (progress reporting).
     non_blocking: the host-made tensors (noise from a CPU generator, timesteps) reach a CUDA device
     without the host waiting for it, so the whole chunk is queued at once (see pyramid.to_device);
     otherwise each copy waits for the work queued before it, as diffusers does.
+    hooks: see `ChunkHooks` (pyramid sampling only).
     """
     with_uncond = uses_cfg(settings.guidance_scale)
     x = initial_noise(shape, generator, device, non_blocking=non_blocking)
     if settings.pyramid_steps is None:
+        if hooks is not None:
+            raise ValueError("chunk hooks act on pyramid stages; these settings sample a single stage")
         return _single_stage(predict, x, scheduler, settings, with_uncond, on_step, non_blocking)
     return _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step,
-                    non_blocking)
+                    non_blocking, hooks or ChunkHooks())
 
 
 def _single_stage(predict, x, scheduler, settings, with_uncond, on_step, non_blocking):
@@ -108,27 +132,51 @@ def _single_stage(predict, x, scheduler, settings, with_uncond, on_step, non_blo
     return x
 
 
-def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step, non_blocking):
+def _stage_mus(scheduler: ChunkScheduler, latent_thw: Sequence[int], stages: int) -> list[float | None]:
+    if not scheduler.config.use_dynamic_shifting:
+        return [None] * stages
+    return pyramid_stage_mus(latent_thw, stages, scheduler.config)
+
+
+def stage_timesteps(scheduler: ChunkScheduler, shape: Sequence[int], settings: SamplerSettings,
+                    first_chunk: bool = False) -> list[list[float]]:
+    """The timesteps each pyramid stage of `denoise_chunk` visits for a chunk of `shape` (no model runs)."""
+    steps = settings.pyramid_steps
+    mus = _stage_mus(scheduler, shape[2:], len(steps))
+    amplify = settings.amplify_first_chunk and first_chunk
+    out = []
+    for k, n in enumerate(steps):
+        scheduler.set_timesteps(n, stage_index=k, mu=mus[k], amplify=amplify)
+        out.append([float(t) for t in scheduler.timesteps_cpu])
+    return out
+
+
+def _pyramid(predict, x, scheduler, settings, with_uncond, generator, first_chunk, noise_dtype, on_step, non_blocking,
+             hooks):
     b = x.shape[0]
     stages = len(settings.pyramid_steps)
     check_pyramid_shape(x.shape[-2], x.shape[-1], stages)
-    mus = pyramid_stage_mus(x.shape[2:], stages, scheduler.config) if scheduler.config.use_dynamic_shifting \
-        else [None] * stages
-    distilled = isinstance(scheduler, DMDScheduler)
+    mus = _stage_mus(scheduler, x.shape[2:], stages)
+    amplify = settings.amplify_first_chunk and first_chunk
     x = first_stage_latents(x, stages)
     for k, steps in enumerate(settings.pyramid_steps):
-        kwargs = {"amplify": settings.amplify_first_chunk and first_chunk} if distilled else {}
-        timesteps = to_device(scheduler.set_timesteps(steps, stage_index=k, mu=mus[k], **kwargs), x.device,
+        timesteps = to_device(scheduler.set_timesteps(steps, stage_index=k, mu=mus[k], amplify=amplify), x.device,
                               non_blocking)
         if k > 0:
             x = renoise_for_stage(x, k, scheduler.ori_start_sigmas, scheduler.config.gamma, generator,
                                   noise_dtype=noise_dtype, non_blocking=non_blocking)
         start = x
-        for i in range(scheduler.num_steps):
+        last = scheduler.num_steps - 1
+        exit_at = last if hooks.exit_step is None else hooks.exit_step(k, scheduler.num_steps)
+        if not 0 <= exit_at <= last:
+            raise ValueError(f"exit step {exit_at} outside the {scheduler.num_steps} steps of stage {k}")
+        for i in range(exit_at + 1):
             t = timesteps[i]
-            cond, uncond = predict(x, model_timestep(t, b, truncate=True), with_uncond)
-            v = guided(settings, cond, uncond, k, i)
-            x = scheduler.step(v, x, start) if distilled else scheduler.step(v, x)
+            exiting = hooks.exit_step is not None and i == exit_at
+            with hooks.context(k, i, exiting):
+                cond, uncond = predict(x, model_timestep(t, b, truncate=True), with_uncond)
+                v = guided(settings, cond, uncond, k, i)
+                x = scheduler.denoised(v, x) if exiting else scheduler.step(v, x, start)
             if on_step:
                 on_step(k, i)
     return x

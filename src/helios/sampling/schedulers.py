@@ -25,19 +25,16 @@ Engine-facing API
 * The model timestep: the base pipeline feeds `t.expand(B)` (float), the pyramid
   pipeline feeds `t.expand(B).to(torch.int64)` (truncated); see `model_timestep`.
 
-Loading: `load_scheduler(path_or_dict)` reads a diffusers `scheduler_config.json`
-(`_class_name` HeliosScheduler or HeliosDMDScheduler) and returns a `FlowScheduler`
-or a `helios.sampling.dmd.DMDScheduler`.
+Both schedulers are `ChunkScheduler`s: the sampler drives them through that one interface.
+Loading a diffusers `scheduler_config.json` is `helios.sampling.loading.load_scheduler`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -177,31 +174,6 @@ def config_from_dict(d: dict[str, Any]) -> SchedulerConfig:
         raise ValueError(f"invalid scheduler config: {e}") from e
 
 
-def load_scheduler(path_or_config: str | Path | dict[str, Any]):
-    """Return our scheduler for a diffusers scheduler folder, `scheduler_config.json` or config dict.
-
-    HeliosScheduler -> FlowScheduler (euler / unipc); HeliosDMDScheduler, or HeliosScheduler
-    with scheduler_type="dmd" (same timestep logic) -> DMDScheduler.
-    """
-    d = path_or_config if isinstance(path_or_config, dict) else _read_config_json(Path(path_or_config))
-    config = config_from_dict(d)
-    if config.scheduler_type == "dmd":
-        from helios.sampling.dmd import DMDScheduler  # dmd.py imports this module
-
-        return DMDScheduler(config)
-    return FlowScheduler(config)
-
-
-def _read_config_json(path: Path) -> dict[str, Any]:
-    candidates = [path] if path.is_file() else [path / "scheduler_config.json",
-                                                path / "scheduler" / "scheduler_config.json"]
-    for p in candidates:
-        if p.is_file():
-            with open(p) as f:
-                return json.load(f)
-    raise FileNotFoundError(f"no scheduler config found at {path} (looked for {[str(p) for p in candidates]})")
-
-
 # -----------------------------------------------------------------------------
 # shifting
 
@@ -209,9 +181,15 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 def compute_mu(image_seq_len: int, config: SchedulerConfig | None = None) -> float:
     """Dynamic-shift mu: linear in the noisy token count (Flux-style `calculate_shift`)."""
     c = config or SchedulerConfig()
-    m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
-    b = c.base_shift - m * c.base_image_seq_len
-    return image_seq_len * m + b
+    return mu_for_tokens(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+
+
+def mu_for_tokens(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                  max_shift: float = 1.15) -> float:
+    """The line through (base_seq_len, base_shift) and (max_seq_len, max_shift) at `seq_len` tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return seq_len * m + b
 
 
 def token_count(latent_thw: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:
@@ -230,6 +208,11 @@ def time_shift(mu: float, t, kind: str):
     if kind == "linear":
         return mu / (mu + (1 / t - 1))
     raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {kind!r}")
+
+
+def shift_sigmas(sigmas, shift: float):
+    """`shift * sigma / (1 + (shift - 1) * sigma)`: the fixed shift of a sigma table (numpy or torch)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def base_sigmas(num_steps: int) -> np.ndarray:
@@ -257,13 +240,14 @@ class StageTables:
     end_sigmas: tuple[float, ...]
     timestep_ratios: tuple[tuple[float, float], ...]  # share of the total flow length
     stage_timesteps: tuple[torch.Tensor, ...]  # (N,) float64 per stage, decreasing
+    timestep_bounds: tuple[tuple[float, float], ...]  # (t_max, t_min): the ends of each stage's linspace
 
 
 def train_sigmas(config: SchedulerConfig) -> torch.Tensor:
     """The N training sigmas (shifted by config.shift), decreasing, excluding 0."""
     n, s = config.num_train_timesteps, config.shift
     x = 1.0 - np.linspace(1, 1 / n, n + 1)
-    x = np.flip(s * x / (1 + (s - 1) * x))[:-1].copy()
+    x = np.flip(shift_sigmas(x, s))[:-1].copy()
     return torch.from_numpy(x)
 
 
@@ -287,15 +271,16 @@ def stage_tables(config: SchedulerConfig) -> StageTables:
         starts.append(start if k == 0 else corrected_start_sigma(start, config.gamma))
     lengths = [a - b for a, b in zip(starts, ends)]
     total = sum(lengths)
-    ratios, stage_t = [], []
+    ratios, stage_t, bounds = [], [], []
     for k in range(config.stages):
         r0 = 0.0 if k == 0 else sum(lengths[:k]) / total
         r1 = 0.9999999999999999 if k == config.stages - 1 else sum(lengths[: k + 1]) / total
         ratios.append((r0, r1))
         t_max = min(train_t[int(r0 * n)].item(), 999)
         t_min = train_t[min(int(r1 * n), n - 1)].item()
+        bounds.append((float(t_max), float(t_min)))
         stage_t.append(torch.from_numpy(np.linspace(t_max, t_min, n + 1)[:-1]))
-    return StageTables(sig, tuple(ori), tuple(starts), tuple(ends), tuple(ratios), tuple(stage_t))
+    return StageTables(sig, tuple(ori), tuple(starts), tuple(ends), tuple(ratios), tuple(stage_t), tuple(bounds))
 
 
 def build_schedule(
@@ -526,27 +511,34 @@ def _as(c: float, x: torch.Tensor) -> float:
     return c
 
 
-class FlowScheduler:
-    """Euler / UniPC sampler over the Helios flow-matching schedule (diffusers HeliosScheduler).
+def flow_to_x0(flow: torch.Tensor, sample: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - sigma * v, computed in float64, returned in the flow's dtype.
 
-    State between `step` calls: the step counter, and for UniPC the last `solver_order`
-    converted model outputs plus the previous (pre-predictor) sample.
+    `sigma`: one float, or a (B,) tensor of per-sample sigmas (broadcast over the other dimensions)."""
+    if torch.is_tensor(sigma):
+        sigma = sigma.to(sample.device).double().view(-1, *([1] * (sample.ndim - 1)))
+    return (sample.double() - sigma * flow.double()).to(flow.dtype)
+
+
+class ChunkScheduler:
+    """What the sampler asks of a scheduler, shared by `FlowScheduler` and `DMDScheduler`.
+
+    `set_timesteps(steps, stage_index=, mu=, amplify=, ...)` builds one chunk's (or one pyramid stage's)
+    schedule; `step(model_output, sample, start_point)` advances one step; `denoised(model_output, sample)`
+    is the x0 the current step's output implies. `amplify` (more steps for the first chunk) and
+    `start_point` (the stage's starting latents) are what the DMD sampler uses; a multi-step solver takes
+    and ignores them, so the sampler drives both the same way.
     """
 
-    def __init__(self, config: SchedulerConfig | None = None, **overrides: Any):
-        config = dataclasses.replace(config or SchedulerConfig(), **overrides)
-        if config.scheduler_type == "dmd":
-            raise ValueError("scheduler_type='dmd' is sampled by helios.sampling.dmd.DMDScheduler, not FlowScheduler")
+    config: SchedulerConfig
+
+    def __init__(self, config: SchedulerConfig):
         self.config = config
         self.tables = stage_tables(config)
         self.timesteps: torch.Tensor | None = None  # (n,) on the requested device
         self.timesteps_cpu: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None  # (n+1,) on the CPU
-        self._euler_deltas: list[float] = []
-        self._plan: list[UniStepPlan] = []
-        self.reset()
-
-    # --- public -------------------------------------------------------------
+        self._i = 0
 
     @property
     def ori_start_sigmas(self) -> tuple[float, ...]:
@@ -560,6 +552,53 @@ class FlowScheduler:
     def step_index(self) -> int:
         return self._i
 
+    def _use_schedule(self, t: torch.Tensor, s: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+        self.timesteps_cpu, self.sigmas = t, s
+        self.timesteps = t.to(device) if device is not None else t
+        return self.timesteps
+
+    def _check_can_step(self) -> None:
+        if self.timesteps_cpu is None:
+            raise RuntimeError("call set_timesteps() before step()")
+        if self._i >= self.num_steps:
+            raise RuntimeError(f"step() called {self._i + 1} times for a {self.num_steps}-step schedule; "
+                               "call set_timesteps() for the next chunk/stage")
+
+    def set_timesteps(self, num_inference_steps: int, stage_index: int | None = None, mu: float | None = None,
+                      sigmas=None, device: torch.device | str | None = None, amplify: bool = False,
+                      extra_timesteps: Sequence[float] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor,
+             start_point: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def denoised(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma_i v at the current step (float64, in the output's dtype); the state is kept."""
+        return flow_to_x0(model_output, sample, self.sigmas[self._i].item())
+
+
+class FlowScheduler(ChunkScheduler):
+    """Euler / UniPC sampler over the Helios flow-matching schedule (diffusers HeliosScheduler).
+
+    State between `step` calls: the step counter, and for UniPC the last `solver_order`
+    converted model outputs plus the previous (pre-predictor) sample.
+    """
+
+    def __init__(self, config: SchedulerConfig | None = None, **overrides: Any):
+        config = dataclasses.replace(config or SchedulerConfig(), **overrides)
+        if config.scheduler_type == "dmd":
+            raise ValueError("scheduler_type='dmd' is sampled by helios.sampling.dmd.DMDScheduler, not FlowScheduler")
+        super().__init__(config)
+        self._euler_deltas: list[float] = []
+        self._plan: list[UniStepPlan] = []
+        self.reset()
+
+    # --- public -------------------------------------------------------------
+
     def set_timesteps(
         self,
         num_inference_steps: int,
@@ -567,14 +606,15 @@ class FlowScheduler:
         mu: float | None = None,
         sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        amplify: bool = False,
         extra_timesteps: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """Build the schedule for one chunk (single stage) or one pyramid stage; resets state.
-        `extra_timesteps`: model timesteps a pyramid stage must also visit (see `insert_timesteps`)."""
+        `extra_timesteps`: model timesteps a pyramid stage must also visit (see `insert_timesteps`).
+        `amplify` is the DMD sampler's and has no effect here (the reference passes it to DMD only)."""
         t, s = build_schedule(self.config, self.tables, num_inference_steps, stage_index, mu, sigmas,
                               extra_timesteps=extra_timesteps)
-        self.timesteps_cpu, self.sigmas = t, s
-        self.timesteps = t.to(device) if device is not None else t
+        self._use_schedule(t, s, device)
         if self.config.scheduler_type == "euler":
             self._euler_deltas = [(s[i + 1] - s[i]).item() for i in range(len(t))]
         else:
@@ -588,13 +628,11 @@ class FlowScheduler:
         self._history: list[torch.Tensor] = []
         self._last_sample: torch.Tensor | None = None
 
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Advance `sample` from sigmas[i] to sigmas[i+1] given the model output at timesteps[i]."""
-        if self.timesteps_cpu is None:
-            raise RuntimeError("call set_timesteps() before step()")
-        if self._i >= self.num_steps:
-            raise RuntimeError(f"step() called {self._i + 1} times for a {self.num_steps}-step schedule; "
-                               "call set_timesteps() for the next chunk/stage")
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor,
+             start_point: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance `sample` from sigmas[i] to sigmas[i+1] given the model output at timesteps[i]
+        (`start_point` is the DMD sampler's; unused here)."""
+        self._check_can_step()
         if self.config.scheduler_type == "euler":
             out = self._euler_step(model_output, sample)
         else:

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from helios.model_folder import CHUNK_FRAMES
 from helios.serve.auth import ClientIds, authorized, same_origin
 from helios.serve.engines import Engine
 from helios.serve.jobs import FINAL, Job, State, Worker
@@ -121,15 +122,13 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
     # ---- HTTP API ----------------------------------------------------------------------------
     @app.get("/api/config")
     async def config(client: str = Depends(caller)) -> dict:
-        from helios.sampling.sampler import PRESETS
-
         stats = server.worker.stats()  # (other clients' job ids stay private)
         engines = [{"devices": e["devices"], "alive": e["alive"], "busy": e["busy"]} for e in stats["engines"]]
         spec = server.spec
         return {"client": client, "model": server.model_name, "device": engines[0]["devices"][0],
                 "engines": engines, "devices_per_engine": len(engines[0]["devices"]),
-                "default_size": list(spec.default_size), "presets": sorted(PRESETS),
-                "default_preset": spec.default_preset, "fps": server.fps, "chunk_frames": 33,
+                "default_size": list(spec.default_size), "presets": list(spec.presets),
+                "default_preset": spec.default_preset, "fps": server.fps, "chunk_frames": CHUNK_FRAMES,
                 "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)

@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from helios.engine.prompts import LivePrompt
+from helios.runtime import resolve_dtype
 from helios.serve.params import JobRequest
 
 log = logging.getLogger("helios.serve")
@@ -92,11 +93,7 @@ def stream_job(pipe, request: JobRequest, prompt: LivePrompt, on_step: OnStep) -
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
     """--dtype for a device: auto is bfloat16 on CUDA, float32 elsewhere."""
-    dtypes = {"auto": torch.bfloat16 if str(device).startswith("cuda") else torch.float32,
-              "float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name}")
-    return dtypes[name]
+    return resolve_dtype(name, device)
 
 
 def device_groups(gpus: int | None, gpus_per_job: int | None, device: str | None,
@@ -214,7 +211,7 @@ class GroupEngine(Engine):
         self._busy = False
         self._lock = threading.Lock()
         if self.devices[0].startswith("cuda"):
-            from helios.model.parallel import no_multicast_env
+            from helios.runtime import no_multicast_env
 
             no_multicast_env()  # inherited by the ranks, which set it again before NCCL starts
         self._store = Path(tempfile.mkdtemp(prefix="helios-engine-"))
@@ -495,7 +492,7 @@ def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: st
     import torch.distributed as dist
 
     from helios.engine.pipeline import load_pipeline
-    from helios.model.parallel import init_distributed
+    from helios.runtime import init_distributed
 
     logging.basicConfig(level=logging.INFO, format=f"engine {','.join(devices)} rank {rank}: %(message)s")
     # Ctrl-C in the terminal reaches every process of the group: the server stops the engines itself

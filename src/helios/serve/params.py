@@ -9,9 +9,10 @@ from typing import Mapping
 
 import torch
 
+from helios.model_folder import CHUNK_FRAMES
 from helios.serve.limits import Limits, RequestError, check_frames, check_prompt, check_size, check_upload_size
 
-WINDOW = 33  # frames per chunk; V2V needs at least one whole window
+WINDOW = CHUNK_FRAMES  # frames per chunk; V2V needs at least one whole window
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from helios.model_folder import CHUNK_FRAMES, LATENT_CHUNK_FRAMES, frames_for_latents
+
 from .recipes import deep_merge, load_recipe, recipe_path
 
 __all__ = ["ConfigError", "RUN_DEFAULTS", "load_config", "parse_set", "check_config", "check_folder", "is_ode_phase"]
@@ -72,7 +74,7 @@ RUN_DEFAULTS: dict[str, Any] = {
         "every_steps": 500,
         "prompt": "two red circles and a green square bouncing on a blue background",
         "seed": 0,
-        "num_frames": 33,
+        "num_frames": CHUNK_FRAMES,
         "height": 384,
         "width": 640,
         "guidance_scale": 5.0,
@@ -246,8 +248,8 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     n(isinstance(sizes, list) and len(sizes) == 3 and all(isinstance(x, int) and x >= 1 for x in sizes),
       "data.history_sizes", "must be three positive integers (long, mid, short)", cfg)
     n(d["latent_window"] >= 1, "data.latent_window", "must be >= 1", cfg)
-    n(d["section_frames"] == (d["latent_window"] - 1) * 4 + 1, "data.section_frames",
-      "must be (latent_window - 1) * 4 + 1 RGB frames (33 for 9 latent frames)", cfg)
+    n(d["section_frames"] == frames_for_latents(d["latent_window"]), "data.section_frames",
+      f"must be (latent_window - 1) * 4 + 1 RGB frames ({CHUNK_FRAMES} for {LATENT_CHUNK_FRAMES} latent frames)", cfg)
     n(0 <= d["caption_dropout"] <= 1, "data.caption_dropout", "must be in [0, 1]", cfg)
     n(d["num_workers"] >= 0, "data.num_workers", "must be >= 0", cfg)
     if d["source"] == "synthetic":

@@ -40,6 +40,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helios.model_folder import LATENT_CHUNK_FRAMES
+from helios.sampling.pyramid import noise_like
+
 from .history import HistoryLayout, history_frames
 
 __all__ = [
@@ -165,11 +168,6 @@ def _randint(generator, low: int, high: int) -> int:
     return int(torch.randint(low, high, (1,), generator=generator, device=dev).item())
 
 
-def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    dev = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # primitive corruptions
 
@@ -179,7 +177,7 @@ def noise_corrupt(x: torch.Tensor, noise_max: float, generator, frame_independen
     B, T = x.shape[0], x.shape[2]
     s = _rand(generator, B, 1, T if frame_independent else 1, 1, 1) * noise_max
     s = s.to(x.device, x.dtype)
-    return s * _randn_like(x, generator) + (1 - s) * x
+    return s * noise_like(x, generator) + (1 - s) * x
 
 
 def downsample_corrupt(x: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -424,7 +422,7 @@ def frame_aware_corrupt(
     if anchor is not None:
         noise_max[0] = cfg.noise_max_short
     sig = (sig.cpu() * noise_max).to(frames.device, frames.dtype)
-    eps = _randn_like(frames, generator)
+    eps = noise_like(frames, generator)
     noise_mask = (ops == OP_NOISE).to(frames.device)
     noisy = sig[:, None, :, None, None] * eps + (1 - sig[:, None, :, None, None]) * frames
     out = torch.where(noise_mask[:, None, :, None, None], noisy, frames)
@@ -570,7 +568,7 @@ def apply_task_dropout(
     last: torch.Tensor,
     cfg: TaskDropoutConfig,
     generator: torch.Generator | None,
-    window: int = 9,
+    window: int = LATENT_CHUNK_FRAMES,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Official task dropout on ``anchor (B,C,1,h,w)``, ``long``, ``mid``, ``last`` (the history
     frames *without* the anchor, oldest first). Returns new tensors and the task label per

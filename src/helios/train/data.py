@@ -13,31 +13,26 @@ resumable from a saved position and independent of the number of processes (for 
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError, is_ode_phase
+from helios.model_folder import CHUNK_FRAMES
+from helios.runtime import seeded_generator
+
+from .config import ConfigError
 from .history import HistoryLayout, choose_section, history_from_sections
 from .synthetic import SyntheticConfig, SyntheticVideoDataset
 from .video_data import LatentCacheDataset, collate_samples
 
-__all__ = ["DataError", "ModelParts", "SyntheticLatentDataset", "build_dataset", "BatchStream", "seeded_generator"]
+__all__ = ["DataError", "ModelParts", "SyntheticLatentDataset", "build_dataset", "BatchStream"]
 
 
 class DataError(ValueError):
     """Training data that cannot be used (missing, unreadable, empty, wrong shape)."""
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (well mixed: neighbouring keys are unrelated)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
 class ModelParts:
@@ -54,8 +49,7 @@ class ModelParts:
         from .modeling import check_components_folder
 
         self.folder = Path(folder)
-        check_components_folder(self.folder)
-        self.index = json.loads((self.folder / "model_index.json").read_text())
+        self.index = check_components_folder(self.folder)
         self.vae, self.text_encoder, self.tokenizer, self.scheduler_config = load_parts(
             self.folder, device, vae_dtype, text_dtype)
         self.to(device)
@@ -90,7 +84,7 @@ class SyntheticLatentDataset(Dataset):
     """Synthetic videos encoded on the fly: clip -> 33-frame sections -> VAE -> training sample."""
 
     def __init__(self, scfg: dict[str, Any], parts: ModelParts, layout: HistoryLayout, seed: int,
-                 section_frames: int = 33):
+                 section_frames: int = CHUNK_FRAMES):
         keys = {f for f in SyntheticConfig.__dataclass_fields__}
         self.videos = SyntheticVideoDataset(SyntheticConfig.from_dict({k: v for k, v in scfg.items() if k in keys}),
                                             num_videos=int(scfg["num_videos"]), clip_frames=int(scfg["clip_frames"]),
@@ -165,10 +159,7 @@ class _CheckedCache(Dataset):
 
 
 def build_dataset(cfg: dict[str, Any], layout: HistoryLayout, parts: ModelParts | None) -> Dataset:
-    if is_ode_phase(cfg):  # stage 3, phase ode: the teacher's ODE pairs, not data.source
-        from .ode import ODEPairDataset  # (imported here: it pulls in the distillation code)
-
-        return ODEPairDataset(cfg)
+    """The dataset of ``data.source`` (a stage that trains on something else builds its own: Stage.dataset)."""
     d = cfg["data"]
     if d["source"] == "cache":
         return _CheckedCache(d["cache_dir"], layout, int(cfg["seed"]), int(d.get("min_video_frames") or 0),

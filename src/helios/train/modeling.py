@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from helios.model.config import HeliosConfig
 from helios.model.loading import load_transformer, save_transformer, shard_map
 from helios.model.transformer import HeliosTransformer, build_transformer, cast_keeping_fp32
+from helios.model_folder import COMPONENT_PARTS, ModelFolderError, read_model_index, write_model_folder
 
 from .config import ConfigError
 
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
-MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 # recipe key -> HeliosConfig field; a Helios checkpoint must agree, a Wan init takes them
 _ARCH_FLAGS = {"memory_patches": "has_multi_term_memory_patch", "zero_history_timestep": "zero_history_timestep",
                "guidance_cross_attn": "guidance_cross_attn", "amplify_history": "is_amplify_history",
@@ -252,43 +251,27 @@ def plain_transformer(cfg: dict[str, Any], trainable_state: dict[str, torch.Tens
 def export_model_folder(transformer: HeliosTransformer, components_from: str | Path, out_dir: str | Path,
                         default_size: tuple[int, int] | None = None, scheduler_config: dict[str, Any] | None = None,
                         index_updates: dict[str, Any] | None = None) -> Path:
-    """Write a model folder in the official layout: ``transformer/`` from ``transformer`` (our
-    save_transformer), ``vae/ text_encoder/ tokenizer/ scheduler/`` and ``model_index.json`` copied
-    from ``components_from``. Written beside ``out_dir`` and renamed into place. ``scheduler_config``
-    replaces the copied scheduler config and ``index_updates`` is merged into model_index.json (stage 3
-    writes the few-step HeliosDMDScheduler and ``is_distilled: true``)."""
-    src, out = Path(components_from), Path(out_dir)
-    check_components_folder(src)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_transformer(transformer, tmp / "transformer")
-    for part in MODEL_PARTS:
-        shutil.copytree(src / part, tmp / part)
-    if scheduler_config is not None:
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
-    index = json.loads((src / "model_index.json").read_text())
+    """Write a model folder in the official layout (:func:`helios.model_folder.write_model_folder`):
+    ``transformer/`` from ``transformer``, ``vae/ text_encoder/ tokenizer/ scheduler/`` and
+    ``model_index.json`` copied from ``components_from``. ``scheduler_config`` replaces the copied
+    scheduler config and ``index_updates`` is merged into model_index.json (stage 3 writes the few-step
+    HeliosDMDScheduler and ``is_distilled: true``)."""
+    src = Path(components_from)
+    index = check_components_folder(src)
     # Sampling defaults were found for the model they came with, not for the one trained from it.
     index.pop("helios_default_sampling", None)
     index.update(index_updates or {})
     if default_size is not None:
         index["helios_default_size"] = [int(default_size[0]), int(default_size[1])]  # our extension
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-    return out
+    parts: dict[str, Any] = {p: src / p for p in COMPONENT_PARTS}
+    parts["transformer"] = lambda path: save_transformer(transformer, path)
+    return write_model_folder(out_dir, index, parts, scheduler_config)
 
 
-def check_components_folder(folder: str | Path, key: str = "model.components_from") -> None:
-    folder = Path(folder)
-    missing = [p for p in (*MODEL_PARTS, "model_index.json") if not (folder / p).exists()]
-    if missing:
-        raise ConfigError(f"config key '{key}' = {str(folder)!r}: not a Helios model folder (missing {missing}); "
-                          "the VAE, text encoder, tokenizer and scheduler come from it")
+def check_components_folder(folder: str | Path, key: str = "model.components_from") -> dict[str, Any]:
+    """The model_index.json of the folder the VAE, text encoder, tokenizer and scheduler come from."""
+    try:
+        return read_model_index(folder, COMPONENT_PARTS)
+    except ModelFolderError as e:
+        raise ConfigError(f"config key '{key}' = {str(folder)!r}: not a Helios model folder ({e}); "
+                          "the VAE, text encoder, tokenizer and scheduler come from it") from e

@@ -10,10 +10,10 @@ redraws exactly what an uninterrupted one draws.
 
 * Stage 1 (:class:`FlowMatchingStage`): history-conditioned flow matching, official timesteps.
 * Stage 2 (:class:`PyramidStage`): Pyramid Unified Predictor-Corrector training, 3 scales.
-* Stage 3, phase ``dmd`` (:class:`helios.train.stage3.DistillStage`): DMD + GAN distillation; it also
-  trains a critic, through the hooks below (``build``, ``param_groups``, ``ema_decay``,
-  ``inference_overrides``). Phase ``ode`` (:class:`helios.train.ode.ODERegressionStage`): regression on
-  the teacher's ODE pairs (:class:`helios.train.ode.ODEPairDataset`).
+* Stage 3 (the package :mod:`helios.train.stage3`, which registers its phases with :func:`register_stage`):
+  phase ``dmd`` (``DistillStage``), DMD + GAN distillation, also trains a critic through the hooks below
+  (``build``, ``param_groups``, ``ema_decay``, ``inference_overrides``); phase ``ode``
+  (``ODERegressionStage``) regresses on the teacher's ODE pairs, its own ``dataset``.
 
 Both share :meth:`Stage.history_inputs`: split the real history into the memory terms, apply the
 T2V/I2V/V2V task dropout, then Easy Anti-Drifting corruption (each switchable in the config; the
@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from .corrupt import (
     HistoryCorruptionConfig,
@@ -37,7 +38,10 @@ from .corrupt import (
     corrupt_model_input,
     degrade_history,
 )
-from .data import seeded_generator
+from .config import is_ode_phase
+from helios.runtime import seeded_generator
+
+from .data import build_dataset
 from .history import HistoryLayout, model_history_inputs
 from .timesteps import (
     TimestepConfig,
@@ -99,6 +103,10 @@ class Stage:
 
     def shard(self, modules: dict[str, nn.Module], mesh, mp_policy) -> None:
         """FSDP2 for the modules :meth:`build` returned."""
+
+    def dataset(self, layout: HistoryLayout, parts) -> Dataset:
+        """What this stage trains on: by default the ``data.source`` dataset."""
+        return build_dataset(self.cfg, layout, parts)
 
     def bind_parts(self, parts) -> None:
         """Called once with the model folder's VAE / text encoder (when the run loads them)."""
@@ -209,20 +217,31 @@ class PyramidStage(Stage):
         return {**metrics, **self.task_metrics(tasks)}
 
 
-STAGES: dict[int, type[Stage]] = {1: FlowMatchingStage, 2: PyramidStage}
+STAGES: dict[str, type[Stage]] = {}  # stage key (see stage_key) -> its class; packages add theirs
+
+
+def register_stage(key: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: ``make_stage`` builds this class for configs whose :func:`stage_key` is ``key``."""
+    def register(cls: type[Stage]) -> type[Stage]:
+        STAGES[key] = cls
+        return cls
+    return register
+
+
+def stage_key(cfg: dict[str, Any]) -> str:
+    """``"1"``, ``"2"``, or for stage 3 its phase: ``"3-ode"`` / ``"3-dmd"``."""
+    if cfg["stage"] == 3:
+        return "3-ode" if is_ode_phase(cfg) else "3-dmd"
+    return str(cfg["stage"])
 
 
 def make_stage(cfg: dict[str, Any]) -> Stage:
-    if cfg["stage"] == 3:  # imported here: it pulls in peft and the distillation code
-        from .config import is_ode_phase
+    key = stage_key(cfg)
+    if key not in STAGES:
+        raise ValueError(f"stage {key} is not implemented here (registered: {sorted(STAGES)}; "
+                         "stage 3 registers when helios.train.stage3 is imported)")
+    return STAGES[key](cfg)
 
-        if is_ode_phase(cfg):
-            from .ode import ODERegressionStage
 
-            return ODERegressionStage(cfg)
-        from .stage3 import DistillStage
-
-        return DistillStage(cfg)
-    if cfg["stage"] not in STAGES:
-        raise ValueError(f"stage {cfg['stage']} is not implemented (have {sorted(STAGES)} and 3)")
-    return STAGES[cfg["stage"]](cfg)
+register_stage("1")(FlowMatchingStage)
+register_stage("2")(PyramidStage)

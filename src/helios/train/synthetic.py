@@ -6,7 +6,7 @@ motion is analytic (elastic bounces off the walls = a triangle wave of the unfol
 coordinate), so any frame of an arbitrarily long video (minutes, hours) is rendered directly,
 without simulating the frames before it. Rendering is vectorised over frames and pixels.
 
-The caption comes from the shared colour/shape vocabulary in :mod:`helios.eval.palette`::
+The caption comes from the shared colour/shape vocabulary in :mod:`helios.scenes`::
 
     "two red circles and a green square bouncing on a blue background"
 
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helios.eval.palette import COLORS, SHAPES, ObjectSpec, Scene, describe_scene
+from helios.engine.video_io import write_video
+from helios.model_folder import CHUNK_FRAMES
+from helios.scenes import COLORS, SHAPES, ObjectSpec, Scene, describe_scene
 
 from .video_data import collate_samples
 
@@ -261,7 +263,7 @@ class SyntheticVideoDataset(Dataset):
         self,
         cfg: SyntheticConfig = SyntheticConfig(),
         num_videos: int = 1000,
-        clip_frames: int = 33,
+        clip_frames: int = CHUNK_FRAMES,
         frame_stride: int = 1,
         output: str = "float",
         clip_seed: int = 0,
@@ -306,28 +308,6 @@ class SyntheticVideoDataset(Dataset):
         }
 
 
-def write_video(
-    path: str | os.PathLike, frames: np.ndarray, fps: int = 24, codec: str = "libx264", crf: int = 10
-) -> None:
-    """Write uint8 ``(T, H, W, 3)`` frames to an mp4 with PyAV (yuv420p; H, W must be even)."""
-    import av
-
-    frames = np.asarray(frames, dtype=np.uint8)
-    T, H, W, _ = frames.shape
-    if H % 2 or W % 2:
-        raise ValueError("yuv420p needs even H and W")
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for f in frames:
-            for pkt in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(pkt)
-        for pkt in stream.encode():
-            out.mux(pkt)
-
-
 def export_synthetic_videos(
     out_dir: str | os.PathLike,
     num_videos: int,
@@ -344,7 +324,7 @@ def export_synthetic_videos(
     for i in range(start_index, start_index + num_videos):
         v = SyntheticVideo.from_index(i, cfg)
         name = f"video_{i:05d}.mp4"
-        write_video(os.path.join(out_dir, name), v.frames(0, num_frames or cfg.num_frames), fps=cfg.fps)
+        write_video(os.path.join(out_dir, name), v.frames(0, num_frames or cfg.num_frames), fps=cfg.fps, crf=10)
         rows.append((name, v.caption))
     csv_path = os.path.join(out_dir, "captions.csv")
     with open(csv_path, "w", newline="") as f:

@@ -26,29 +26,26 @@ from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from helios.sampling.pyramid import downsampled_levels, upsample_latents
+from helios.sampling.schedulers import (SchedulerConfig, mu_for_tokens, shift_sigmas, stage_tables,
+                                        token_count)
 
 __all__ = [
     "TimestepConfig",
     "sample_density",
     "sample_dynamic_unit",
     "flow_sigma_table",
-    "image_seq_len",
-    "shift_mu",
     "dynamic_shift_factor",
-    "apply_shift",
     "sample_training_sigmas",
     "sample_training_sigmas_per_sample",
     "per_sample_noise",
     "add_noise",
     "flow_target",
-    "flow_to_x0",
     "loss_weighting",
     "flow_matching_loss",
     "PyramidSchedule",
     "build_pyramid_schedule",
-    "pyramid_downsample",
-    "pyramid_noise",
     "PyramidSample",
     "sample_pyramid_training_inputs",
     "sample_pyramid_training_inputs_per_sample",
@@ -118,22 +115,7 @@ def flow_sigma_table(num_train_timesteps: int = 1000, shift: float = 1.0) -> tor
     optionally statically shifted."""
     N = num_train_timesteps
     s = torch.arange(N, 0, -1, dtype=torch.float64) / N
-    return apply_shift(s, shift) if shift != 1.0 else s
-
-
-def image_seq_len(latent_shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:
-    """Token count of a latent ``(..., T, H, W)``: ``T*H*W / (pt*ph*pw)`` (8640 for 9x48x80)."""
-    T, H, W = latent_shape[-3:]
-    pt, ph, pw = patch_size
-    return (T * H * W) // (pt * ph * pw)
-
-
-def shift_mu(
-    seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
-) -> float:
-    """SD3 resolution shift: linear in the token count through (256, 0.5) and (4096, 1.15)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return seq_len * m + (base_shift - m * base_seq_len)
+    return shift_sigmas(s, shift) if shift != 1.0 else s
 
 
 def dynamic_shift_factor(seq_len: int, cfg: TimestepConfig | None = None, time_shift_type: str | None = None) -> float:
@@ -144,17 +126,12 @@ def dynamic_shift_factor(seq_len: int, cfg: TimestepConfig | None = None, time_s
     linear m = 1.919, exponential m = 6.81."""
     cfg = cfg or TimestepConfig()
     kind = time_shift_type or cfg.time_shift_type
-    mu = shift_mu(seq_len, cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift)
+    mu = mu_for_tokens(seq_len, cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift)
     if kind == "exponential":
         return math.exp(min(mu, math.log(cfg.exp_max)))
     if kind == "linear":
         return mu
     raise ValueError(f"unknown time_shift_type {kind!r}")
-
-
-def apply_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """``shift * sigma / (1 + (shift - 1) * sigma)`` (monotone increasing in sigma; m>1 pushes to noise)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def _unit_draws(cfg: TimestepConfig, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -172,7 +149,7 @@ def _training_sigmas(u: torch.Tensor, cfg: TimestepConfig,
     if cfg.use_dynamic_shifting:
         if latent_shape is None:
             raise ValueError("dynamic shifting needs latent_shape")
-        table = apply_shift(table, dynamic_shift_factor(image_seq_len(latent_shape, cfg.patch_size), cfg))
+        table = shift_sigmas(table, dynamic_shift_factor(token_count(latent_shape, cfg.patch_size), cfg))
     sigmas = table[idx].float()
     return sigmas, sigmas * N
 
@@ -226,12 +203,6 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_to_x0(v: torch.Tensor, xt: torch.Tensor, sigmas: torch.Tensor | float) -> torch.Tensor:
-    """``x0 = x_t - sigma * v`` (in float64 as the official conversion, cast back)."""
-    s = _bcast(sigmas, xt).double() if torch.is_tensor(sigmas) else sigmas
-    return (xt.double() - s * v.double()).to(xt.dtype)
-
-
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """SD3 loss weights; 1 for ``logit_normal`` / ``none`` / ``mode`` (the ones Helios uses)."""
     if scheme == "sigma_sqrt":
@@ -271,14 +242,14 @@ class PyramidSchedule:
     ori_start_sigmas: list[float]  # uncorrected start sigma (used by the inference renoise)
     t_max: list[float]
     t_min: list[float]
+    stage_timesteps: tuple[torch.Tensor, ...]  # (N,) float64 per stage: the sampler's tables
 
     def sigmas_local(self) -> torch.Tensor:
         N = self.num_train_timesteps
         return torch.linspace(0.999, 0.0, N + 1, dtype=torch.float64)[:-1]
 
     def timesteps(self, stage: int) -> torch.Tensor:
-        N = self.num_train_timesteps
-        return torch.linspace(self.t_max[stage], self.t_min[stage], N + 1, dtype=torch.float64)[:-1]
+        return self.stage_timesteps[stage]
 
 
 def build_pyramid_schedule(
@@ -288,63 +259,13 @@ def build_pyramid_schedule(
     shift: float = 1.0,
     num_train_timesteps: int = 1000,
 ) -> PyramidSchedule:
-    N = num_train_timesteps
-    # global table: linspace(0.999, 0, N+1)[:-1] (then static shift), timesteps = 1000 * sigma
-    base = torch.linspace(0.999, 0.0, N + 1, dtype=torch.float64)[:-1]
-    sig = apply_shift(base, shift) if shift != 1.0 else base
-    ts = sig * N
-    starts, ends, ori, dist = [], [], [], []
-    for k in range(num_stages):
-        si = max(int(stage_range[k] * N), 0)
-        ei = min(int(stage_range[k + 1] * N), N)
-        s = float(sig[si])
-        e = float(sig[ei]) if ei < N else 0.0
-        ori.append(s)
-        if k:
-            keep = 1 - s  # signal coefficient at the stage start
-            s = 1 - keep / (math.sqrt(1 + 1 / gamma) * (1 - keep) + keep)
-        starts.append(s)
-        ends.append(e)
-        dist.append(s - e)
-    tot = sum(dist)
-    t_max, t_min = [], []
-    for k in range(num_stages):
-        r0 = 0.0 if k == 0 else sum(dist[:k]) / tot
-        r1 = 0.9999999999999999 if k == num_stages - 1 else sum(dist[: k + 1]) / tot
-        t_max.append(min(float(ts[int(r0 * N)]), 999.0))
-        t_min.append(float(ts[min(int(r1 * N), N - 1)]))
-    return PyramidSchedule(num_stages, tuple(stage_range), gamma, N, starts, ends, ori, t_max, t_min)
-
-
-def _resize_frames(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    B, C, T, H, W = x.shape
-    y = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
-    y = F.interpolate(y, size=size, mode=mode)
-    return y.reshape(B, T, C, *size).permute(0, 2, 1, 3, 4)
-
-
-def pyramid_downsample(x0: torch.Tensor, num_stages: int = 3) -> list[torch.Tensor]:
-    """Clean latents per stage, lowest resolution first (bilinear halving, floor sizes)."""
-    out = [x0]
-    h, w = x0.shape[-2:]
-    cur = x0
-    for _ in range(num_stages - 1):
-        h, w = h // 2, w // 2
-        cur = _resize_frames(cur, (h, w), "bilinear")
-        out.append(cur)
-    return out[::-1]
-
-
-def pyramid_noise(noise: torch.Tensor, num_stages: int = 3) -> list[torch.Tensor]:
-    """Noise per stage, lowest first: bilinear halving times 2 (keeps roughly unit variance)."""
-    out = [noise]
-    h, w = noise.shape[-2:]
-    cur = noise
-    for _ in range(num_stages - 1):
-        h, w = h // 2, w // 2
-        cur = _resize_frames(cur, (h, w), "bilinear") * 2
-        out.append(cur)
-    return out[::-1]
+    """The training view of the sampler's stage tables (:func:`helios.sampling.schedulers.stage_tables`)."""
+    tables = stage_tables(SchedulerConfig(num_train_timesteps=num_train_timesteps, shift=shift, stages=num_stages,
+                                          stage_range=tuple(stage_range), gamma=gamma))
+    return PyramidSchedule(num_stages, tuple(stage_range), gamma, num_train_timesteps, list(tables.start_sigmas),
+                           list(tables.end_sigmas), list(tables.ori_start_sigmas),
+                           [b[0] for b in tables.timestep_bounds], [b[1] for b in tables.timestep_bounds],
+                           tables.stage_timesteps)
 
 
 @dataclass
@@ -415,8 +336,7 @@ def _pyramid_path(clean: list[torch.Tensor], noises: list[torch.Tensor], schedul
     if k == 0:
         start = noises[0]
     else:
-        prev = clean[k - 1]
-        up = _resize_frames(prev, (prev.shape[-2] * 2, prev.shape[-1] * 2), "nearest")
+        up = upsample_latents(clean[k - 1])
         if up.shape[-2:] != clean[k].shape[-2:]:
             raise ValueError("latent H, W must be divisible by 2**(num_stages-1)")
         start = schedule.start_sigmas[k] * noises[k] + (1 - schedule.start_sigmas[k]) * up
@@ -438,8 +358,8 @@ def pyramid_training_inputs(
     K = schedule.num_stages
     if len(sample_ratios) != K:
         raise ValueError("sample_ratios must have one entry per stage")
-    clean = pyramid_downsample(x0, K)
-    noises = pyramid_noise(noise.to(x0.device, x0.dtype), K)
+    clean = downsampled_levels(x0, K)  # clean latents per level, lowest first
+    noises = downsampled_levels(noise.to(x0.device, x0.dtype), K, gain=2.0)
     N = schedule.num_train_timesteps
     local = schedule.sigmas_local()
     idx = (u * N).long().clamp(0, N - 1).cpu()  # (B, draws): table rows, looked up on the host
@@ -452,8 +372,8 @@ def pyramid_training_inputs(
             i = idx[:, len(out)]
             s, t = local[i], tk[i]
             if cfg.use_dynamic_shifting:
-                m = dynamic_shift_factor(image_seq_len(start.shape, cfg.patch_size), cfg)
-                s = apply_shift(s, m)
+                m = dynamic_shift_factor(token_count(start.shape, cfg.patch_size), cfg)
+                s = shift_sigmas(s, m)
                 t = schedule.t_min[k] + s * (schedule.t_max[k] - schedule.t_min[k])
             sb = _bcast(s.float(), start)
             noisy = sb * start + (1 - sb) * end
@@ -555,12 +475,12 @@ def dmd_sigma_table(
     N = cfg.num_train_timesteps
     s = torch.linspace(1.0, 1.0 / N, N, dtype=torch.float64)
     if cfg.use_dynamic_shifting:
-        shift = dynamic_shift_factor(image_seq_len(latent_shape, cfg.patch_size), cfg)
-        s = apply_shift(s, shift)
+        shift = dynamic_shift_factor(token_count(latent_shape, cfg.patch_size), cfg)
+        s = shift_sigmas(s, shift)
     else:
         shift = static_shift
         if shift > 1:
-            s = apply_shift(s, shift)
+            s = shift_sigmas(s, shift)
     return s, s * N, shift
 
 

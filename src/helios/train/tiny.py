@@ -18,28 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helios.eval.palette import COLORS, COUNT_WORDS, SHAPES
+from helios import model_folder as helios_model_folder
+from helios.scenes import COLORS, COUNT_WORDS, SHAPES
 from helios.model.config import named_config
 from helios.model.loading import save_transformer
 from helios.model.transformer import build_transformer
+from helios.model_folder import CHUNK_FRAMES
 
 FRAME_SIZE = (64, 64)  # height, width of the shipped model's videos (small enough to train on a CPU)
 TEXT_DIM = 64
 MAX_TOKENS = 32
 TEXT_PRETRAIN_STEPS = 600  # caption pretraining of the text encoder (~20 s on a CPU)
-# RGB frames of one chunk (9 latent frames). The VAE trains on clips this long: trained on 17-frame clips
+# The VAE trains on whole chunks (CHUNK_FRAMES, 9 latent frames): trained on 17-frame clips
 # (5 latent frames), it reconstructed frames 17-32 of every chunk with ~8x the error of frames 0-16
 # (mean absolute error 0.28-0.66 against 0.05-0.08 per latent frame), and the transformers trained on
 # those latents faded each chunk (docs/tiny-model.md).
-CHUNK_FRAMES = 33
 # Object radius / half side as a fraction of the frame (the synthetic default is 0.07-0.14): 6-12 pixels,
 # 1.5-3 latent pixels at the 4x VAE. Run 7's mid model, trained on the default sizes (1-2 latent pixels),
 # learnt the captions' backgrounds but drew their objects in 3.5% of frames.
@@ -121,7 +122,7 @@ def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS)
 def caption_targets(caption: str) -> tuple[int, list[int]]:
     """What a caption says, as class indices: its background colour, and how many objects of each
     (colour, shape) pair it names (0 for pairs it does not name), in `COLORS` x `SHAPES` order."""
-    from helios.eval.palette import parse_caption
+    from helios.scenes import parse_caption
 
     scene = parse_caption(caption)
     colors = list(COLORS)
@@ -340,48 +341,40 @@ def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int =
     return reconstruction_errors_per_latent_frame(vae, device, clips, seed)[region]
 
 
-def write_scheduler(folder: Path, kind: str):
-    """scheduler/ for a preset: one-stage HeliosScheduler (base), three-stage (mid), DMD (distilled)."""
+def scheduler_for(kind: str):
+    """The diffusers scheduler of a preset: one-stage HeliosScheduler (base), three-stage (mid), DMD (distilled)."""
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
     if kind == "base":
-        sched = HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
-    elif kind == "mid":
-        sched = HeliosScheduler(use_dynamic_shifting=True)
-    else:
-        sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
-    if (folder / "scheduler").exists():
-        shutil.rmtree(folder / "scheduler")
-    sched.save_pretrained(folder / "scheduler")
-    return sched
+        return HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
+    if kind == "mid":
+        return HeliosScheduler(use_dynamic_shifting=True)
+    return HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+
+
+def _kind_flags(kind: str) -> dict[str, Any]:
+    return {"_class_name": "HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
+            "is_cfg_zero_star": kind == "mid", "is_distilled": kind == "distilled"}
 
 
 def write_model_folder(folder: Path, vae, transformer, kind: str = "mid",
                        text_pretrain_steps: int = TEXT_PRETRAIN_STEPS) -> Path:
     """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    build_tokenizer().save_pretrained(tmp / "tokenizer")
-    build_text_encoder(pretrain_steps=text_pretrain_steps).save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    save_transformer(transformer, tmp / "transformer", dtype=torch.bfloat16)  # halves the shipped size
-    sched = write_scheduler(tmp, kind)
-    index = {"_class_name": "HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
-             "_diffusers_version": "0.42.1",
+    sched = scheduler_for(kind)
+    index = {"_class_name": _kind_flags(kind)["_class_name"], "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", type(sched).__name__], "text_encoder": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "HeliosTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"],
              "helios_default_size": list(FRAME_SIZE)}
     if kind != "base":
-        index.update(is_cfg_zero_star=(kind == "mid"), is_distilled=(kind == "distilled"))
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+        index.update(_kind_flags(kind))
+    parts = {"tokenizer": lambda p: build_tokenizer().save_pretrained(p),
+             "text_encoder": lambda p: build_text_encoder(pretrain_steps=text_pretrain_steps).save_pretrained(
+                 p, safe_serialization=True),
+             "vae": lambda p: vae.save_pretrained(p, safe_serialization=True),
+             "transformer": lambda p: save_transformer(transformer, p, dtype=torch.bfloat16),  # halves the size
+             "scheduler": sched.save_pretrained}
+    return helios_model_folder.write_model_folder(folder, index, parts)
 
 
 class _RenderedVideos(torch.utils.data.Dataset):
@@ -407,7 +400,8 @@ def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_fr
     files). Resumable: entries already there are kept. Thousands of videos take a minute on a GPU."""
     import os
 
-    from helios.train.data import ModelParts, seeded_generator
+    from helios.runtime import seeded_generator
+    from helios.train.data import ModelParts
     from helios.train.synthetic import SyntheticVideo
     from helios.train.video_data import entry_key, is_valid_entry, write_cache_entry
 
@@ -444,26 +438,23 @@ def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
     base or mid bundle, its own sampling defaults, BASE_SAMPLING or MID_SAMPLING)."""
     from helios.model.loading import load_transformer
 
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("transformer"))
-    save_transformer(load_transformer(src / "transformer"), tmp / "transformer", dtype=torch.bfloat16)
-    write_scheduler(tmp, kind)
-    index = json.loads((tmp / "model_index.json").read_text())
-    index.update(_class_name="HeliosPipeline" if kind == "base" else "HeliosPyramidPipeline",
-                 is_distilled=(kind == "distilled"), is_cfg_zero_star=(kind == "mid"))
+    index = helios_model_folder.read_model_index(src)
+    index.update(_kind_flags(kind))
     index.pop("helios_default_sampling", None)
     own = {"base": BASE_SAMPLING, "mid": MID_SAMPLING}.get(kind)  # a distilled bundle samples without CFG
     if own:
         index["helios_default_sampling"] = own
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
-    if size > max_mb:
-        raise SystemExit(f"the bundle is {size:.1f} MB, over the {max_mb} MB bound")
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    parts: dict[str, Any] = {p: src / p for p in helios_model_folder.COMPONENT_PARTS}
+    parts["transformer"] = lambda p: save_transformer(load_transformer(src / "transformer"), p, dtype=torch.bfloat16)
+    parts["scheduler"] = scheduler_for(kind).save_pretrained
+
+    def within_bound(folder: Path) -> None:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+        if size > max_mb:
+            raise SystemExit(f"the bundle is {size:.1f} MB, over the {max_mb} MB bound")
+
+    helios_model_folder.write_model_folder(dst, index, parts, check=within_bound)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 1e6
     print(f"bundled {src} -> {dst} ({size:.1f} MB, {kind})")
     return dst
 

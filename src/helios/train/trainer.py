@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,11 +28,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from helios.engine.components import vae_scale_factors
+from helios.model_folder import vae_scale_factors
+from helios.runtime import launched_world_size, local_device
 
+from . import stage3  # noqa: F401  (registers the stage-3 phases with make_stage)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .data import BatchStream, ModelParts, build_dataset, check_sample
+from .data import BatchStream, ModelParts, check_sample
 from .modeling import (
     build_trainable,
     check_components_folder,
@@ -73,16 +74,15 @@ def _init_distributed(device_pref: str) -> _Dist:
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("config key 'device' = 'cuda' but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    world = launched_world_size()
+    device = local_device("cuda" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world == 1:
         return _Dist(0, 1, device)
     owns = not dist.is_initialized()
     if owns:  # one way to start NCCL/gloo: the engine's, which also keeps NVLink multicast off
-        from helios.model.parallel import init_distributed
+        from helios.runtime import init_distributed
 
         init_distributed("cuda" if use_cuda else "cpu")
     from torch.distributed.device_mesh import init_device_mesh
@@ -231,7 +231,7 @@ def train(cfg: dict[str, Any], resume: bool = False,
                                int(cfg["data"]["text_max_length"]))
         if parts is not None:
             stage.bind_parts(parts)
-        dataset = build_dataset(cfg, layout, parts)
+        dataset = stage.dataset(layout, parts)
         workers = int(cfg["data"]["num_workers"]) if cfg["data"]["source"] == "cache" else 0
         components = cfg["model"]["components_from"]
         check_sample(dataset[0], model.config.in_channels, model.config.text_dim, layout,

@@ -39,6 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from helios.engine.video_io import read_frames, video_fps
+from helios.model_folder import CHUNK_FRAMES
+
 from .history import HistoryLayout, choose_section, history_from_sections
 
 __all__ = [
@@ -106,33 +109,6 @@ def read_captions(captions_file: str | os.PathLike) -> list[CaptionEntry]:
 # decoding
 
 
-def _crop_box(h: int, w: int, H: int, W: int) -> tuple[int, int, int, int]:
-    """Centre crop of an ``h x w`` frame to the ``H / W`` aspect ratio: ``(top, left, nh, nw)``."""
-    if h / w >= H / W:
-        nh = int(w * H / W)
-        return (h - nh) // 2, 0, nh, w
-    nw = int(h * W / H)
-    return 0, (w - nw) // 2, h, nw
-
-
-def _frame_to_array(frame, size: tuple[int, int] | None):
-    """PyAV frame -> uint8 ``(H, W, 3)``: centre crop to the target aspect + area/bilinear resize
-    (done by libswscale on the whole frame, then cropped, which is much faster than resizing
-    float tensors)."""
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    H, W = size
-    h, w = frame.height, frame.width
-    top, left, nh, nw = _crop_box(h, w, H, W)
-    sy, sx = H / nh, W / nw
-    sh, sw = max(H, int(round(h * sy))), max(W, int(round(w * sx)))
-    interp = "AREA" if sh < h else "BILINEAR"
-    arr = frame.reformat(width=sw, height=sh, format="rgb24", interpolation=interp).to_ndarray()
-    y0 = min(int(round(top * sy)), sh - H)
-    x0 = min(int(round(left * sx)), sw - W)
-    return arr[y0 : y0 + H, x0 : x0 + W]
-
-
 def decode_video(
     path: str | os.PathLike,
     num_frames: int,
@@ -140,35 +116,16 @@ def decode_video(
     start_frame: int = 0,
     stride: int = 1,
 ) -> torch.Tensor:
-    """Decode frames ``start_frame + k * stride`` (k < num_frames) with PyAV.
+    """Decode frames ``start_frame + k * stride`` (k < num_frames) with :func:`helios.engine.video_io.read_frames`.
 
     Returns float32 ``(3, num_frames, H, W)`` in [-1, 1]; ``size=(H, W)`` centre-crops to that
     aspect ratio and resizes (as the official loader). Raises :class:`VideoDecodeError` when the
     file cannot be opened or decoded, has no video stream, or is too short."""
-    import av
-
-    path = os.fspath(path)
-    size = (int(size[0]), int(size[1])) if size is not None else None
-    wanted = start_frame + (num_frames - 1) * stride
-    frames = []
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoDecodeError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i > wanted:
-                    break
-                if i >= start_frame and (i - start_frame) % stride == 0:
-                    frames.append(torch.from_numpy(_frame_to_array(frame, size)))
-    except VideoDecodeError:
-        raise
-    except Exception as e:  # av.error.* and OSError
-        raise VideoDecodeError(f"{type(e).__name__}: {e}") from e
-    if len(frames) < num_frames:
-        raise VideoDecodeError(f"too short: {len(frames)} of {num_frames} frames decoded")
-    x = torch.stack(frames[:num_frames]).float() / 127.5 - 1.0  # (T, H, W, 3)
+        frames = read_frames(path, num_frames, start_frame, stride, size)
+    except (OSError, ValueError) as e:  # missing, unreadable, no video stream, too short
+        raise VideoDecodeError(str(e)) from e
+    x = frames.float() / 127.5 - 1.0  # (T, H, W, 3)
     return x.permute(3, 0, 1, 2).contiguous()
 
 
@@ -283,7 +240,7 @@ def build_latent_cache(
     num_frames: int,
     size: tuple[int, int] | None,
     *,
-    section_frames: int | None = 33,
+    section_frames: int | None = CHUNK_FRAMES,
     start_frame: int = 0,
     stride: int = 1,
     latent_dtype: torch.dtype = torch.float32,
@@ -338,11 +295,8 @@ def build_latent_cache(
             continue
         fps = ""
         try:
-            import av
-
-            with av.open(src) as c:
-                fps = str(float(c.streams.video[0].average_rate or 0))
-        except Exception:
+            fps = str(video_fps(src))
+        except (OSError, ValueError):
             pass
         with torch.no_grad():
             latents = _encode_sections(video, encode_video_fn, section_frames).to(latent_dtype).cpu()

@@ -63,8 +63,17 @@ def reference_pipeline(kind: str, seed: int = 0):
 
 
 def save_model_folder(kind: str, folder: Path, seed: int = 0):
+    """The reference pipeline's parts, each saved by its own library, in a folder our writer lays out
+    (helios.model_folder.write_model_folder: the same model_index.json as diffusers' save_pretrained)."""
+    import diffusers
+
+    from helios.model_folder import PARTS, write_model_folder
+
     pipe = reference_pipeline(kind, seed)
-    pipe.save_pretrained(folder)
+    index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__,
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in pipe.config.items() if not k.startswith("_")}}
+    index = dict(sorted(index.items()))  # diffusers writes its keys sorted
+    write_model_folder(folder, index, {name: getattr(pipe, name).save_pretrained for name in PARTS})
     return pipe
 
 

@@ -1,6 +1,6 @@
 """Measure GPU memory and step time of `helios.train` on a random-weight transformer (not a test).
 
-    python tests/train/measure_train_memory.py --preset 14b --finetune lora --batch 1 --steps 4
+    python benchmarks/measure_train_memory.py --preset 14b --finetune lora --batch 1 --steps 4
 
 Writes a random transformer folder of the preset (bf16) and a random latent cache at 384x640
 (sections of 9 x 48 x 80 latents, 512-token prompt embeddings) into --work, then trains with the

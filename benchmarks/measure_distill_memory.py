@@ -1,6 +1,6 @@
 """Measure GPU memory and time of one stage-3 generator and critic update (not a test).
 
-    python tests/train/measure_distill_memory.py --preset 14b --rank 32 --head-dim 256
+    python benchmarks/measure_distill_memory.py --preset 14b --rank 32 --head-dim 256
 
 Random weights (the numbers do not depend on them): a bf16 generator transformer with LoRA, a bf16
 critic base with the critic LoRA and the GAN heads, one 384x640 chunk (9 x 48 x 80 latents), a
@@ -26,8 +26,8 @@ def measure(preset: str, rank: int, head_dim: int, height: int, width: int, text
     from helios.model.config import named_config
     from helios.model.transformer import build_transformer
     from helios.sampling.dmd import DMDScheduler
-    from helios.train.distill import (DistillBatch, DistillConfig, Distiller, GANConfig, ScoreCritic,
-                                      build_generator, scaled_head_blocks)
+    from helios.train.stage3 import (DistillBatch, DistillConfig, Distiller, GANConfig, ScoreCritic,
+                                     build_generator, scaled_head_blocks)
     from helios.train.timesteps import TimestepConfig
 
     dev = torch.device("cuda")
@@ -55,6 +55,13 @@ def measure(preset: str, rank: int, head_dim: int, height: int, width: int, text
         d = Distiller(gen, critic, DistillConfig(gan=gan), DMDScheduler(use_dynamic_shifting=True),
                       TimestepConfig(use_dynamic_shifting=True),
                       autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16), generator_params=params)
+        # the trainer's optimisers (AdamW, official settings) and an EMA copy of the generator's weights
+        dc = d.cfg
+        generator_opt = torch.optim.AdamW(d.generator_params, lr=dc.generator_lr, betas=tuple(dc.betas), eps=dc.eps,
+                                          weight_decay=dc.weight_decay)
+        critic_opt = torch.optim.AdamW(d.critic_params, lr=dc.critic_lr, betas=tuple(dc.betas), eps=dc.eps,
+                                       weight_decay=dc.weight_decay)
+        ema = {n: p.detach().float().clone() for n, p in d.generator_named}
         res["base_params_b"] = round(sum(p.numel() for p in gen_base.parameters() if not p.requires_grad) / 1e9, 3)
         res["generator_lora_b"] = round(sum(p.numel() for p in params) / 1e9, 3)
         res["critic_lora_b"] = round(sum(p.numel() for p in critic.lora_parameters) / 1e9, 3)
@@ -73,11 +80,13 @@ def measure(preset: str, rank: int, head_dim: int, height: int, width: int, text
         rng = torch.Generator().manual_seed(1)
         phase = "generator"
         t0 = time.perf_counter()
-        d.generator_opt.zero_grad(set_to_none=True)
+        generator_opt.zero_grad(set_to_none=True)
         m = d.generator_backward(batch, 1000, rng, rng, lambda loss: loss.backward(), exits=[0, 0, 0])
-        d.generator_opt.step()
-        d.generator_opt.zero_grad(set_to_none=True)
-        d.ema.update(d.generator_named)
+        generator_opt.step()
+        generator_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in d.generator_named:
+                ema[n].lerp_(p.float(), 1 - dc.ema_decay)
         torch.cuda.synchronize()
         res["generator_step_s"] = round(time.perf_counter() - t0, 2)
         res["generator_forwards"] = m["rollout_forwards"]
@@ -85,10 +94,10 @@ def measure(preset: str, rank: int, head_dim: int, height: int, width: int, text
 
         phase = "critic"
         t0 = time.perf_counter()
-        d.critic_opt.zero_grad(set_to_none=True)
+        critic_opt.zero_grad(set_to_none=True)
         d.critic_backward(batch, 1000, rng, rng, lambda loss: loss.backward())
-        d.critic_opt.step()
-        d.critic_opt.zero_grad(set_to_none=True)
+        critic_opt.step()
+        critic_opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         res["critic_step_s"] = round(time.perf_counter() - t0, 2)
         mark("critic")

@@ -1,10 +1,10 @@
 """Stage 3 in `helios train`: distillation of a pyramid model into a few-step model, in two phases.
 
-* ``phase: ode`` (:class:`helios.train.ode.ODERegressionStage`): the generator regresses onto the
-  teacher's ODE pairs (made once by :mod:`helios.train.ode`); no critic.
+* ``phase: ode`` (:class:`helios.train.stage3.ode.ODERegressionStage`): the generator regresses onto the
+  teacher's ODE pairs (made once by :mod:`helios.train.stage3.ode`); no critic.
 * ``phase: dmd`` (:class:`DistillStage`): DMD + GAN. The trainer's model is the generator (LoRA or full,
   from ``model.init_from``, official: the ODE-phase result); this stage adds the critic
-  (:class:`helios.train.distill.ScoreCritic`: the frozen real score from ``model.real_score_from`` with
+  (:class:`helios.train.stage3.critic.ScoreCritic`: the frozen real score from ``model.real_score_from`` with
   the critic LoRA and the GAN heads) as a second trainable module with its own optimiser parameter group
   (``distill.critic_lr``, ``distill.critic_grad_clip``). Each iteration trains the critic; every
   ``distill.critic_updates_per_generator_update``-th also the generator. Both are stepped together at the
@@ -18,7 +18,6 @@ distilled preset, and the DMD phase can start from the ODE phase's export.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from helios.model.loading import load_transformer
-from helios.sampling.schedulers import load_scheduler
+from helios.model_folder import ModelFolderError, read_scheduler_config
+from helios.runtime import seeded_generator
+from helios.sampling.loading import load_scheduler
 
-from .config import ConfigError
-from .data import seeded_generator
-from .distill import (OFFICIAL_NEGATIVE_PROMPT, DistillBatch, DistillConfig, Distiller, ScoreCritic,
-                      distilled_scheduler_config, ema_decay_at, history_is_empty, prepare_histories)
-from .modeling import transformer_folder
-from .stages import Stage, StepContext
+from ..config import ConfigError
+from ..modeling import transformer_folder
+from ..stages import Stage, StepContext, register_stage
+from .config import OFFICIAL_NEGATIVE_PROMPT, DistillConfig, distilled_scheduler_config, ema_decay_at
+from .critic import ScoreCritic
+from .distiller import DistillBatch, Distiller
+from .rollout import history_is_empty, prepare_histories
 
 __all__ = ["FewStepStage", "DistillStage", "real_score_folder", "pyramid_scheduler_config",
            "few_step_scheduler_config"]
@@ -57,12 +59,10 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
 
 def pyramid_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The components folder's (teacher's) pyramid scheduler config."""
-    sched_file = Path(cfg["model"]["components_from"]) / "scheduler" / "scheduler_config.json"
     try:
-        return json.loads(sched_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config key 'model.components_from': cannot read the scheduler config {sched_file}: {e}") \
-            from e
+        return read_scheduler_config(cfg["model"]["components_from"])
+    except ModelFolderError as e:
+        raise ConfigError(f"config key 'model.components_from': cannot read the scheduler config: {e}") from e
 
 
 def few_step_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -102,6 +102,7 @@ class FewStepStage(Stage):
                                        "scheduler": ["diffusers", self.scheduler_config["_class_name"]]}
 
 
+@register_stage("3-dmd")
 class DistillStage(FewStepStage):
     name = "stage3"
 
@@ -126,13 +127,13 @@ class DistillStage(FewStepStage):
         self.critic.train()
         params = [p for p in model.parameters() if p.requires_grad]
         self.distiller = Distiller(model, self.critic, self.dcfg, self.scheduler, self.timesteps,
-                                   generator_params=params, own_optimizers=False)
+                                   generator_params=params)
         return {"critic": self.critic}
 
     def shard(self, modules: dict[str, nn.Module], mesh, mp_policy) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        from .modeling import shard_model
+        from ..modeling import shard_model
 
         kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
         critic = modules["critic"]

@@ -1,0 +1,93 @@
+"""Process setup shared by generation, serving and training: devices and dtypes, the process group, seeds.
+
+Nothing here is a model: `cli`, `serve` and `train` come here for the process, and to `helios.model` only
+for models.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["DTYPES", "broadcast_seed", "init_distributed", "launched_world_size", "local_device",
+           "no_multicast_env", "resolve_dtype", "seeded_generator"]
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """--dtype for a device: auto is bfloat16 on CUDA, float32 elsewhere."""
+    dtypes = {"auto": torch.bfloat16 if str(device).startswith("cuda") else torch.float32,
+              "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name}")
+    return dtypes[name]
+
+
+def local_device(preference: str = "auto") -> torch.device:
+    """This process's device for "auto" (CUDA when available), "cuda" or "cpu": under torchrun cuda:$LOCAL_RANK."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (well mixed: neighbouring keys are unrelated)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2)
+    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+def no_multicast_env() -> None:
+    """NVLink multicast (NVLS) off for NCCL and symmetric memory: the machines are shared, and
+    multicast objects are a scarce per-node resource. Must run before NCCL is initialised."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+
+
+def launched_world_size() -> int:
+    """The world size torchrun launched this process with (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str | None = None, *, rank: int | None = None, world_size: int | None = None,
+                     init_method: str | None = None) -> torch.device:
+    """Initialise the default process group and return this rank's device.
+
+    device: "cuda" (NCCL, one GPU per local rank) or "cpu" (gloo, for tests); default cuda if available.
+    Without rank/world_size the group comes from torchrun's environment and rank r uses
+    cuda:$LOCAL_RANK. With them (processes a server starts itself, helios.serve.engines) `device`
+    is this rank's own device, e.g. "cuda:3", and the ranks meet at `init_method` (e.g. "file:///...").
+    """
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    explicit = rank is not None
+    if cuda:
+        no_multicast_env()
+        local = torch.device(device) if explicit else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if local.index is None:
+            local = torch.device("cuda", 0)
+        torch.cuda.set_device(local)
+    else:
+        local = torch.device("cpu")
+    if not dist.is_initialized():
+        where = {"init_method": init_method, "rank": rank, "world_size": world_size} if explicit else {}
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=local if cuda else None, **where)
+        atexit.register(_destroy)  # NCCL warns at exit about a group left alive
+    return local
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
+    """Rank 0's seed on every rank (a random seed must still give all ranks the same noise)."""
+    t = torch.tensor([seed], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return int(t.item())
