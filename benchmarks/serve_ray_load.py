@@ -47,14 +47,18 @@ def replica_processes() -> list[psutil.Process]:
 
 
 def memory() -> dict:
+    """RSS and private memory (USS) of the replicas, in all and per process."""
     rss = uss = 0
+    each = {}
     for p in replica_processes():
         try:
             info = p.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            name = next(part for part in p.cmdline() if "ServeReplica:helios:" in part).split(":")[-1]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, StopIteration):
             continue
         rss, uss = rss + info.rss, uss + info.uss
-    return {"rss_mib": round(rss / 2**20, 1), "private_mib": round(uss / 2**20, 1)}
+        each[f"{name} (pid {p.pid})"] = round(info.uss / 2**20, 1)
+    return {"rss_mib": round(rss / 2**20, 1), "private_mib": round(uss / 2**20, 1), "private_by_process": each}
 
 
 class Client:
@@ -211,14 +215,15 @@ def main() -> None:
         threads = [threading.Thread(target=c.run, args=(until,), daemon=True) for c in clients]
         for t in threads:
             t.start()
-        peak = dict(idle_before)
+        peak = {k: idle_before[k] for k in ("rss_mib", "private_mib")}
         while any(t.is_alive() for t in threads):
             time.sleep(15)
             now = memory()
-            peak = {k: max(peak[k], now[k]) for k in peak}
+            peak = {k: max(peak[k], now[k]) for k in ("rss_mib", "private_mib")}
             with lock:
                 counts = Counter(r["state"] for r in results)
-            print(f"{time.monotonic() - t0:6.0f} s  {dict(counts)}  {now}", flush=True)
+            print(f"{time.monotonic() - t0:6.0f} s  {dict(counts)}  {now['rss_mib']} / {now['private_mib']} MiB",
+                  flush=True)
         elapsed = time.monotonic() - t0
         time.sleep(10)  # the finished jobs' memory goes back (the workers' gc runs after each job)
         idle_after = memory()

@@ -207,3 +207,33 @@ def test_page_plays_and_steers_through_the_ingress(server, chromium):  # noqa: F
                      "document.getElementById('download').getAttribute('href')")
     assert href.startswith("/api/jobs/") and href.endswith("/video")
     assert page.js(f"fetch('{href}').then(r => r.ok ? r.blob().then(b => b.size) : -r.status)") > 1000
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml")))
+def test_serve_configs_build_the_application(config):
+    """Each Serve config's arguments build the application: N engine deployments with their GPUs, one ingress."""
+    import yaml
+
+    from helios.serve.ray import ENGINE, INGRESS, app_builder
+
+    [spec] = yaml.safe_load(config.read_text())["applications"]
+    assert spec["import_path"] == "helios.serve.ray:app_builder"
+    ingress = app_builder(spec["args"])._bound_deployment  # (what `serve run CONFIG` deploys)
+    assert ingress.name == INGRESS
+    engines = [e._bound_deployment for e in ingress.init_args[0]]
+    assert [e.name for e in engines] == [f"{ENGINE}{i}" for i in range(spec["args"]["engines"])]
+    assert all(e.num_replicas == 1 for e in engines)
+    assert all(e.ray_actor_options["num_gpus"] == spec["args"]["gpus_per_engine"] for e in engines)
+    assert all(e.init_kwargs["limits"]["max_queue"] == spec["args"]["limits"]["max_queue"] for e in engines)
+    assert [e.init_kwargs["index"] for e in engines] == list(range(len(engines)))
+
+
+def test_serve_ray_refuses_bad_options_before_starting_anything():
+    from typer.testing import CliRunner
+
+    from helios.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--ray", "--engines", "0"])
+    assert result.exit_code == 2 and "--engines must be at least 1" in result.output
+    result = CliRunner().invoke(app, ["serve", "--ray", "--model", "/nonexistent/model"])
+    assert result.exit_code == 2 and "does not exist" in result.output
