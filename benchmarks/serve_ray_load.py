@@ -203,9 +203,13 @@ def main() -> None:
     results: list = []
     lock = threading.Lock()
     try:
-        warm = Client(url, -1, results, lock, workdir)  # one job per engine first: caches, allocator pools
+        # "Idle" is the server once it has served each kind of request on each engine (model caches,
+        # thread pools, allocator pools, Ray's streaming buffers all exist by then).
+        warm = Client(url, -1, results, lock, workdir)
         for _ in range(args.engines):
-            warm.http_job()
+            for action in (warm.http_job, lambda: warm.live(True, False), lambda: warm.live(False, True),
+                           warm.http_cancel, warm.openai_video):
+                action()
         time.sleep(5)
         idle_before = memory()
         print(f"idle before: {idle_before}", flush=True)
@@ -233,7 +237,8 @@ def main() -> None:
     load = [r for r in results if r["client"] >= 0]
     summary = {
         "machine": f"{os.cpu_count()} CPU cores (shared), {round(psutil.virtual_memory().total / 2**30)} GiB",
-        "date": time.strftime("%Y-%m-%d"), "clients": args.clients, "engines": args.engines,
+        "date": time.strftime("%Y-%m-%d"), "clients": args.clients, "warm_up_jobs": len(results) - len(load),
+        "engines": args.engines,
         "seconds": round(elapsed), "jobs": len(load), "by_kind": dict(Counter(r["kind"] for r in load)),
         "states": dict(Counter(r["state"] for r in load)),
         "lost_or_wrong": [r for r in load if not r["ok"]],
