@@ -228,6 +228,11 @@ def serve(
     gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="GPUs per engine, K: N/K engines "
                                                "take jobs from one queue; K > 1 runs each job context-parallel "
                                                "(default: K = N, one engine on all N)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve: --engines replicas of --gpus-per-job GPUs "
+                             "each, anywhere on the Ray cluster (docs/serving.md)."),
+    engines: int = typer.Option(2, "--engines", help="With --ray: how many engine replicas."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="With --ray: the cluster to join (default: start a local one)."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
     import torch
@@ -242,6 +247,10 @@ def serve(
         fail(str(e))
     if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
         fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
+    if ray:  # the engines' GPUs are the cluster's, not this machine's: Ray places them
+        _serve_ray(model, host, port, ray_address, engines, gpus_per_job, token, max_frames, max_upload_mb,
+                   jobs_per_client, dtype, workdir)
+        return
     try:
         cuda_devices = torch.cuda.device_count() if gpus is not None and device in (None, "cuda") else 0
         groups = device_groups(gpus, gpus_per_job, device if gpus is not None else pick_device(device), cuda_devices)
@@ -257,6 +266,25 @@ def serve(
                    workdir=workdir)
     except (ValueError, EngineStartError) as e:
         fail(str(e))
+
+
+def _serve_ray(model, host, port, address, engines, gpus_per_engine, token, max_frames, max_upload_mb,
+               jobs_per_client, dtype, workdir) -> None:
+    """`helios serve --ray`: helios.serve.ray.run with the command's limits."""
+    from helios.serve import Limits
+
+    try:
+        from helios.serve.ray import run as run_ray
+    except ImportError:
+        fail("--ray needs Ray Serve: pip install 'helios-video[ray]'")
+    if engines < 1:
+        fail(f"--engines must be at least 1, got {engines}")
+    model = model or default_model()
+    if not model.exists():  # (checked here; the engines must find it at the same path on their nodes)
+        fail(f"model folder {model} does not exist")
+    limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20, max_jobs_per_client=jobs_per_client)
+    run_ray(model, host=host, port=port, address=address, engines=engines, gpus_per_engine=gpus_per_engine or 0,
+            token=token, limits=limits, dtype=dtype, workdir=str(workdir) if workdir else None)
 
 
 @app.command("train")

@@ -191,6 +191,9 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
         await websocket.accept()
         await live_session(websocket, server, client)
 
+    from helios.serve.openai_api import LocalVideos, openai_app
+
+    app.mount("/v1", openai_app(LocalVideos(server), server.token, server.clients))  # the OpenAI videos API
     return app
 
 

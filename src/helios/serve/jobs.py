@@ -296,6 +296,15 @@ class Worker:
         elif job.state not in FINAL:
             job.interrupt(reason)
 
+    def forget(self, job: Job) -> None:
+        """Cancel the job if it has not ended, then drop it and its files (a deleted video is gone)."""
+        if job.state not in FINAL:
+            self.cancel(job, "deleted on request")  # a running job removes its own folder as it ends
+        with self._lock:
+            self._jobs.pop(job.id, None)
+        if job.state in FINAL:
+            shutil.rmtree(self.workdir / job.id, ignore_errors=True)
+
     def stop(self, job: Job) -> None:
         """End early but keep the video made so far (a queued job has none: it is cancelled)."""
         if job.state == State.QUEUED:
