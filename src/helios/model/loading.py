@@ -133,8 +133,8 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
     as it is read: each weight is cast to `dtype` and quantised on `device`, so neither the whole model in
     `dtype` nor a second copy of anything exists (the numbers are those of loading in `dtype`, then
     `fuse_projections_()` and `quantize_blocks_()`). blocks_on_host: the blocks go to host memory instead,
-    each packed in one flat buffer (page-locked when `device` is CUDA) for helios.model.offload to stream;
-    the rest goes to `device`.
+    each packed in one flat buffer (page-locked when `device` is CUDA) for helios.model.offload to stream,
+    with their q/k/v fused; the rest goes to `device`.
 
     Shards are memory-mapped (safetensors' `safe_open`) and one is open at a time: host memory holds the
     pages of the tensor being read, not the checkpoint.
@@ -168,8 +168,9 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
     model = plain
     for name, param in model.named_parameters():
         param.data = param.data.to(_target_dtype(name, dtype, headers[name][0]))
-    if fp8:
+    if fp8 or blocks_on_host:  # (a streamed block is packed once: fused here, not by optimize() later)
         model.fuse_projections_()
+    if fp8:
         quantize_blocks_(model)
     targets = {k: _target_of(model, k, headers[k][1]) for k in headers}
     if blocks_on_host:
