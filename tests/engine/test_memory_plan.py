@@ -102,11 +102,13 @@ def _planned_pipeline(plan: MemoryPlan, budget: Budget) -> HeliosVideoPipeline:
     return pipe.optimize(compile=False, fp8=plan.fp8, cuda_graphs=False)
 
 
+@pytest.mark.slow
 def test_streamed_plan_gives_the_resident_frames_exactly():
-    plan = MemoryPlan("streamed", fp8=True, stream_blocks=True, ring_size=2, text_encoder="layers",
+    # float32 weights: FP8 is emulated slowly on the CPU, and streamed FP8 blocks are pinned in tests/model.
+    plan = MemoryPlan("streamed", fp8=False, stream_blocks=True, ring_size=2, text_encoder="layers",
                       decode_slice=2, cuda_graphs=False)
     streamed = _planned_pipeline(plan, card_budget(12))
-    resident = load_pipeline(default_model(), fp8=True)
+    resident = load_pipeline(default_model())
     resident.codec.decode_slice = 2  # the same decode: what is compared is where the weights live
     a, b = _frames(resident), _frames(streamed)
     assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() == 0
@@ -119,7 +121,7 @@ def test_streamed_plan_gives_the_resident_frames_exactly():
 
 
 def test_a_planned_pipeline_refuses_a_request_beyond_its_budget():
-    plan = MemoryPlan("fp8", fp8=True, text_encoder="layers", decode_slice=1)
+    plan = MemoryPlan("fp8", fp8=False, text_encoder="layers", decode_slice=1)
     pipe = _planned_pipeline(plan, Budget("tiny", 300 * 2**20, 0))
     with pytest.raises(InputError, match="memory plan") as e:
         next(pipe.stream("a red fox", num_frames=33, height=1024, width=1024, steps=1))

@@ -29,6 +29,7 @@ docs/memory.md has the measured figures these are checked against.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -136,10 +137,16 @@ def _params_in(folder: Path) -> int:
 
 def transformer_bytes(config: HeliosConfig, dtype: torch.dtype, fp8: bool) -> tuple[int, int]:
     """(bytes outside the blocks, bytes of one block) as the loader lays them out (built on meta)."""
+    return _transformer_bytes(json.dumps(config.to_dict(), sort_keys=True), dtype, fp8)
+
+
+@functools.lru_cache(maxsize=32)
+def _transformer_bytes(config_json: str, dtype: torch.dtype, fp8: bool) -> tuple[int, int]:
     from helios.model.fp8 import quantize_blocks_
     from helios.model.transformer import build_transformer, cast_keeping_fp32
 
-    model = cast_keeping_fp32(build_transformer(config, device="meta"), dtype)
+    one = HeliosConfig.from_dict({**json.loads(config_json), "num_layers": 1})  # the blocks are all alike
+    model = cast_keeping_fp32(build_transformer(one, device="meta"), dtype)
     if fp8:
         model.fuse_projections_()
         quantize_blocks_(model)
@@ -149,7 +156,7 @@ def transformer_bytes(config: HeliosConfig, dtype: torch.dtype, fp8: bool) -> tu
         return sum(t.numel() * t.element_size() for t in tensors)
 
     block = size(model.blocks[0])
-    return size(model) - block * len(model.blocks), block
+    return size(model) - block, block
 
 
 # ----------------------------------------------------------------------------------------------
