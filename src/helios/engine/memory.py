@@ -298,14 +298,14 @@ def plan_for(budget_text: str, folder: str | Path, height: int, width: int, guid
              device: torch.device | str = "cuda", fp8_requested: bool = False,
              sizes: ModelSizes | None = None) -> tuple[MemoryPlan, Estimate, Budget]:
     """Parse `--memory`, read the folder's sizes and choose; all before any weight is loaded."""
-    from helios.model.backends import fp8_matmul_supported
+    from helios.model.backends import device_capability, fp8_matmul_supported
 
     dev = torch.device(device)
     if dev.type != "cuda":
         raise MemoryBudgetError(f"--memory plans GPU memory; the device is {dev.type} (leave --memory out there)")
     budget = parse_budget(budget_text, dev)
     sizes = sizes or ModelSizes.from_folder(folder)
-    fp8_ok = fp8_matmul_supported(torch.cuda.get_device_capability(dev)) if torch.cuda.is_available() else True
+    fp8_ok = fp8_matmul_supported(device_capability(dev)) if torch.cuda.is_available() else True
     plan, est = choose_plan(budget, sizes, height, width, guidance, fp8_ok, fp8_requested)
     return plan, est, budget
 

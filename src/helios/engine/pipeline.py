@@ -330,19 +330,19 @@ class HeliosVideoPipeline:
         # queued before chunk k is read out of its buffer).
         pinned = [torch.empty((window, height, width, 3), dtype=torch.uint8, pin_memory=True)
                   for _ in range(2 if overlap else 1)] if cuda else [None]
-        uncond_embeds = None
         produced = 0
         pending: list[_Handoff] = []  # chunks being decoded, oldest first
         resumed = time.perf_counter()
         try:
+            # Text K/V are made again only when the embeddings change (the prompt cache hands back the same
+            # tensor for the same prompt): a model whose blocks are streamed would read every block for them.
+            text, last_embeds, uncond = None, None, None
             for k in range(plan.chunks):
                 text_prompt, embeds = self._prompt_embeds(schedule, k)
-                text = self.model.prepare_text(embeds)
-                uncond = None
-                if s.guidance_scale > 1.0:
-                    if uncond_embeds is None:
-                        uncond_embeds = self.prompts(negative_prompt, dtype=self.model.dtype)
-                    uncond = self.model.prepare_text(uncond_embeds)
+                if embeds is not last_embeds:
+                    text, last_embeds = self.model.prepare_text(embeds), embeds
+                if s.guidance_scale > 1.0 and uncond is None:
+                    uncond = self.model.prepare_text(self.prompts(negative_prompt, dtype=self.model.dtype).to(device))
                 predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
                 step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
                 marks = _Marks(device)

@@ -19,6 +19,18 @@ from helios.model.attention import set_attention_backends
 log = logging.getLogger("helios")
 
 Capability = tuple[int, int]
+_forced: Capability | None = None
+
+
+def force_capability(capability: Capability | None) -> None:
+    """Plan and pick kernels as if the GPU had this compute capability (None: its own). For trying the
+    Ampere/Ada paths on a newer card; a capability above the card's would pick kernels it lacks."""
+    global _forced
+    _forced = tuple(capability) if capability is not None else None
+
+
+def device_capability(device: torch.device | str) -> Capability:
+    return _forced or tuple(torch.cuda.get_device_capability(torch.device(device)))
 
 
 def attention_backends_for(capability: Capability) -> list[str]:
@@ -48,7 +60,7 @@ def configure_device(device: torch.device | str, capability: Capability | None =
     device = torch.device(device)
     if device.type != "cuda" and capability is None:
         return {}
-    cap = tuple(capability or torch.cuda.get_device_capability(device))
+    cap = tuple(capability or device_capability(device))
     backends = attention_backends_for(cap)
     set_attention_backends(backends)
     chosen = {"capability": f"sm{cap[0]}{cap[1]}", "attention": backends, "fp8_matmul": fp8_matmul_supported(cap)}
