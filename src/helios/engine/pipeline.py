@@ -334,13 +334,14 @@ class HeliosVideoPipeline:
         pending: list[_Handoff] = []  # chunks being decoded, oldest first
         resumed = time.perf_counter()
         try:
-            # Text K/V are made again only when the embeddings change (the prompt cache hands back the same
-            # tensor for the same prompt): a model whose blocks are streamed would read every block for them.
-            text, last_embeds, uncond = None, None, None
+            # Text K/V are made again only when the prompts (or their blend) change: a model whose blocks are
+            # streamed would read every block for them.
+            text, last_key, uncond = None, None, None
             for k in range(plan.chunks):
-                text_prompt, embeds = self._prompt_embeds(schedule, k)
-                if embeds is not last_embeds:
-                    text, last_embeds = self.model.prepare_text(embeds), embeds
+                key = schedule.at(k)
+                if key != last_key:
+                    text_prompt, embeds = self._prompt_embeds(key)
+                    text, last_key = self.model.prepare_text(embeds), key
                 if s.guidance_scale > 1.0 and uncond is None:
                     uncond = self.model.prepare_text(self.prompts(negative_prompt, dtype=self.model.dtype).to(device))
                 predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
@@ -382,8 +383,9 @@ class HeliosVideoPipeline:
         return frames
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _prompt_embeds(self, schedule: PromptSchedule | LivePrompt, chunk: int) -> tuple[str, torch.Tensor]:
-        (a, b), weight = schedule.at(chunk)
+    def _prompt_embeds(self, key: tuple[tuple[str, str | None], float]) -> tuple[str, torch.Tensor]:
+        """(prompt shown, embeddings) for a schedule entry `PromptSchedule.at(chunk)`."""
+        (a, b), weight = key
         ea = self.prompts(a, dtype=self.model.dtype).to(self.device)
         if b is None or weight == 0.0:
             return a, ea

@@ -1,0 +1,351 @@
+"""Helios under memory budgets on one large GPU: the 24 GB and 12 GB plans, capped to the budget.
+
+Writes a real model folder with random weights first (the 14B transformer as ~5 GB bf16 safetensors shards
+with an index, the default Wan VAE, the small bundled text encoder and tokenizer; reused when present), then
+in one process:
+
+1. `fp8`: the unconstrained FP8 engine (`load_pipeline(fp8=True)`, everything on the GPU), the reference.
+2. each plan (`--plans 24gb,12gb`): the process capped with `torch.cuda.set_per_process_memory_fraction` to
+   the budget, `load_pipeline(memory_budget=...)`, then generation.
+
+For each: load time, peak GPU memory allocated/reserved during load and generation, peak host RSS (the
+kernel's high-water mark, reset before each load), frames/s at 14B distilled 1/1/1 and 384x640 (prompt
+embeddings random, of umT5's shape), the peak of each chunk over a long run (first vs last), the latents
+and frames against the reference (latents: max difference, 0 expected: the plans move weights, not
+numbers; frames: max difference and PSNR, since the plans decode in slices). Also: pinned and pageable
+host-to-device bandwidth and what the 12 GB plan's streaming predicts on a PCIe 4 card (25 GB/s), the
+attention backends each compute capability gets (forced) against the math kernel, and the layer-streamed
+text encoder against the same encoder on the CPU.
+
+    python benchmarks/bench_memory.py --folder /tmp/helios-14b-random --out memory.json
+    python benchmarks/bench_memory.py --plans 12gb --long-frames 1452     # a 60-second video
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bench_e2e import EMB_SHAPE, HEIGHT, WIDTH, FixedPrompt  # same folder
+
+GiB = 2**30
+STEPS = (1, 1, 1)
+SHARD_BYTES = 5 * 10**9
+PCIE4_BYTES_PER_S = 25e9
+
+
+# ----------------------------------------------------------------------------------------------
+# the random model folder
+
+
+def _random_bytes(numel: int, std: float, device: str) -> torch.Tensor:
+    return (torch.randn(numel, device=device) * std).to(torch.bfloat16).cpu().view(torch.uint8)
+
+
+def write_transformer(folder: Path, device: str, cfg=None, shard_bytes: int = SHARD_BYTES) -> dict:
+    """The transformer's tensors (default: 14B) as bf16 shards, values from one random buffer reused (fast)."""
+    from helios.model.config import HeliosConfig
+    from helios.model.loading import write_text_atomic
+    from helios.model.transformer import build_transformer
+
+    cfg = cfg or HeliosConfig()
+    model = build_transformer(cfg, device="meta")
+    tensors = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+    biggest = max(math.prod(s) for _, s in tensors)
+    pool = {"random": _random_bytes(biggest, 0.02, device),
+            "table": _random_bytes(biggest, cfg.dim ** -0.5, device),
+            "ones": torch.ones(biggest, dtype=torch.bfloat16).view(torch.uint8),
+            "zeros": torch.zeros(biggest * 2, dtype=torch.uint8)}
+
+    def source(name: str, shape) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        if "scale_shift_table" in name:
+            return "table"
+        if leaf == "bias":
+            return "zeros"
+        return "ones" if len(shape) == 1 else "random"
+
+    shards, current, size = [], [], 0
+    for k, s in tensors:
+        n = math.prod(s) * 2
+        if current and size + n > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((k, s))
+        size += n
+    shards.append(current)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    def write_shard(name: str, shard: list) -> None:
+        header, offset = {}, 0
+        for k, s in shard:
+            n = math.prod(s) * 2
+            header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * ((-len(raw)) % 8)
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for k, s in shard:
+                f.write(memoryview(pool[source(k, s)][:math.prod(s) * 2].numpy()))
+        tmp.replace(folder / name)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as ex:  # file writes release the GIL: the shards go to the page cache in parallel
+        list(ex.map(write_shard, names, shards))
+    for name, shard in zip(names, shards):
+        weight_map.update({k: name for k, _ in shard})
+    total = sum(math.prod(s) * 2 for _, s in tensors)
+    write_text_atomic(folder / "diffusion_pytorch_model.safetensors.index.json",
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_text_atomic(folder / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    return {"transformer_bytes": total, "shards": len(shards)}
+
+
+def write_folder(folder: Path, device: str) -> dict:
+    """A Helios-Distilled-shaped model folder with random weights (kept: a second run reuses it)."""
+    done = folder / ".complete"
+    if done.exists():
+        return json.loads(done.read_text())
+    from diffusers import AutoencoderKLWan, HeliosDMDScheduler
+
+    from helios.cli import default_model
+
+    t0 = time.perf_counter()
+    if folder.exists():
+        shutil.rmtree(folder)
+    info = write_transformer(folder / "transformer", device)
+    torch.manual_seed(0)
+    AutoencoderKLWan().to(torch.bfloat16).save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir()
+    sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "HeliosDMDScheduler", **dict(sched)}))
+    for part in ("text_encoder", "tokenizer"):  # the small encoder; the prompt embeddings are random (umT5's shape)
+        shutil.copytree(default_model() / part, folder / part)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "HeliosPyramidPipeline", "is_distilled": True, "is_cfg_zero_star": False,
+        "helios_default_size": [HEIGHT, WIDTH]}))
+    info["write_s"] = time.perf_counter() - t0
+    done.write_text(json.dumps(info))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+def _proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def gpu_peaks() -> dict:
+    return {"max_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+            "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+
+
+def record_latents(pipe, store: list) -> None:
+    """Keep a copy of every chunk's latents as the VAE receives them."""
+    codec = pipe.codec
+    decode, parts = codec.decode, codec.decode_parts
+    codec.decode = lambda z: (store.append(z.detach().float().cpu()), decode(z))[1]
+    codec.decode_parts = lambda z: (store.append(z.detach().float().cpu()), parts(z))[1]
+
+
+def run(pipe, frames: int, seed: int = 0, per_chunk_peaks: list | None = None):
+    chunks = []
+    t0 = time.perf_counter()
+    for c in pipe.stream("benchmark", num_frames=frames, height=HEIGHT, width=WIDTH, settings="distilled",
+                         steps=list(STEPS), seed=seed):
+        chunks.append(c)
+        if per_chunk_peaks is not None:
+            per_chunk_peaks.append(torch.cuda.max_memory_allocated() / GiB)
+            torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cat([c.frames for c in chunks])
+
+
+def measure(name: str, folder: Path, budget: str | None, long_frames: int, reference: dict | None) -> dict:
+    from helios.engine.pipeline import load_pipeline
+
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = 1.0 if budget is None else min(1.0, float(budget.rstrip("gb")) * GiB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    out = {"budget": budget, "memory_fraction": fraction, "gpu_in_use_before_gib": torch.cuda.memory_allocated() / GiB}
+    t0 = time.perf_counter()
+    pipe = load_pipeline(folder, dtype=torch.bfloat16, device="cuda", fp8=True, memory_budget=budget)
+    torch.cuda.synchronize()
+    out["load_s"] = time.perf_counter() - t0
+    out["plan"] = pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"
+    out["load"] = {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}
+    print(name, out["plan"], flush=True)
+    out["text_encoder_check"] = text_encoder_check(pipe) if pipe.memory else None
+    pipe.prompts = FixedPrompt("cuda")
+    t0 = time.perf_counter()
+    run(pipe, 66)  # compiles each stage size, captures graphs where the plan has them
+    out["warmup_s"] = time.perf_counter() - t0
+    latents: list = []
+    record_latents(pipe, latents)
+    _, frames33 = run(pipe, 33, seed=3)
+    del pipe.codec.decode, pipe.codec.decode_parts  # the recording wrappers: the class's methods again
+    torch.cuda.reset_peak_memory_stats()
+    t33, _ = run(pipe, 33)
+    peaks: list = []
+    torch.cuda.reset_peak_memory_stats()
+    t_long, _ = run(pipe, long_frames, per_chunk_peaks=peaks)
+    chunks = len(peaks)
+    per_chunk = (t_long - t33) / max(chunks - 1, 1)
+    out.update({"t33_s": t33, "t_long_s": t_long, "long_frames": long_frames, "chunks": chunks,
+                "s_per_chunk": per_chunk, "fps": 33 / per_chunk, "chunk_peaks_gib": peaks,
+                "first_vs_last_chunk_peak": {"first": peaks[1] if chunks > 1 else peaks[0], "last": peaks[-1],
+                                             "rel_diff": abs(peaks[-1] - peaks[min(1, chunks - 1)])
+                                             / peaks[min(1, chunks - 1)]},
+                "generation": {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}})
+    ring = pipe.model.block_stream
+    if ring is not None:
+        out["ring"] = {"size": ring.size, "slot_bytes": ring.slot_bytes, "max_resident": ring.max_resident,
+                       "bytes_per_chunk_1_1_1": 3 * ring.slot_bytes * len(ring.host)}
+    if reference is not None:
+        ref_lat, ref_frames = reference["latents"], reference["frames"]
+        lat_diff = max((a - b).abs().max().item() for a, b in zip(latents, ref_lat))
+        mse = ((frames33.float() - ref_frames.float()) ** 2).mean().item()
+        out["vs_fp8"] = {"latents_max_abs": lat_diff,
+                         "frames_max_abs": (frames33.int() - ref_frames.int()).abs().max().item(),
+                         "frames_psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf")}
+    result = {"latents": latents, "frames": frames33}
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    print(name, json.dumps(out), flush=True)
+    return out, result
+
+
+def text_encoder_check(pipe) -> dict:
+    """The layer-streamed text encoder (weights on the host) against a CPU copy of it: same embeddings?"""
+    import copy
+
+    enc = pipe.prompts
+    ref = copy.deepcopy(enc.text_encoder).cpu()
+    for m in ref.modules():  # the copy runs without the streaming hooks
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    torch.cuda.reset_peak_memory_stats()
+    got = enc._encode("two red circles bouncing on a blue background")
+    enc.text_encoder, saved = ref, enc.text_encoder
+    want = enc._encode("two red circles bouncing on a blue background")
+    enc.text_encoder = saved
+    return {"device": str(got.device), "max_abs_vs_cpu": (got.float().cpu() - want.float()).abs().max().item()}
+
+
+def bandwidth(nbytes: int = GiB) -> dict:
+    """Host-to-device copy rate from pinned and from pageable memory (median of 5)."""
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    res = {}
+    for kind, src in (("pinned", torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)),
+                      ("pageable", torch.empty(nbytes, dtype=torch.uint8))):
+        src.fill_(1)
+        times = []
+        for _ in range(6):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        res[f"{kind}_gib_s"] = nbytes / sorted(times[1:])[2] / GiB
+    del dst
+    torch.cuda.empty_cache()
+    return res
+
+
+def attention_backends() -> dict:
+    """The attention each compute capability gets (forced on this card), at the 14B's largest forward."""
+    from helios.model.attention import _preferred, attention, set_attention_backends
+    from helios.model.backends import configure_device
+
+    saved = list(_preferred)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 11040, 40, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    res = {}
+    for cap in ((9, 0), (8, 9), (8, 6), (8, 0), (7, 5)):
+        chosen = configure_device("cuda", capability=cap)
+        out = attention(q, k, v)
+        torch.cuda.synchronize()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(5):
+            attention(q, k, v)
+        t1.record()
+        t1.synchronize()
+        res[chosen["capability"]] = {"backends": chosen["attention"], "fp8_matmul": chosen["fp8_matmul"],
+                                     "ms": t0.elapsed_time(t1) / 5,
+                                     "rel_error_vs_float32": ((out.float() - exact).norm() / exact.norm()).item()}
+    set_attention_backends(saved)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/tmp/helios-14b-random")
+    ap.add_argument("--plans", default="24gb,12gb")
+    ap.add_argument("--long-frames", type=int, default=330, help="frames of the long run (1452: 60 s at 24 fps)")
+    ap.add_argument("--out", default="bench-memory.json")
+    args = ap.parse_args()
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "date": datetime.date.today().isoformat(), "size": f"{WIDTH}x{HEIGHT}", "steps": list(STEPS),
+                 "prompt_embeddings": list(EMB_SHAPE)}
+
+    def save():
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+
+    folder = Path(args.folder)
+    res["folder"] = write_folder(folder, "cuda")
+    print("folder", res["folder"], flush=True)
+    res["bandwidth"] = bandwidth()
+    save()
+    res["fp8"], reference = measure("fp8", folder, None, 165, None)  # the reference: a short run suffices
+    save()
+    for plan in [p for p in args.plans.split(",") if p]:
+        res[plan], _ = measure(plan, folder, plan, args.long_frames, reference)
+        ring = res[plan].get("ring")
+        if ring:  # the streaming alone at each link's rate, against the measured chunk time
+            per_chunk = ring["bytes_per_chunk_1_1_1"]
+            pinned = res["bandwidth"]["pinned_gib_s"] * GiB
+            res[plan]["streaming"] = {
+                "gb_per_chunk": per_chunk / 1e9, "s_at_measured_pinned": per_chunk / pinned,
+                "s_at_pcie4": per_chunk / PCIE4_BYTES_PER_S,
+                "predicted_fps_pcie4": 33 / max(res[plan]["s_per_chunk"], per_chunk / PCIE4_BYTES_PER_S)}
+        save()
+    res["attention"] = attention_backends()
+    save()
+    print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
