@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from bench_e2e import EMB_SHAPE, HEIGHT, WIDTH, FixedPrompt  # same folder
+from bench_e2e import EMB_SHAPE, FixedPrompt  # same folder
 
 GiB = 2**30
+SIZE = {"height": 384, "width": 640}  # --smoke: 64x64
 STEPS = (1, 1, 1)
 SHARD_BYTES = 5 * 10**9
 PCIE4_BYTES_PER_S = 25e9
@@ -114,8 +115,9 @@ def write_transformer(folder: Path, device: str, cfg=None, shard_bytes: int = SH
     return {"transformer_bytes": total, "shards": len(shards)}
 
 
-def write_folder(folder: Path, device: str) -> dict:
-    """A Helios-Distilled-shaped model folder with random weights (kept: a second run reuses it)."""
+def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
+    """A Helios-Distilled-shaped model folder with random weights (kept: a second run reuses it).
+    smoke: a tiny transformer and the bundled small VAE, to run this script through on the CPU."""
     done = folder / ".complete"
     if done.exists():
         return json.loads(done.read_text())
@@ -126,9 +128,16 @@ def write_folder(folder: Path, device: str) -> dict:
     t0 = time.perf_counter()
     if folder.exists():
         shutil.rmtree(folder)
-    info = write_transformer(folder / "transformer", device)
-    torch.manual_seed(0)
-    AutoencoderKLWan().to(torch.bfloat16).save_pretrained(folder / "vae")
+    if smoke:
+        from helios.model.config import named_config
+
+        info = write_transformer(folder / "transformer", device, named_config("tiny", text_dim=EMB_SHAPE[-1]),
+                                 shard_bytes=200_000)
+        shutil.copytree(default_model() / "vae", folder / "vae")
+    else:
+        info = write_transformer(folder / "transformer", device)
+        torch.manual_seed(0)
+        AutoencoderKLWan().to(torch.bfloat16).save_pretrained(folder / "vae")
     (folder / "scheduler").mkdir()
     sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config
     (folder / "scheduler" / "scheduler_config.json").write_text(
@@ -137,7 +146,7 @@ def write_folder(folder: Path, device: str) -> dict:
         shutil.copytree(default_model() / part, folder / part)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "HeliosPyramidPipeline", "is_distilled": True, "is_cfg_zero_star": False,
-        "helios_default_size": [HEIGHT, WIDTH]}))
+        "helios_default_size": [SIZE["height"], SIZE["width"]]}))
     info["write_s"] = time.perf_counter() - t0
     done.write_text(json.dumps(info))
     return info
@@ -158,7 +167,12 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+CUDA = torch.cuda.is_available()
+
+
 def gpu_peaks() -> dict:
+    if not CUDA:
+        return {}
     return {"max_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
             "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
 
@@ -174,35 +188,51 @@ def record_latents(pipe, store: list) -> None:
 def run(pipe, frames: int, seed: int = 0, per_chunk_peaks: list | None = None):
     chunks = []
     t0 = time.perf_counter()
-    for c in pipe.stream("benchmark", num_frames=frames, height=HEIGHT, width=WIDTH, settings="distilled",
-                         steps=list(STEPS), seed=seed):
+    for c in pipe.stream("benchmark", num_frames=frames, settings="distilled", steps=list(STEPS), seed=seed, **SIZE):
         chunks.append(c)
         if per_chunk_peaks is not None:
-            per_chunk_peaks.append(torch.cuda.max_memory_allocated() / GiB)
-            torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
+            per_chunk_peaks.append(torch.cuda.max_memory_allocated() / GiB if CUDA else 1.0)
+            reset_gpu_peaks()
+    if CUDA:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, torch.cat([c.frames for c in chunks])
+
+
+def reset_gpu_peaks() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cap_memory(budget: str | None) -> float:
+    """Limit this process's GPU memory to the budget (1.0: the whole card); returns the fraction."""
+    if not CUDA:
+        return 1.0
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = 1.0 if budget is None else min(1.0, float(budget.rstrip("gb")) * GiB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
 
 
 def measure(name: str, folder: Path, budget: str | None, long_frames: int, reference: dict | None) -> dict:
     from helios.engine.pipeline import load_pipeline
 
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
-    fraction = 1.0 if budget is None else min(1.0, float(budget.rstrip("gb")) * GiB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction)
-    torch.cuda.reset_peak_memory_stats()
+    fraction = cap_memory(budget)
+    reset_gpu_peaks()
     reset_peak_rss()
-    out = {"budget": budget, "memory_fraction": fraction, "gpu_in_use_before_gib": torch.cuda.memory_allocated() / GiB}
+    out = {"budget": budget, "memory_fraction": fraction,
+           "gpu_in_use_before_gib": torch.cuda.memory_allocated() / GiB if CUDA else 0.0}
     t0 = time.perf_counter()
-    pipe = load_pipeline(folder, dtype=torch.bfloat16, device="cuda", fp8=True, memory_budget=budget)
-    torch.cuda.synchronize()
+    pipe = load_pipeline(folder, dtype=torch.bfloat16, device="cuda" if CUDA else "cpu", fp8=CUDA,
+                         memory_budget=budget)
+    if CUDA:
+        torch.cuda.synchronize()
     out["load_s"] = time.perf_counter() - t0
     out["plan"] = pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"
     out["load"] = {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}
     print(name, out["plan"], flush=True)
     out["text_encoder_check"] = text_encoder_check(pipe) if pipe.memory else None
-    pipe.prompts = FixedPrompt("cuda")
+    pipe.prompts = FixedPrompt(pipe.device)
     t0 = time.perf_counter()
     run(pipe, 66)  # compiles each stage size, captures graphs where the plan has them
     out["warmup_s"] = time.perf_counter() - t0
@@ -210,10 +240,10 @@ def measure(name: str, folder: Path, budget: str | None, long_frames: int, refer
     record_latents(pipe, latents)
     _, frames33 = run(pipe, 33, seed=3)
     del pipe.codec.decode, pipe.codec.decode_parts  # the recording wrappers: the class's methods again
-    torch.cuda.reset_peak_memory_stats()
+    reset_gpu_peaks()
     t33, _ = run(pipe, 33)
     peaks: list = []
-    torch.cuda.reset_peak_memory_stats()
+    reset_gpu_peaks()
     t_long, _ = run(pipe, long_frames, per_chunk_peaks=peaks)
     chunks = len(peaks)
     per_chunk = (t_long - t33) / max(chunks - 1, 1)
@@ -237,8 +267,7 @@ def measure(name: str, folder: Path, budget: str | None, long_frames: int, refer
     result = {"latents": latents, "frames": frames33}
     del pipe
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(1.0)
+    cap_memory(None)
     print(name, json.dumps(out), flush=True)
     return out, result
 
@@ -252,7 +281,6 @@ def text_encoder_check(pipe) -> dict:
     for m in ref.modules():  # the copy runs without the streaming hooks
         m._forward_pre_hooks.clear()
         m._forward_hooks.clear()
-    torch.cuda.reset_peak_memory_stats()
     got = enc._encode("two red circles bouncing on a blue background")
     enc.text_encoder, saved = ref, enc.text_encoder
     want = enc._encode("two red circles bouncing on a blue background")
@@ -316,22 +344,27 @@ def main() -> None:
     ap.add_argument("--plans", default="24gb,12gb")
     ap.add_argument("--long-frames", type=int, default=330, help="frames of the long run (1452: 60 s at 24 fps)")
     ap.add_argument("--out", default="bench-memory.json")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model at 64x64, unconstrained only: the script's "
+                    "own plumbing, on the CPU")
     args = ap.parse_args()
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "date": datetime.date.today().isoformat(), "size": f"{WIDTH}x{HEIGHT}", "steps": list(STEPS),
+    if args.smoke:
+        SIZE.update(height=64, width=64)
+    res: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+                 "date": datetime.date.today().isoformat(), "size": f"{SIZE['width']}x{SIZE['height']}",
+                 "steps": list(STEPS),
                  "prompt_embeddings": list(EMB_SHAPE)}
 
     def save():
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
 
     folder = Path(args.folder)
-    res["folder"] = write_folder(folder, "cuda")
+    res["folder"] = write_folder(folder, "cuda" if CUDA else "cpu", smoke=args.smoke)
     print("folder", res["folder"], flush=True)
-    res["bandwidth"] = bandwidth()
+    res["bandwidth"] = bandwidth() if CUDA else {}
     save()
-    res["fp8"], reference = measure("fp8", folder, None, 165, None)  # the reference: a short run suffices
+    res["fp8"], reference = measure("fp8", folder, None, 165 if CUDA else 66, None)  # a short run suffices
     save()
-    for plan in [p for p in args.plans.split(",") if p]:
+    for plan in [p for p in args.plans.split(",") if p and CUDA]:
         res[plan], _ = measure(plan, folder, plan, args.long_frames, reference)
         ring = res[plan].get("ring")
         if ring:  # the streaming alone at each link's rate, against the measured chunk time
@@ -342,7 +375,7 @@ def main() -> None:
                 "s_at_pcie4": per_chunk / PCIE4_BYTES_PER_S,
                 "predicted_fps_pcie4": 33 / max(res[plan]["s_per_chunk"], per_chunk / PCIE4_BYTES_PER_S)}
         save()
-    res["attention"] = attention_backends()
+    res["attention"] = attention_backends() if CUDA else {}
     save()
     print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str))
 
