@@ -14,13 +14,8 @@ from helios.engine.memory import (GiB, Budget, MemoryBudgetError, MemoryPlan, Mo
 from helios.engine.pipeline import HeliosVideoPipeline, InputError, MemoryState, load_pipeline
 from helios.model.config import HeliosConfig
 
-UMT5_XXL_PARAMS = 5_680_000_000  # the umT5-XXL encoder: 256384 x 4096 embedding and 24 blocks
-UMT5_EMBEDDING = 256384 * 4096
-
-
 def sizes_14b() -> ModelSizes:
-    return ModelSizes(HeliosConfig(), vae_params=127_000_000, text_params=UMT5_XXL_PARAMS,
-                      text_layer_params=(UMT5_XXL_PARAMS - UMT5_EMBEDDING) // 24, text_embedding_params=UMT5_EMBEDDING)
+    return ModelSizes.helios_14b()
 
 
 def test_card_budgets_keep_a_margin():

@@ -104,6 +104,14 @@ class ModelSizes:
     vae_temporal: int = 4
 
     @classmethod
+    def helios_14b(cls) -> "ModelSizes":
+        """The released models' sizes: the 14B transformer, umT5-XXL's encoder (a 256,384 x 4,096 embedding
+        and 24 blocks, 5.68B parameters), the Wan VAE (127M). For planning without the folder at hand."""
+        text, embedding = 5_680_000_000, 256_384 * 4_096
+        return cls(HeliosConfig(), vae_params=127_000_000, text_params=text,
+                   text_layer_params=(text - embedding) // 24, text_embedding_params=embedding)
+
+    @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelSizes":
         from helios.model.loading import resolve_transformer_folder
 
@@ -305,7 +313,8 @@ def plan_for(budget_text: str, folder: str | Path, height: int, width: int, guid
         raise MemoryBudgetError(f"--memory plans GPU memory; the device is {dev.type} (leave --memory out there)")
     budget = parse_budget(budget_text, dev)
     sizes = sizes or ModelSizes.from_folder(folder)
-    fp8_ok = fp8_matmul_supported(device_capability(dev)) if torch.cuda.is_available() else True
+    cap = device_capability(dev)
+    fp8_ok = fp8_matmul_supported(cap) if cap is not None else True
     plan, est = choose_plan(budget, sizes, height, width, guidance, fp8_ok, fp8_requested)
     return plan, est, budget
 

@@ -29,8 +29,13 @@ def force_capability(capability: Capability | None) -> None:
     _forced = tuple(capability) if capability is not None else None
 
 
-def device_capability(device: torch.device | str) -> Capability:
-    return _forced or tuple(torch.cuda.get_device_capability(torch.device(device)))
+def device_capability(device: torch.device | str) -> Capability | None:
+    """The forced capability, else the CUDA device's own; None without either."""
+    if _forced is not None:
+        return _forced
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
 
 
 def attention_backends_for(capability: Capability) -> list[str]:
@@ -60,7 +65,7 @@ def configure_device(device: torch.device | str, capability: Capability | None =
     device = torch.device(device)
     if device.type != "cuda" and capability is None:
         return {}
-    cap = tuple(capability or device_capability(device))
+    cap = tuple(capability or device_capability(device) or (0, 0))
     backends = attention_backends_for(cap)
     set_attention_backends(backends)
     chosen = {"capability": f"sm{cap[0]}{cap[1]}", "attention": backends, "fp8_matmul": fp8_matmul_supported(cap)}
