@@ -6,6 +6,11 @@ reference (eager), random bf16 weights made on the GPU, and the Wan VAE decode o
 (alone, and overlapped with a transformer forward on another stream).
 
     python benchmarks/probe_transformer.py --out results.json
+    python benchmarks/probe_transformer.py --glue --out glue.json   # the optimize() path's kernel breakdown
+
+`--glue` profiles the forwards of one 1/1/1 chunk as `optimize()` runs them (fused projections, compiled
+blocks, CUDA graphs): per-stage times, each stage's kernels by category (GEMM, attention, fused elementwise,
+copies), and the attention backends and FP8 attention at the stages' sequence lengths.
 """
 
 from __future__ import annotations
@@ -64,11 +69,212 @@ def flops_per_forward(noisy_tokens: int, history_tokens: int = 2400, text: int =
     return linear, attn
 
 
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if n.startswith("triton"):
+        return "triton"
+    if any(k in n for k in ("sdpa", "fmha", "flash", "attention", "cudnn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "wgmma")):
+        return "gemm"
+    if n.startswith("triton"):
+        return "triton"
+    if any(k in n for k in ("copy", "memcpy", "memset", "cat", "fill")):
+        return "copy"
+    return "other"
+
+
+def kernel_table(prof) -> dict:
+    """Kernel time of a profiled region: by category and the largest kernels by name (ms)."""
+    from torch.autograd import DeviceType
+
+    by_name: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            by_name.setdefault(evt.name, []).append(evt.time_range.elapsed_us() / 1000)
+    cats: dict[str, float] = {}
+    for name, ts in by_name.items():
+        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + sum(ts)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:40]
+    return {"total_ms": sum(cats.values()), "by_category_ms": cats,
+            "top": [{"name": n[:160], "category": kernel_category(n), "ms": sum(ts), "calls": len(ts)}
+                    for n, ts in top]}
+
+
+def attention_times(dev, lengths: dict[str, int], heads: int = 40, head_dim: int = 128) -> dict:
+    """Self-attention at each stage's length: each SDPA backend, and FP8 (cuDNN frontend) with its error."""
+    from helios.model.attention import CudnnFp8Attention, attention, cudnn_frontend_available
+
+    out: dict = {"cudnn_frontend": cudnn_frontend_available() or "ok"}
+    fp8 = None
+    if out["cudnn_frontend"] == "ok":
+        try:
+            fp8 = CudnnFp8Attention()
+            import cudnn
+            out["cudnn_backend_version"] = cudnn.backend_version()
+        except Exception as e:
+            out["cudnn_frontend"] = f"{type(e).__name__}: {e}"[:400]
+    g = torch.Generator(device=dev).manual_seed(0)
+    for stage, length in lengths.items():
+        q, k, v = (torch.randn(1, length, heads, head_dim, device=dev, generator=g, dtype=torch.bfloat16)
+                   for _ in range(3))
+        flop = 4 * length * length * heads * head_dim
+        row: dict = {"length": length}
+        ref = attention(q.float(), k.float(), v.float())
+        for names in (["cudnn"], ["flash"], ["efficient"]):
+            set_attention_backends(names)
+            try:
+                t = cuda_time(lambda: attention(q, k, v), warmup=3, iters=10)
+                row[names[0]] = {"ms": t * 1e3, "tflops": flop / t / 1e12}
+            except RuntimeError as e:
+                row[names[0]] = f"{type(e).__name__}: {e}"[:200]
+        set_attention_backends(["cudnn", "flash", "efficient", "math"])
+        bf16 = attention(q, k, v)
+        row["bf16_rel_err"] = ((bf16.float() - ref).norm() / ref.norm()).item()
+        # contiguous (B, H, L, D) inputs: what the (B, L, H, D) views cost
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+            t = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), warmup=3, iters=10)
+        row["cudnn_bhld_contiguous"] = {"ms": t * 1e3, "tflops": flop / t / 1e12}
+        try:  # does torch's own SDPA take e4m3 inputs?
+            torch.nn.functional.scaled_dot_product_attention(*(t.to(torch.float8_e4m3fn) for t in (qt, kt, vt)))
+            row["torch_sdpa_fp8"] = "ran"
+        except Exception as e:
+            row["torch_sdpa_fp8"] = f"{type(e).__name__}: {e}"[:300]
+        if fp8 is not None:
+            try:
+                o = fp8(q, k, v)
+                t = cuda_time(lambda: fp8(q, k, v), warmup=3, iters=10)
+                row["cudnn_fp8"] = {"ms": t * 1e3, "tflops": flop / t / 1e12,
+                                    "rel_err": ((o.float() - ref).norm() / ref.norm()).item()}
+                from helios.model.attention import quantize_tensor
+                (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+                t = cuda_time(lambda: fp8.run_quantized(q8, k8, v8, dq, dk, dv), warmup=3, iters=10)
+                row["cudnn_fp8_kernel_only"] = {"ms": t * 1e3, "tflops": flop / t / 1e12}
+            except Exception as e:
+                row["cudnn_fp8"] = f"{type(e).__name__}: {e}"[:600]
+        # v as a strided view of a fused (B, L, 3D) projection, as rope_attention passes it
+        qkv = torch.randn(1, length, 3 * heads * head_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        vv = qkv[..., 2 * heads * head_dim:].unflatten(-1, (heads, head_dim))
+        t = cuda_time(lambda: attention(q, k, vv), warmup=3, iters=10)
+        row["cudnn_strided_v"] = {"ms": t * 1e3, "tflops": flop / t / 1e12}
+        # cross-attention: the noisy tokens against the 512 text tokens
+        lq = length - 2400
+        qc = q[:, :lq]
+        kc, vc = k[:, :512], v[:, :512]
+        cflop = 4 * lq * 512 * heads * head_dim
+        for names in (["cudnn"], ["flash"], ["efficient"]):
+            set_attention_backends(names)
+            try:
+                t = cuda_time(lambda: attention(qc, kc, vc), warmup=3, iters=10)
+                row[f"cross_{names[0]}"] = {"ms": t * 1e3, "tflops": cflop / t / 1e12}
+            except RuntimeError as e:
+                row[f"cross_{names[0]}"] = f"{type(e).__name__}: {e}"[:200]
+        set_attention_backends(["cudnn", "flash", "efficient", "math"])
+        out[stage] = row
+        print("attention", stage, row, flush=True)
+    return out
+
+
+def gemm_epilogue_times(dev, m: int, d: int = 5120, ffn: int = 13824) -> dict:
+    """The FFN's up projection + tanh-GELU: separate (compiled) against cuBLASLt's GELU epilogue."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, d, device=dev, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(ffn, d, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
+    b = torch.randn(ffn, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
+    sep = torch.compile(lambda x: F.gelu(F.linear(x, w, b), approximate="tanh"))
+    fused = lambda x: torch._addmm_activation(b, x, w.t(), use_gelu=True)  # noqa: E731
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
+    res = {"m": m}
+    for name, fn in (("linear_then_gelu", sep), ("addmm_gelu_epilogue", fused),
+                     ("linear_only", lambda x: F.linear(x, w, b))):
+        t = cuda_time(lambda: fn(x), warmup=3, iters=10)
+        res[name] = {"ms": t * 1e3, "tflops": 2 * m * d * ffn / t / 1e12}
+        if name != "linear_only":
+            res[name]["rel_err"] = ((fn(x).float() - ref).norm() / ref.norm()).item()
+    # which GELU the epilogue applies: float32 GEMM, so the tanh/erf difference (~1e-4) is visible
+    xf, wf, bf = x.float()[:256], w.float(), b.float()
+    yf = torch._addmm_activation(bf, xf, wf.t(), use_gelu=True)
+    lin = F.linear(xf, wf, bf)
+    res["float32_epilogue_vs_tanh"] = (yf - F.gelu(lin, approximate="tanh")).abs().max().item()
+    res["float32_epilogue_vs_erf"] = (yf - F.gelu(lin)).abs().max().item()
+    return res
+
+
+def glue_probe(args) -> None:
+    """Profile one 1/1/1 chunk's three forwards on the optimize() path; write the breakdown to args.out."""
+    from helios.model.graphs import GraphedForward
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    import triton
+
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                 "cudnn": torch.backends.cudnn.version(), "layers": args.layers, "fp8": args.fp8,
+                 "fused_kernels": not args.no_kernels}
+    hist, ctx, noisy = inputs(dev, dtype)
+    if not args.skip_attention:
+        lengths = {k: 9 * h * w // 4 + 2400 for k, (h, w) in STAGES.items()}
+        res["attention"] = attention_times(dev, lengths)
+        res["gemm_gelu"] = gemm_epilogue_times(dev, lengths["stage2"])
+        print("gemm_gelu", res["gemm_gelu"], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    torch.manual_seed(0)
+    model = build_transformer(HeliosConfig(num_layers=args.layers), device=dev, dtype=dtype).eval()
+    model.fuse_projections_(kernels=not args.no_kernels)
+    if args.fp8:
+        from helios.model.fp8 import quantize_blocks_
+        quantize_blocks_(model, attention=False if args.no_fp8_attention else None)
+        res["fp8_attention"] = model.blocks[0].attn1.fp8_attention
+    model.compile_blocks_()
+    graphs = GraphedForward(model)
+    t500 = torch.tensor([500.0], device=dev)
+    stages: dict = {}
+    with torch.no_grad():
+        text = model.prepare_text(ctx)
+        for stage, x in noisy.items():
+            layout = model.layout_for(tuple(x.shape), **hist)
+            t0 = time.perf_counter()
+            graphs(x, t500, text, layout, hist)
+            torch.cuda.synchronize()
+            row = {"warmup_s": time.perf_counter() - t0}
+            row["graphed_s"] = cuda_time(lambda: graphs(x, t500, text, layout, hist), warmup=1, iters=5)
+            row["compiled_s"] = cuda_time(lambda: model(x, t500, text, layout=layout, **hist), warmup=1, iters=3)
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(x, t500, text, layout=layout, **hist)
+                torch.cuda.synchronize()
+            row["kernels"] = kernel_table(prof)
+            stages[stage] = row
+            print(stage, {k: v for k, v in row.items() if k != "kernels"}, row["kernels"]["by_category_ms"],
+                  flush=True)
+            res["stages"] = stages
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+    res["chunk_111_graphed_s"] = sum(r["graphed_s"] for r in stages.values())
+    res["graph_capture_failures"] = {str(k[0]): v for k, v in graphs.failed.items()}
+    res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print("chunk 1/1/1 graphed", res["chunk_111_graphed_s"], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe.json")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--glue", action="store_true", help="profile the optimize() path (see the module doc)")
+    ap.add_argument("--layers", type=int, default=40, help="--glue: transformer blocks (40 in the 14B model)")
+    ap.add_argument("--fp8", action="store_true", help="--glue: FP8 matmuls in the blocks")
+    ap.add_argument("--no-kernels", action="store_true", help="--glue: without transformer_kernels' fused ops")
+    ap.add_argument("--no-fp8-attention", action="store_true", help="--glue --fp8: bf16 attention")
+    ap.add_argument("--skip-attention", action="store_true", help="--glue: skip the attention/GEMM timings")
     args = ap.parse_args()
+    if args.glue:
+        glue_probe(args)
+        return
     dev, dtype = torch.device("cuda"), torch.bfloat16
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     hist, ctx, noisy = inputs(dev, dtype)

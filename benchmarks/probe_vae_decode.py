@@ -1,6 +1,6 @@
 """The Wan VAE decode of one 14B chunk (9 latent frames at 48x80 -> 33 frames at 384x640, bf16) on one GPU:
 diffusers' `AutoencoderKLWan.decode` (the reference) against ours (helios.model.wan_vae) in each of its
-settings, the error of each against a float32 decode by diffusers, each convolution's timed implementations,
+settings (each step of the decoder's development measured in the same run), the error of each against a float32 decode by diffusers, each convolution's timed implementations,
 and a profile of our fastest path naming the kernels its time goes to.
 
     python benchmarks/probe_vae_decode.py --out vae.json
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -36,6 +37,7 @@ def main() -> None:
     from diffusers import AutoencoderKLWan
 
     from helios.engine.conditioning import LatentCodec
+    from helios.model.wan_vae import CONV_IMPLS, UPSAMPLE_IMPLS, autotune_convs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="vae.json")
@@ -49,6 +51,7 @@ def main() -> None:
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "latents": list(shape)}
     exact = LatentCodec(vae).decode_reference(z).float()  # diffusers, float32
     codec = LatentCodec(vae.to(torch.bfloat16))
+    z_raw = codec._vae_latents(z)  # what the decoder itself sees
 
     def record(name, fn):
         torch.cuda.reset_peak_memory_stats()
@@ -57,23 +60,51 @@ def main() -> None:
                      "max_abs_vs_fp32": (out - exact).abs().max().item(),
                      "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
         print(name, json.dumps(res[name]), flush=True)
+        save()
+
+    def save():  # after every measurement, so a run cut short keeps what it measured
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
 
     record("diffusers", lambda: codec.decode_reference(z))
     record("ours-eager", lambda: codec.decode(z))
     decoder = codec.decoder
     decoder.channels_last_()
     record("ours-channels-last", lambda: codec.decode(z))
+    # what each step brings, same run: the 2026-12-02 choices (cuDNN 3-D or per-tap 2-D, materialised
+    # upsampling, biases added by cuDNN's separate pass), then biases deferred into the fused norms, then the
+    # per-tap sums too, then the folded taps, then the phase convolution, then (the default) the padded
+    # output convolution
+    old = {"conv3d", "taps", "upsample"}
+    steps = [("ours-tuned-v1", old, False, False), ("ours-tuned-v1+deferred-biases", old, True, False),
+             ("ours-tuned-v1+deferred-biases+tap-sums", old, True, True),
+             ("ours-tuned+folded-taps", old | {"folded"}, True, True),
+             ("ours-tuned+folded-taps+phase-conv", old | {"folded", "phase"}, True, True)]
+    for name, impls, biases, tap_sums in steps:
+        decoder.defer_biases, decoder.defer_tap_sums = biases, tap_sums
+        autotune_convs(decoder, z_raw, impls)
+        record(name, lambda: codec.decode(z))
     res["conv_timings_ms"] = codec.fast_decode_(shape, graphs=False)
+    res["chosen"] = {impl: sum(t["chosen"] == impl for t in res["conv_timings_ms"].values())
+                     for impl in sorted({t["chosen"] for t in res["conv_timings_ms"].values()})}
     record("ours-tuned", lambda: codec.decode(z))
     res["profile_tuned"] = profile(lambda: codec.decode(z))
+    # not tuned by default yet (wan_vae.NOT_TUNED_BY_DEFAULT): the gathered output convolution
+    res["conv_timings_with_gather_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
+    record("ours-tuned+gather-out", lambda: codec.decode(z))
+    codec.fast_decode_(shape, graphs=False)  # back to the default choices
     codec.fast_decode_(None, graphs=True)  # keeps the tuned choices
     record("ours-tuned-graph", lambda: codec.decode(z))
     first, rest = codec.decode_parts(z)
     res["parts_vs_whole_max_abs"] = (torch.cat([first, rest], 2).float() - codec.decode(z).float()).abs().max().item()
     res["first_frame_s"] = cuda_time(lambda: next(iter(codec.decode_parts(z))), warmup=1, iters=5)
-    print(json.dumps(res, indent=1))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    # not the default: cuDNN's own search over its algorithms for every convolution shape, then tuned again
+    torch.backends.cudnn.benchmark = True
+    res["conv_timings_cudnn_benchmark_ms"] = codec.fast_decode_(shape, graphs=True)
+    record("ours-tuned-graph+cudnn-benchmark", lambda: codec.decode(z))
+    torch.backends.cudnn.benchmark = False
+    save()
 
 
 if __name__ == "__main__":

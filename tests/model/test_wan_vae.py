@@ -61,18 +61,151 @@ def test_a_chunk_decoded_in_parts_equals_the_whole(vae):
     assert (torch.cat(parts, dim=2) - whole).abs().max().item() < 1e-5
 
 
+def set_impls(decoder, conv: str, upsample: str) -> None:
+    from helios.model.wan_vae import CausalConv3d, Resample
+
+    for m in decoder.modules():
+        if isinstance(m, CausalConv3d) and conv in m.impls:
+            m.impl = conv
+        elif isinstance(m, Resample):
+            m.impl = upsample
+
+
 def test_every_convolution_implementation_and_layout_gives_the_same_frames(vae):
     decoder = WanVAEDecoder.from_vae(vae)
     z = torch.randn(1, 16, 9, 4, 6, generator=torch.Generator().manual_seed(4))
     ref = reference(vae, z)
-    convs = [m for m in decoder.modules() if hasattr(m, "impl")]
-    for m in convs:
-        m.impl = "taps"
-    taps = decoder.decode(z)
+    outs = {}
+    for conv, upsample in [("taps", "upsample"), ("folded", "phase")]:
+        set_impls(decoder, conv, upsample)
+        outs[conv] = decoder.decode(z)
+    decoder.decoder.conv_out.impl = "gather"  # with the folded taps and the phase convolution elsewhere
     decoder.channels_last_()
-    last = decoder.decode(z)
+    outs["folded, channels-last"] = decoder.decode(z)
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in decoder.parameters() if p.dim() == 5)
-    assert (taps - ref).abs().max().item() < 1e-5 and (last - ref).abs().max().item() < 1e-5
+    for name, out in outs.items():
+        assert (out - ref).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel, padding, c_out", [((3, 3, 3), 1, 7), ((3, 3, 3), 1, 3), ((3, 1, 1), (1, 0, 0), 7),
+                                                     ((1, 1, 1), 0, 7)])
+def test_each_convolution_implementation_equals_conv3d(kernel, padding, c_out, channels_last):
+    from helios.model.wan_vae import CONV_IMPLS, CausalConv3d, run_conv_deferred
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(5, c_out, kernel, padding=padding)
+    x = torch.randn(2, 5, 6, 4, 5)
+    if channels_last:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+    assert ref.shape[2] == 6 - kernel[0] + 1
+    assert ("pad16" in conv.impls) and (("folded" in conv.impls) == (kernel[0] == 3))
+    assert ("gather" in conv.impls) == (kernel == (3, 3, 3) and c_out <= 4)
+    for name in conv.impls:
+        assert (CONV_IMPLS[name](conv, x, conv.bias) - ref).abs().max().item() < 1e-5, name
+        no_bias = CONV_IMPLS[name](conv, x, None)
+        assert (no_bias + conv.bias.view(-1, 1, 1, 1) - ref).abs().max().item() < 1e-5, name
+        # a deferred bias comes back to the caller unless the implementation adds it for free
+        conv.impl = name
+        parts, bias = run_conv_deferred(conv, x, defer=True)
+        y = sum(parts) if bias is None else sum(parts) + bias.view(-1, 1, 1, 1)
+        assert (y - ref).abs().max().item() < 1e-5, name
+        assert (bias is None) == (name in ("folded", "gather")), name
+        assert len(parts) == (kernel[0] if name == "taps" else 1), name  # the taps come back unsummed
+        assert len(run_conv_deferred(conv, x, defer=True, partial_sums=False)[0]) == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_phase_convolution_equals_nearest_upsampling_then_the_3x3_convolution(channels_last):
+    from helios.model.wan_vae import UPSAMPLE_IMPLS, Resample
+
+    torch.manual_seed(1)
+    rs = Resample(8, temporal=False).requires_grad_(False)
+    frames = torch.randn(3, 8, 5, 7)
+    if channels_last:
+        frames = frames.contiguous(memory_format=torch.channels_last)
+        rs.resample[1].weight.data = rs.resample[1].weight.data.contiguous(memory_format=torch.channels_last)
+    conv = rs.resample[1]
+    up = torch.nn.functional.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
+    ref = torch.nn.functional.conv2d(up, conv.weight, conv.bias, padding=1)
+    assert ref.shape == (3, 4, 10, 14)
+    for name, fn in UPSAMPLE_IMPLS.items():
+        out = fn(rs, frames, conv.bias)
+        assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5, name
+        assert (fn(rs, frames, None) + conv.bias.view(-1, 1, 1) - ref).abs().max().item() < 1e-5, name
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_the_fused_norm_adds_a_deferred_bias_the_taps_and_the_residual():
+    from helios.model import vae_kernels
+
+    g = torch.Generator().manual_seed(2)
+    x, r = torch.randn(2, 6, 3, 4, 5, generator=g), torch.randn(2, 6, 3, 4, 5, generator=g)
+    bias, gain = torch.randn(6, generator=g), 1 + 0.3 * torch.randn(6, generator=g)
+    out, total = torch.empty_like(x), torch.empty_like(x)
+    parts = [torch.randn(2, 6, 3, 4, 5, generator=g) for _ in range(2)]  # a convolution's unsummed taps
+    vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=[*parts, r], total=total, bias=bias)
+    s = x + bias.view(1, -1, 1, 1, 1) + parts[0] + parts[1] + r
+    ref = torch.nn.functional.silu(torch.nn.functional.normalize(s, dim=1) * 6**0.5 * gain.view(1, -1, 1, 1, 1))
+    assert (total - s).abs().max().item() < 1e-5 and (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="at most 3"):
+        vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=[r] * 4)
+
+
+def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():
+    from helios.model import vae_kernels
+
+    y = torch.randn(2 * 5, 3 * 4, 2, 3, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(4)
+    out = vae_kernels.sum_taps(y, batch=2, taps=3, bias=bias, memory_format=torch.contiguous_format)
+    assert out.shape == (2, 4, 3, 2, 3)
+    per = y.reshape(2, 5, 3, 4, 2, 3)
+    for t in range(3):
+        expected = per[:, t, 0] + per[:, t + 1, 1] + per[:, t + 2, 2] + bias.view(4, 1, 1)
+        assert (out[:, :, t] - expected).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="not \\(B \\* T_in"):
+        vae_kernels.sum_taps(y, batch=3, taps=3, bias=None, memory_format=torch.contiguous_format)
+
+
+def test_gathering_taps_sums_each_shifted_tap_with_zeros_outside_the_frame():
+    from helios.model import vae_kernels
+
+    b, t_in, h, w = 1, 4, 3, 5
+    p = torch.randn(b * t_in * h * w, 27 * 4, generator=torch.Generator().manual_seed(4))
+    out = vae_kernels.gather_taps(p, b, t_in, h, w, channels=3, bias=None)
+    assert out.shape == (1, 3, 2, 3, 5) and out.is_contiguous()
+    per = p.reshape(b, t_in, h, w, 27, 4)
+    t, y, x, c = 1, 0, 4, 2  # a corner: the taps reaching outside the frame add nothing
+    expected = sum(per[0, t + kt, y + ky - 1, x + kx - 1, 9 * kt + 3 * ky + kx, c]
+                   for kt in range(3) for ky in range(3) for kx in range(3)
+                   if 0 <= y + ky - 1 < h and 0 <= x + kx - 1 < w)
+    assert abs(out[0, c, t, y, x].item() - expected.item()) < 1e-5
+    with pytest.raises(ValueError, match="gather_taps"):
+        vae_kernels.gather_taps(p, b, t_in, h + 1, w, channels=3, bias=None)
+
+
+def test_the_fastest_implementation_is_chosen_and_its_timings_kept():
+    from helios.model.wan_vae import CausalConv3d, fastest_impl
+
+    conv = CausalConv3d(2, 16, 3, padding=1)
+    ran = []
+    fake_ms = {"conv3d": 2.0, "taps": 3.0, "folded": 1.5}
+    chosen = fastest_impl(conv, conv.impls, ran.append, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1])
+    assert chosen == "folded" and ran == ["conv3d", "taps", "folded"]
+    assert conv.tuned_ms == fake_ms
+    fake_ms["folded"] = 4.0  # a slower new implementation is not picked
+    assert fastest_impl(conv, conv.impls, ran.append, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1]) == "conv3d"
+
+    def conv3d_fails(name):
+        if name == "conv3d":
+            raise RuntimeError("no kernel for this device")
+        ran.append(name)
+
+    # one that fails while tuning is left out; the fastest of the others is chosen
+    assert fastest_impl(conv, conv.impls, conv3d_fails, timer=lambda fn: (fn(), fake_ms[ran[-1]])[1]) == "taps"
+    assert set(conv.tuned_ms) == {"taps", "folded"}
 
 
 def test_graph_replay_reads_each_new_latent(vae):

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
+from helios.model.attention import FP8, FP8_MAX, cudnn_frontend_available
+
+ROW_MULTIPLE = 16  # FP8 tensor-core matmuls need row counts in multiples of 16: CUDA inputs are padded to it
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,28 +37,38 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         m = x2.shape[0]
         if x.is_cuda:
-            pad = (-m) % 16  # FP8 tensor-core matmuls need row counts in multiples of 16
+            pad = (-m) % ROW_MULTIPLE
             if pad:
                 x2 = F.pad(x2, (0, 0, 0, pad))
-            xq, xs = quantize_rows(x2)
+        xq, xs = quantize_rows(x2)
+        return self.forward_quantized(xq, xs, m, shape[:-1], x.dtype)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, m: int, lead: tuple[int, ...],
+                          dtype: torch.dtype) -> torch.Tensor:
+        """The product from already quantised rows: xq (M', K) e4m3 and xs (M', 1), of which the first m are
+        the tokens (on CUDA M' is a multiple of ROW_MULTIPLE); returns (*lead, N) in `dtype`."""
+        if xq.is_cuda:
             out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                                   bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
-            out = out[:m] if pad else out
+                                   bias=None if self.bias is None else self.bias.to(dtype), out_dtype=dtype)
         else:
-            xq, xs = quantize_rows(x2)
             w = self.weight_fp8.float() * self.weight_scale.t()
             out = (xq.float() * xs) @ w.t()
             if self.bias is not None:
                 out = out + self.bias.float()
-            out = out.to(x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+            out = out.to(dtype)
+        out = out[:m] if out.shape[0] != m else out
+        return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-def quantize_blocks_(model: nn.Module) -> int:
-    """Swap every nn.Linear inside `model.blocks` for an Fp8Linear; returns how many were swapped."""
+def quantize_blocks_(model: nn.Module, attention: bool | None = None) -> int:
+    """Swap every nn.Linear inside `model.blocks` for an Fp8Linear; returns how many were swapped.
+
+    attention: also run the self-attention in e4m3 (cuDNN's FP8 attention; needs the fused q/k/v projection
+    with its kernels, `fuse_projections_()`, first). None: where it runs (CUDA with `nvidia-cudnn-frontend`).
+    """
     count = 0
     for blk in model.blocks:
         for name, module in list(blk.named_modules()):
@@ -65,4 +76,10 @@ def quantize_blocks_(model: nn.Module) -> int:
                 if isinstance(child, nn.Linear):
                     setattr(module, child_name, Fp8Linear(child))
                     count += 1
+    if attention is None:
+        attention = model.device.type == "cuda" and cudnn_frontend_available() is None
+    for blk in model.blocks:
+        if attention and not blk.attn1.fused_kernels:
+            raise ValueError("FP8 attention runs inside the fused q/k/v op: call fuse_projections_() first")
+        blk.attn1.fp8_attention = bool(attention)
     return count

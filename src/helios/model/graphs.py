@@ -60,6 +60,37 @@ class _HostGraph:
         self.out.copy_(self.fn())
 
 
+class _CaptureStream:
+    """The side stream and memory pool one owner's CUDA graphs are captured on, and the capture itself:
+    the call runs once on that stream first (compiling its kernels for the shape, initialising library
+    handles and plans there), then is captured; a call that cannot be captured reports why."""
+
+    def __init__(self):
+        self.stream: torch.cuda.Stream | None = None
+        self.pool = None
+
+    def warm_up_and_capture(self, fn: Callable[[], torch.Tensor], device: torch.device
+                            ) -> tuple[torch.Tensor, _CudaGraph | None, torch.Tensor | None, str | None]:
+        """(the warm-up's result, the graph, its static output, None), or (result, None, None, the error)."""
+        with torch.cuda.device(device):  # the graph's memory comes from this device's allocator
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+                self.pool = torch.cuda.graph_pool_handle()  # one pool per owner: its graphs replay one at a time
+            current = torch.cuda.current_stream(device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                result = fn()
+            current.wait_stream(self.stream)
+            result = result.clone()  # made on the main stream: its memory is not the capture stream's to reuse
+            graph = _CudaGraph(self.pool, self.stream)
+            try:
+                out = graph.capture(fn)
+            except Exception as e:  # an op that cannot be captured: the caller runs this shape without a graph
+                torch.cuda.synchronize(device)
+                return result, None, None, f"{type(e).__name__}: {e}"
+            return result, graph, out, None
+
+
 class _Captured:
     def __init__(self, graph, x, t, inputs, cos, sin):
         self.graph, self.x, self.t, self.inputs, self.cos, self.sin = graph, x, t, inputs, cos, sin
@@ -97,8 +128,7 @@ class GraphedForward:
         self.graphs: dict[tuple, _Captured] = {}
         self.failed: dict[tuple, str] = {}  # shapes whose capture raised: they run without a graph
         self.texts: dict[tuple, _TextSlot] = {}
-        self._pool = None
-        self._stream: torch.cuda.Stream | None = None
+        self._capture_stream = _CaptureStream()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, layout: TokenLayout,
                  inputs: dict[str, torch.Tensor], slot: int = 0) -> torch.Tensor:
@@ -140,30 +170,13 @@ class GraphedForward:
             static.out = static.graph.capture(forward)
             self.graphs[key] = static
             return static.out.clone()
-        with torch.cuda.device(x.device):  # the graph's memory comes from this device's allocator
-            return self._capture_cuda(key, static, forward, x)
-
-    def _capture_cuda(self, key, static: _Captured, forward: Callable[[], torch.Tensor], x: torch.Tensor
-                      ) -> torch.Tensor:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(x.device)
-            self._pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay one at a time
-        current = torch.cuda.current_stream(x.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):  # warm-up on the capture stream: compiles this shape, inits handles
-            result = forward()
-        current.wait_stream(self._stream)
-        result = result.clone()  # made on the main stream: its memory is not the capture stream's to reuse
-        graph = _CudaGraph(self._pool, self._stream)
-        try:
-            static.out = graph.capture(forward)
-        except Exception as e:  # an op that cannot be captured: this shape runs without a graph from now on
-            self.failed[key] = f"{type(e).__name__}: {e}"
+        result, graph, out, error = self._capture_stream.warm_up_and_capture(forward, x.device)
+        if error is not None:  # this shape runs without a graph from now on
+            self.failed[key] = error
             log.warning("CUDA graph capture failed for shape %s (%s); running it without a graph",
-                        tuple(x.shape), self.failed[key][:200])
-            torch.cuda.synchronize(x.device)
+                        tuple(x.shape), error[:200])
             return result
-        static.graph = graph
+        static.graph, static.out = graph, out
         self.graphs[key] = static
         return result
 
@@ -183,8 +196,7 @@ class GraphedDecode:
         self.decoder, self.replay, self.max_graphs = decoder, replay, max_graphs
         self.graphs: dict[tuple, tuple[object, torch.Tensor, torch.Tensor]] = {}
         self.failed: set[tuple] = set()
-        self._pool = None
-        self._stream: torch.cuda.Stream | None = None
+        self._capture_stream = _CaptureStream()  # its own pool: the decode overlaps the transformer's replays
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         key = (tuple(z.shape), z.dtype, z.device)
@@ -206,24 +218,11 @@ class GraphedDecode:
             out = graph.capture(decode)
             self.graphs[key] = (graph, static_z, out)
             return out.clone()
-        with torch.cuda.device(z.device):
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(z.device)
-                self._pool = torch.cuda.graph_pool_handle()
-            current = torch.cuda.current_stream(z.device)
-            self._stream.wait_stream(current)
-            with torch.cuda.stream(self._stream):  # warm-up: Triton compiles, cuDNN picks its plans
-                result = decode()
-            current.wait_stream(self._stream)
-            result = result.clone()
-            graph = _CudaGraph(self._pool, self._stream)
-            try:
-                out = graph.capture(decode)
-            except Exception as e:  # an op that cannot be captured: decode this shape without a graph
-                self.failed.add(key)
-                log.warning("CUDA graph capture of the VAE decode failed for %s (%s); decoding without a graph",
-                            tuple(z.shape), f"{type(e).__name__}: {e}"[:200])
-                torch.cuda.synchronize(z.device)
-                return result
-            self.graphs[key] = (graph, static_z, out)
+        result, graph, out, error = self._capture_stream.warm_up_and_capture(decode, z.device)
+        if error is not None:  # decode this shape without a graph from now on
+            self.failed.add(key)
+            log.warning("CUDA graph capture of the VAE decode failed for %s (%s); decoding without a graph",
+                        tuple(z.shape), error[:200])
             return result
+        self.graphs[key] = (graph, static_z, out)
+        return result

@@ -25,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from helios.model.attention import attention
 from helios.model.config import HeliosConfig
+from helios.model.fp8 import ROW_MULTIPLE, Fp8Linear
 from helios.model.rope import apply_rope, flatten_grid, pool_grid, rope_grid
+from helios.model.transformer_kernels import gelu_quantize_rows, linear_gelu, rope_attention, rope_attention_fp8
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -116,9 +118,20 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.net = nn.ModuleList([Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+        # inference (fuse_projections_): bf16, the GELU in the up projection's GEMM epilogue; FP8, the GELU and
+        # the down projection's row quantisation in one pass
+        self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        up, down = self.net[0].proj, self.net[2]
+        if self.fused_gelu and type(up) is nn.Linear and up.bias is not None:
+            return down(linear_gelu(x, up.weight, up.bias))
+        if self.fused_gelu and isinstance(down, Fp8Linear):  # GELU + the down projection's quantisation
+            h = up(x)
+            rows = h.reshape(-1, h.shape[-1])
+            xq, xs = gelu_quantize_rows(rows, ROW_MULTIPLE if h.is_cuda else 1)
+            return down.forward_quantized(xq, xs, rows.shape[0], h.shape[:-1], h.dtype)
+        return down(F.gelu(up(x), approximate="tanh"))
 
 
 class Attention(nn.Module):
@@ -135,6 +148,8 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.amplify_history = amplify_history
+        self.fused_kernels = False  # inference: q/k norm + RoPE + attention as one op (fuse_qkv_)
+        self.fp8_attention = False  # with fused_kernels: e4m3 self-attention (helios.model.fp8.quantize_blocks_)
         if amplify_history:
             # Head-wise learnable gain on the history keys: 1 + sigmoid(theta) * (max_scale - 1).
             self.history_key_scale = nn.Parameter(torch.ones(heads if history_scale_mode == "per_head" else 1))
@@ -146,8 +161,11 @@ class Attention(nn.Module):
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads_of(self.norm_k(self.to_k(context))), self.heads_of(self.to_v(context))
 
-    def fuse_qkv_(self) -> None:
-        """Replace to_q/to_k/to_v by one (3D x D) projection: one GEMM instead of three (inference only)."""
+    def fuse_qkv_(self, kernels: bool = True) -> None:
+        """Replace to_q/to_k/to_v by one (3D x D) projection: one GEMM instead of three (inference only).
+
+        kernels: also run the q/k norm, RoPE and attention as one op (helios.model.transformer_kernels)."""
+        self.fused_kernels = kernels
         if hasattr(self, "to_qkv"):
             return
         qkv = nn.Linear(self.to_q.in_features, 3 * self.to_q.out_features, device=self.to_q.weight.device,
@@ -158,7 +176,19 @@ class Attention(nn.Module):
         self.to_qkv = qkv.requires_grad_(False)
         del self.to_q, self.to_k, self.to_v
 
+    def history_gain(self) -> torch.Tensor:
+        return 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
+
     def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.fused_kernels and hasattr(self, "to_qkv") and layout.parallel is None:
+            gain = self.history_gain() if self.amplify_history and layout.num_history > 0 else None
+            args = (self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin, self.norm_q.eps,
+                    self.heads, layout.num_history, gain)
+            out_proj = self.to_out[0]
+            if self.fp8_attention and isinstance(out_proj, Fp8Linear):  # e4m3 output straight into to_out
+                values, scales = rope_attention_fp8(*args, ROW_MULTIPLE if x.is_cuda else 1)
+                return out_proj.forward_quantized(values, scales, x.shape[0] * x.shape[1], x.shape[:2], x.dtype)
+            return out_proj(rope_attention(*args))
         if hasattr(self, "to_qkv"):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
             q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
@@ -168,9 +198,9 @@ class Attention(nn.Module):
         q = apply_rope(q, layout.cos, layout.sin)
         k = apply_rope(k, layout.cos, layout.sin)
         if self.amplify_history and layout.num_history > 0:
-            gain = 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
+            gain = self.history_gain()
             nh = layout.num_history
-            k = torch.cat([k[:, :nh] * gain.view(1, 1, -1, 1), k[:, nh:]], dim=1)
+            k = torch.cat([(k[:, :nh] * gain.view(1, 1, -1, 1)).to(k.dtype), k[:, nh:]], dim=1)
         out = attention(q, k, v) if layout.parallel is None else layout.parallel.attention(q, k, v)
         return self.to_out[0](out.flatten(2))
 
@@ -179,11 +209,22 @@ class Attention(nn.Module):
         return self.to_out[0](attention(q, kv[0], kv[1]).flatten(2))
 
 
+def per_token(values: torch.Tensor, nh: int, length: int) -> torch.Tensor:
+    """(B, 2, D) [history, noisy] rows -> their (B, L, D) broadcast over the tokens of each segment.
+
+    Used when compiling: a select by token index fuses into the consumer's kernel, where the concatenation
+    of two segments' results made the compiled graph split a norm from its modulation."""
+    history = (torch.arange(length, device=values.device) < nh)[:, None]
+    return torch.where(history, values[:, :1], values[:, 1:])
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, nh: int) -> torch.Tensor:
     """x * (1 + scale) + shift with one (shift, scale) for the history tokens and one for the noisy.
 
     shift/scale: (B, 2, D), row 0 for history, row 1 for noisy tokens.
     """
+    if torch.compiler.is_compiling():
+        return torch.addcmul(per_token(shift, nh, x.shape[1]), x, 1 + per_token(scale, nh, x.shape[1]))
     noisy = torch.addcmul(shift[:, 1:], x[:, nh:], 1 + scale[:, 1:])
     if nh == 0:
         return noisy
@@ -193,6 +234,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, nh: int)
 def gated_add(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, nh: int) -> torch.Tensor:
     """residual + update * gate per segment, in float32, returned in residual's dtype."""
     r, u = residual.float(), update.float()
+    if torch.compiler.is_compiling():
+        return torch.addcmul(r, u, per_token(gate, nh, r.shape[1])).to(residual.dtype)
     noisy = torch.addcmul(r[:, nh:], u[:, nh:], gate[:, 1:])
     out = noisy if nh == 0 else torch.cat([torch.addcmul(r[:, :nh], u[:, :nh], gate[:, :1]), noisy], dim=1)
     return out.to(residual.dtype)
@@ -230,8 +273,11 @@ class Block(nn.Module):
 
         if self.guidance_cross_attn:  # history tokens already carry the prompt: only noisy tokens read text
             noisy = x[:, nh:]
-            noisy = noisy + self.attn2.cross_attention(self.cross_norm(noisy), kv)
-            x = torch.cat([x[:, :nh], noisy], dim=1) if nh else noisy
+            update = self.attn2.cross_attention(self.cross_norm(noisy), kv)
+            if torch.compiler.is_compiling():  # zero rows for the history: fuses with the next norm, no concat
+                x = x + F.pad(update, (0, 0, nh, 0))
+            else:
+                x = torch.cat([x[:, :nh], noisy + update], dim=1) if nh else noisy + update
         else:
             x = x + self.attn2.cross_attention(self.cross_norm(x), kv)
 
@@ -428,10 +474,14 @@ class HeliosTransformer(nn.Module):
 
         return enable_context_parallel(self, group, strategy)
 
-    def fuse_projections_(self) -> "HeliosTransformer":
-        """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes)."""
+    def fuse_projections_(self, kernels: bool = True) -> "HeliosTransformer":
+        """Inference-only: fuse every self-attention's q/k/v projections (the state dict changes).
+
+        kernels: also the fused ops of helios.model.transformer_kernels (q/k norm + RoPE + attention in one
+        op, the feed-forward's GELU in its GEMM's epilogue)."""
         for blk in self.blocks:
-            blk.attn1.fuse_qkv_()
+            blk.attn1.fuse_qkv_(kernels)
+            blk.ffn.fused_gelu = kernels
         return self
 
     def compile_blocks_(self, **options) -> "HeliosTransformer":

@@ -1,4 +1,6 @@
-"""The Wan VAE decoder's fused elementwise kernel: [residual add] + RMS norm + [SiLU] in one pass.
+"""The Wan VAE decoder's fused elementwise kernels.
+
+`rms_norm_silu`: [bias add] + [residual adds] + RMS norm + [SiLU] in one pass.
 
 Wan's RMS norm is x / max(|x|_2, 1e-12) * sqrt(C) * gamma over the channels of each position. On
 channels-last tensors a position's channels are one contiguous row, so one Triton program normalises a
@@ -7,11 +9,20 @@ straight into the slice of a causal convolution's input buffer. That replaces di
 normalize, cast back, two multiplies, SiLU and the cache concatenation: seven passes over the
 activations become one read and one or two writes.
 
-The torch path computes the same in plain ops; it runs on the CPU, where Triton is absent, and for
-layouts the kernel does not take.
+`sum_taps`: the temporal taps of a causal 3-D convolution computed as one 2-D convolution with the taps
+folded into its output channels, (B T_in, K C, H, W), summed back per output frame (frame t takes tap k
+of input frame t + k) with the bias added, in float32, rounded once.
+
+`gather_taps`: a 3x3x3 convolution with very few outputs computed as one matmul to every tap's contribution,
+then summed back over the 27 shifted taps per output position, in float32.
+
+The torch paths compute the same in plain ops; they run on the CPU, where Triton is absent, and for
+layouts the kernels do not take.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +36,30 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, scale: float, out: torch.Tensor,
-                  residual: torch.Tensor | None = None, total: torch.Tensor | None = None,
-                  silu: bool = True) -> torch.Tensor:
-    """out = silu?(norm(x + residual) * scale * gain) over dim 1; `total` (if given) receives x + residual.
+MAX_ADDENDS = 3  # tensors the fused norm adds to x on its way in (the unsummed taps of a convolution + a residual)
 
-    x, residual, total and out have the same shape (B, C, ...); `out` may be a view into a larger buffer.
+
+def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, scale: float, out: torch.Tensor,
+                  residual: torch.Tensor | Sequence[torch.Tensor] | None = None, total: torch.Tensor | None = None,
+                  silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = silu?(norm(x + bias + residual) * scale * gain) over dim 1; `total` (if given) receives the sum.
+
+    x, residual, total and out have the same shape (B, C, ...); `out` may be a view into a larger buffer;
+    residual may be several tensors (at most MAX_ADDENDS), all added; bias (C,) is a convolution's bias left
+    for this kernel to add. The sum is made in float32 and rounded once to x's dtype.
     """
-    if use_triton(x, out, residual, total):
-        _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu)
+    addends = [] if residual is None else [residual] if isinstance(residual, torch.Tensor) else list(residual)
+    if len(addends) > MAX_ADDENDS:
+        raise ValueError(f"rms_norm_silu adds at most {MAX_ADDENDS} tensors to x, got {len(addends)}")
+    if use_triton(x, out, total, *addends):
+        _rms_norm_silu_triton(x, gain, scale, out, addends, total, silu, bias)
         return out
-    s = x if residual is None else x + residual
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    s = x if bias is None else x + bias.to(x.dtype).view(shape)
+    for a in addends:
+        s = s + a
     if total is not None:
         total.copy_(s)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
     y = F.normalize(s.float(), dim=1) * (scale * gain.float().view(shape))
     out.copy_(F.silu(y) if silu else y)
     return out
@@ -63,27 +84,32 @@ def _row_batch_stride(t: torch.Tensor) -> int | None:
     return t.stride(0)
 
 
-def _rms_norm_silu_triton(x, gain, scale, out, residual, total, silu):
+def _rms_norm_silu_triton(x, gain, scale, out, addends, total, silu, bias=None):
     c = x.shape[1]
     per_batch = x[0, 0].numel()
     rows = x.shape[0] * per_batch
     block_c = triton.next_power_of_2(c)
     block_rows = max(1, 8192 // block_c)
     grid = (triton.cdiv(rows, block_rows),)
-    res, tot = residual if residual is not None else x, total if total is not None else out
+    adds = list(addends) + [x] * (MAX_ADDENDS - len(addends))  # unused slots point anywhere valid
+    tot = total if total is not None else out
+    gain = gain.float().contiguous()
     _rms_norm_silu_kernel[grid](
-        x, res, tot, out, gain.float().contiguous(), rows, per_batch, c, float(scale),
-        _row_batch_stride(x), _row_batch_stride(res), _row_batch_stride(tot), _row_batch_stride(out),
-        HAS_RESIDUAL=residual is not None, WRITE_TOTAL=total is not None, SILU=silu,
+        x, adds[0], adds[1], adds[2], tot, out, gain, bias.contiguous() if bias is not None else gain,
+        rows, per_batch, c, float(scale), _row_batch_stride(x), *(_row_batch_stride(a) for a in adds),
+        _row_batch_stride(tot), _row_batch_stride(out),
+        N_ADD=len(addends), WRITE_TOTAL=total is not None, SILU=silu, HAS_BIAS=bias is not None,
+        ADD=bias is not None or len(addends) > 0,
         BLOCK_C=block_c, BLOCK_ROWS=block_rows, num_warps=4 if block_c <= 256 else 8)
 
 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_silu_kernel(x_ptr, r_ptr, t_ptr, o_ptr, g_ptr, rows, per_batch, C, scale,
-                              xs, rs, ts, os, HAS_RESIDUAL: tl.constexpr, WRITE_TOTAL: tl.constexpr,
-                              SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    def _rms_norm_silu_kernel(x_ptr, a1_ptr, a2_ptr, a3_ptr, t_ptr, o_ptr, g_ptr, bias_ptr, rows, per_batch, C,
+                              scale, xs, a1s, a2s, a3s, ts, os, N_ADD: tl.constexpr, WRITE_TOTAL: tl.constexpr,
+                              SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ADD: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         col = tl.arange(0, BLOCK_C)
         mask = (row[:, None] < rows) & (col[None, :] < C)
@@ -91,9 +117,18 @@ if triton is not None:
         p = (row % per_batch).to(tl.int64) * C
         within = p[:, None] + col[None, :]
         v = tl.load(x_ptr + b[:, None] * xs + within, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            # the sum is rounded to the activations' dtype first, as the unfused decoder stores it
-            v = v + tl.load(r_ptr + b[:, None] * rs + within, mask=mask, other=0.0)
+        if ADD:
+            s = v.to(tl.float32)
+            if HAS_BIAS:
+                s += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
+            if N_ADD >= 1:
+                s += tl.load(a1_ptr + b[:, None] * a1s + within, mask=mask, other=0.0).to(tl.float32)
+            if N_ADD >= 2:
+                s += tl.load(a2_ptr + b[:, None] * a2s + within, mask=mask, other=0.0).to(tl.float32)
+            if N_ADD >= 3:
+                s += tl.load(a3_ptr + b[:, None] * a3s + within, mask=mask, other=0.0).to(tl.float32)
+            # the sum is rounded to the activations' dtype once: the next block's identity is that stored sum
+            v = s.to(x_ptr.dtype.element_ty)
         if WRITE_TOTAL:
             tl.store(t_ptr + b[:, None] * ts + within, v, mask=mask)
         v = v.to(tl.float32)
@@ -104,3 +139,132 @@ if triton is not None:
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(o_ptr + b[:, None] * os + within, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the folded temporal taps: one 2-D convolution's K * C output channels summed back into C
+
+
+def sum_taps(y: torch.Tensor, batch: int, taps: int, bias: torch.Tensor | None,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    """y (B * T_in, taps * C, H, W), tap k of each input frame in channels [k C, (k + 1) C) ->
+    out (B, C, T_in - taps + 1, H, W) with out[:, :, t] = sum_k y[frame t + k, tap k] + bias."""
+    n, kc, h, w = y.shape
+    if n % batch or kc % taps:
+        raise ValueError(f"sum_taps: {tuple(y.shape)} is not (B * T_in, taps * C, H, W) for B={batch}, taps={taps}")
+    c, frames_in = kc // taps, n // batch
+    frames = frames_in - taps + 1
+    out = torch.empty((batch, c, frames, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+    if (triton is not None and y.is_cuda and y.is_contiguous(memory_format=torch.channels_last)
+            and out.is_contiguous(memory_format=torch.channels_last_3d)):
+        _sum_taps_triton(y, out, frames_in, taps, bias)
+        return out
+    yv = y.reshape(batch, frames_in, taps, c, h, w)  # a view in either layout
+    ov = out.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W)
+    ov.copy_(yv[:, :frames, 0])
+    for k in range(1, taps):
+        ov.add_(yv[:, k:k + frames, k])
+    if bias is not None:
+        ov.add_(bias.to(y.dtype).view(c, 1, 1))
+    return out
+
+
+def _sum_taps_triton(y, out, frames_in, taps, bias):
+    b, c, frames, h, w = out.shape
+    rows = b * frames * h * w
+    block_c = triton.next_power_of_2(c)
+    block_rows = max(16, 8192 // block_c)
+    grid = (triton.cdiv(rows, block_rows),)
+    _sum_taps_kernel[grid](y, bias.contiguous() if bias is not None else y, out, rows, frames, frames_in, h * w, c,
+                           TAPS=taps, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_ROWS=block_rows,
+                           num_warps=4 if block_c <= 128 else 8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sum_taps_kernel(y_ptr, bias_ptr, o_ptr, rows, frames, frames_in, hw, C, TAPS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        # one row per output position (b, t, p); y is (B T_in, H, W, TAPS C) in memory, out (B, T, H, W, C)
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.arange(0, BLOCK_C)
+        mask = (row[:, None] < rows) & (col[None, :] < C)
+        p = row % hw
+        bt = row // hw
+        frame0 = (bt // frames) * frames_in + bt % frames  # input frame of tap 0
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(TAPS):
+            src = ((frame0 + k) * hw + p) * (TAPS * C) + k * C
+            acc += tl.load(y_ptr + src[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptr + row[:, None] * C + col[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# a 3x3x3 convolution with very few outputs (the decoder's last, 96 -> 3) as a matmul + gather
+
+
+GATHER_CHANNELS = 4  # outputs per tap in the matmul's result (the real ones, then zeros)
+GATHER_TAPS = 27  # a 3x3x3 kernel
+
+
+def gather_taps(p: torch.Tensor, batch: int, frames_in: int, h: int, w: int, channels: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """p (B * T_in * H * W, 27 * 4): at each input position, every tap's contribution to each output channel
+    (tap (kt, ky, kx) in columns [(9 kt + 3 ky + kx) 4, ... + 4)) -> out (B, channels, T_in - 2, H, W),
+    contiguous, with out[b, c, t, y, x] = sum over taps of p at (t + kt, y + ky - 1, x + kx - 1) (zero
+    outside the frame) + bias[c]."""
+    if p.shape != (batch * frames_in * h * w, GATHER_TAPS * GATHER_CHANNELS) or channels > GATHER_CHANNELS:
+        raise ValueError(f"gather_taps: p {tuple(p.shape)} is not (B T_in H W, {GATHER_TAPS * GATHER_CHANNELS}) "
+                         f"for B={batch}, T_in={frames_in}, H={h}, W={w}, or channels {channels} > {GATHER_CHANNELS}")
+    frames = frames_in - 2
+    out = torch.empty((batch, channels, frames, h, w), dtype=p.dtype, device=p.device)
+    if triton is not None and p.is_cuda and p.is_contiguous():
+        rows = batch * frames * h * w
+        block_rows = 64
+        _gather_taps_kernel[(triton.cdiv(rows, block_rows),)](
+            p, bias.contiguous() if bias is not None else p, out, rows, frames, frames_in, h, w, channels,
+            CP=GATHER_CHANNELS, TAPS=GATHER_TAPS, TAPS_P2=32, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows,
+            num_warps=4)
+        return out
+    per = F.pad(p.reshape(batch, frames_in, h, w, GATHER_TAPS, GATHER_CHANNELS), (0, 0, 0, 0, 1, 1, 1, 1))
+    acc = torch.zeros((batch, frames, h, w, GATHER_CHANNELS), dtype=p.dtype, device=p.device)
+    for tap in range(GATHER_TAPS):
+        kt, ky, kx = tap // 9, tap // 3 % 3, tap % 3
+        acc += per[:, kt:kt + frames, ky:ky + h, kx:kx + w, tap]
+    out.copy_(acc[..., :channels].permute(0, 4, 1, 2, 3))
+    if bias is not None:
+        out += bias.to(p.dtype).view(-1, 1, 1, 1)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_taps_kernel(p_ptr, bias_ptr, o_ptr, rows, frames, frames_in, H, W, C, CP: tl.constexpr,
+                            TAPS: tl.constexpr, TAPS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_ROWS: tl.constexpr):
+        # one row per output position (b, t, y, x): its 27 taps' CP channels, gathered and summed over taps
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        rmask = row < rows
+        hw = row % (H * W)
+        x = hw % W
+        y = hw // W
+        bt = row // (H * W)
+        t = bt % frames
+        b = bt // frames
+        tap = tl.arange(0, TAPS_P2)
+        kt, ky, kx = tap // 9, (tap // 3) % 3, tap % 3
+        yy = y[:, None] + ky[None, :] - 1
+        xx = x[:, None] + kx[None, :] - 1
+        valid = rmask[:, None] & (tap[None, :] < TAPS) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        pos = ((b[:, None] * frames_in + t[:, None] + kt[None, :]) * H + yy) * W + xx
+        base = pos * (TAPS * CP) + tap[None, :] * CP
+        c = tl.arange(0, CP)
+        vals = tl.load(p_ptr + base[:, :, None] + c[None, None, :], mask=valid[:, :, None], other=0.0)
+        acc = tl.sum(vals.to(tl.float32), axis=1)  # (BLOCK_ROWS, CP)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        o = ((b[:, None] * C + c[None, :]) * frames + t[:, None]) * (H * W) + hw[:, None]
+        tl.store(o_ptr + o, acc.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (c[None, :] < C))

@@ -10,9 +10,13 @@ frame), and the others are, with zero history. So 9 latent frames become 1 + 4 *
 Layout and fusion (the GPU fast path; the CPU runs the same maths with plain torch):
 - every activation is channels-last (`channels_last_3d`), the layout cuDNN's Hopper kernels want;
 - each causal convolution reads a buffer with room for its two history frames in front, and the
-  RMS norm + SiLU before it (and the residual add before that) write straight into that buffer in one
-  fused kernel (`helios.model.vae_kernels`), so no concatenation or separate activation pass is made;
-- the convolution algorithm per layer shape can be chosen by timing (`autotune_convs`);
+  RMS norm + SiLU before it (and the residual add and the previous convolution's bias before that)
+  write straight into that buffer in one fused kernel (`helios.model.vae_kernels`), so no
+  concatenation or separate activation pass is made;
+- each convolution has several implementations with the same result in float32, chosen per layer by
+  timing (`autotune_convs`): cuDNN's 3-D kernel, one 2-D convolution per temporal tap summed, or the taps
+  folded into one 2-D convolution's output channels and summed by a Triton kernel; each upsampler's
+  nearest 2x upsampling + 3x3 convolution runs as is or as one 2x2 convolution of its four output phases;
 - the whole decode can be captured as a CUDA graph per latent shape (`GraphedDecode`).
 
 `decode(z, state)` also decodes a chunk in parts (frame 0 first, then the rest): `state` carries each
@@ -21,6 +25,7 @@ causal convolution's history between the calls, as diffusers' feature cache does
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helios.model import vae_kernels
+
+log = logging.getLogger("helios")
 
 HISTORY = 2  # frames of history a kernel-3 causal convolution reads
 
@@ -99,79 +106,291 @@ class CausalConv3d(nn.Conv3d):
         p = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(c_in, c_out, k, padding=(0, p[1], p[2]))
         self.impl: str = "conv3d"  # see autotune_convs
+        self.derived: dict[str, tuple[tuple, torch.Tensor]] = {}  # weights rearranged for an impl
+
+    @property
+    def impls(self) -> list[str]:
+        names = ["conv3d", "taps", "folded"] if self.kernel_size[0] > 1 else ["conv3d"]
+        if self.out_channels < PADDED_CHANNELS:
+            names.append("pad16")
+        if (self.out_channels <= vae_kernels.GATHER_CHANNELS and self.kernel_size == (3, 3, 3)
+                and self.padding == (0, 1, 1)):
+            names.append("gather")
+        return names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_conv(self, x)
 
 
-CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor], torch.Tensor]] = {}
-_tuning: list[bool] = [False]  # set by autotune_convs while its decode runs
+# Each implementation computes conv(x) + bias (bias may be None) with the same result in float32.
+CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
+# Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
+# that can take it (`run_conv_deferred`), as cuDNN's bias is a separate pass over the output.
+FREE_BIAS = {"folded", "phase", "gather"}
+# Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
+PARTIAL_SUMS = {"taps"}
+PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
+# Built and equal in float32, but not measured on a GPU yet: tuned only when asked for by name.
+NOT_TUNED_BY_DEFAULT = {"gather"}
+_tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
 
 def run_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-    """The convolution by the implementation chosen for its shape (all give the same result in float32)."""
-    if _tuning[0] and x.is_cuda:
-        conv.impl = fastest_impl(conv, x)
-    return CONV_IMPLS[conv.impl](conv, x)
+    """The convolution (with its bias) by the implementation chosen for its shape."""
+    return run_conv_deferred(conv, x, defer=False)[0][0]
 
 
-def conv3d_direct(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+def run_conv_deferred(conv: CausalConv3d, x: torch.Tensor, defer: bool = True, partial_sums: bool = True
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(the parts whose sum is conv(x) [+ bias], the bias still to add). Without `defer`: one part, the
+    whole output. With it, for a caller that adds them in a fused kernel it runs anyway: an implementation
+    whose bias would cost a pass of its own leaves the bias, and (with `partial_sums`) the per-tap one
+    leaves its taps unsummed."""
+
+    def call(name: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if defer and partial_sums and name in PARTIAL_SUMS:
+            return conv3d_tap_parts(conv, x, None), conv.bias
+        if defer and name not in FREE_BIAS:
+            return [CONV_IMPLS[name](conv, x, None)], conv.bias
+        return [CONV_IMPLS[name](conv, x, conv.bias)], None
+
+    pick_impl(conv, conv.impls, call, x.is_cuda)
+    return call(conv.impl)
 
 
-def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-    """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
-    2-D kernels can beat its 3-D ones for some shapes."""
-    b, c, t_in, h, w = x.shape
-    kt = conv.kernel_size[0]
-    if kt == 1:
-        return conv3d_direct(conv, x)
-    t = t_in - kt + 1
-    frames = x.permute(0, 2, 1, 3, 4)  # (B, T_in, C, H, W), a view
-    out = None
-    for k in range(kt):
-        view = frames[:, k:k + t].reshape(b * t, c, h, w)
-        y = F.conv2d(view, conv.weight[:, :, k], conv.bias if k == 0 else None, padding=conv.padding[1:])
-        out = y if out is None else out.add_(y)
-    return out.reshape(b, t, -1, out.shape[-2], out.shape[-1]).permute(0, 2, 1, 3, 4)
+def pick_impl(module: nn.Module, candidates: list[str], call: Callable[[str], Any], cuda: bool) -> None:
+    """While autotune_convs runs, set `module.impl` to the fastest allowed candidate on this very input."""
+    if _tuning[0] is None or not cuda:
+        return
+    allowed = [name for name in candidates if name in _tuning[0]] or candidates[:1]
+    module.impl = allowed[0] if len(allowed) == 1 else fastest_impl(module, allowed, call)
 
 
-CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps)
+def cuda_ms(fn: Callable[[], Any], iters: int = 3) -> float:
+    """Milliseconds per call of fn on the current stream (CUDA events), after one warm-up call."""
+    fn()  # warm-up: plan selection, Triton compiles, derived weights
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
-def fastest_impl(conv: CausalConv3d, x: torch.Tensor, iters: int = 3) -> str:
-    """Time each implementation on this input (CUDA events) and return the fastest one's name."""
-    candidates = ["conv3d"] + (["taps"] if conv.kernel_size[0] > 1 else [])
-    if len(candidates) == 1:
-        return candidates[0]
+def fastest_impl(module: nn.Module, candidates: list[str], call: Callable[[str], Any],
+                 timer: Callable[[Callable[[], Any]], float] = cuda_ms) -> str:
+    """Time each candidate (`call(name)` runs it) and return the fastest one's name; the timings (ms) are
+    kept on the module as `tuned_ms`."""
     times = {}
     for name in candidates:
-        fn = CONV_IMPLS[name]
-        fn(conv, x)  # warm-up: plan selection
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn(conv, x)
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end) / iters
-    conv.tuned_ms = times
+        try:
+            times[name] = timer(lambda name=name: call(name))
+        except Exception as e:  # e.g. a kernel that does not compile for this device: not a candidate here
+            log.warning("%s implementation %r failed while tuning (%s); not using it", type(module).__name__,
+                        name, f"{type(e).__name__}: {e}"[:200])
+    if not times:
+        raise RuntimeError(f"every implementation of {type(module).__name__} failed while tuning: {candidates}")
+    module.tuned_ms = times
     return min(times, key=times.get)
 
 
+def derived_weight(module: nn.Module, impl: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
+                   memory_format: torch.memory_format) -> torch.Tensor:
+    """`make(weight)` in the weight's dtype and the given layout, made once and kept on the module (remade
+    when the weight tensor, its dtype, device or contents change)."""
+    key = (weight.data_ptr(), weight.dtype, weight.device, weight._version, memory_format)
+    kept = module.derived.get(impl)
+    if kept is None or kept[0] != key:
+        made = make(weight.float()).to(weight.dtype).contiguous(memory_format=memory_format)
+        module.derived[impl] = kept = (key, made)
+    return kept[1]
+
+
+def conv3d_direct(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv3d(x, conv.weight, bias, padding=conv.padding)
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B T, C, H, W); a view of a channels-last tensor (then channels-last itself)."""
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _format2d(x: torch.Tensor) -> torch.memory_format:
+    """The 2-D layout matching x's (a 5-D or 4-D activation): channels-last where x is."""
+    cl = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.channels_last if x.is_contiguous(memory_format=cl) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def conv3d_tap_parts(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """One 2-D convolution per temporal tap over all frames (tap k reads frames k..k + T - 1), unsummed;
+    each part (B, C_out, T, H', W'); the bias goes into the first."""
+    b, c, t_in, h, w = x.shape
+    kt = conv.kernel_size[0]
+    t = t_in - kt + 1
+    frames = x.permute(0, 2, 1, 3, 4)  # (B, T_in, C, H, W), a view
+    parts = []
+    for k in range(kt):
+        view = frames[:, k:k + t].reshape(b * t, c, h, w)
+        y = F.conv2d(view, conv.weight[:, :, k], bias if k == 0 else None, padding=conv.padding[1:])
+        parts.append(y.reshape(b, t, -1, y.shape[-2], y.shape[-1]).permute(0, 2, 1, 3, 4))
+    return parts
+
+
+def conv3d_by_taps(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 3-D convolution as one 2-D convolution per temporal tap over all frames, summed: cuDNN's
+    2-D kernels can beat its 3-D ones for some shapes."""
+    if conv.kernel_size[0] == 1:
+        return conv3d_direct(conv, x, bias)
+    parts = conv3d_tap_parts(conv, x, bias)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.add_(part)
+    return out
+
+
+def conv3d_padded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN's 3-D kernel with the outputs padded to PADDED_CHANNELS by zero weights (its kernels for very few
+    output channels are slow), cut back to the real ones (a view)."""
+    pad = PADDED_CHANNELS - conv.out_channels
+    fmt = torch.channels_last_3d if _format2d(x) == torch.channels_last else torch.contiguous_format
+    weight = derived_weight(conv, "pad16", conv.weight, lambda w: F.pad(w, (0, 0, 0, 0, 0, 0, 0, 0, 0, pad)), fmt)
+    y = F.conv3d(x, weight, None if bias is None else F.pad(bias, (0, pad)), padding=conv.padding)
+    return y[:, :conv.out_channels]
+
+
+def conv3d_folded(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The temporal taps folded into the output channels: one 2-D convolution over all input frames with
+    kt x C_out outputs (a GEMM kt times wider than a tap's), then one pass that sums each output frame's
+    taps (tap k from input frame t + k) and adds the bias (`vae_kernels.sum_taps`)."""
+    kt = conv.kernel_size[0]
+    if kt == 1:
+        return conv3d_direct(conv, x, bias)
+    fmt = _format2d(x)
+    weight = derived_weight(conv, "folded", conv.weight,
+                            lambda w: w.permute(2, 0, 1, 3, 4).reshape(kt * w.shape[0], *w.shape[1:2], *w.shape[3:]),
+                            fmt)
+    y = F.conv2d(_frames(x), weight, None, padding=conv.padding[1:])
+    if fmt == torch.channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)  # a no-op unless cuDNN chose another layout
+    out_fmt = torch.channels_last_3d if fmt == torch.channels_last else torch.contiguous_format
+    return vae_kernels.sum_taps(y, x.shape[0], kt, bias, out_fmt)
+
+
+def conv3d_by_gather(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3x3 convolution with very few outputs (cuDNN's kernels fill a GEMM 3 wide poorly): one matmul
+    from the input channels to every tap's contribution to each output (27 x 4 columns, a GEMM that wide),
+    then one pass that gathers and sums each output position's 27 shifted taps, adding the bias
+    (`vae_kernels.gather_taps`). Its output is contiguous (B, C, T, H, W), as the decoder hands it over."""
+    b, c, t_in, h, w = x.shape
+    cp = vae_kernels.GATHER_CHANNELS
+    weight = derived_weight(conv, "gather", conv.weight,  # (27 cp, C_in): row (tap, output channel)
+                            lambda wt: F.pad(wt.permute(2, 3, 4, 0, 1), (0, 0, 0, cp - wt.shape[0]))
+                            .reshape(vae_kernels.GATHER_TAPS * cp, wt.shape[1]), torch.contiguous_format)
+    rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c)  # a view of a channels-last x
+    p = F.linear(rows, weight)
+    return vae_kernels.gather_taps(p, b, t_in, h, w, conv.out_channels, bias)
+
+
+CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded,
+                  gather=conv3d_by_gather)
+
+
+# ---- nearest 2x upsampling + 3x3 convolution -----------------------------------------------------
+# Upsampled pixel (2i + a, 2j + b) is input pixel (i, j), so output phase (a, b) of the 3x3 convolution
+# over the upsampled image is a 2x2 convolution of the input: along each axis, phase 0 reads rows i - 1
+# (weight row 0) and i (rows 1 + 2 summed), phase 1 rows i (rows 0 + 1) and i + 1 (row 2). With padding 1
+# a 2x2 convolution's output row i' reads input rows i' - 1 and i', so phase a is its output row i + a.
+# All four phases are one 2x2 convolution with 4 C_out outputs: 2.25x fewer FLOPs than the 3x3 over the
+# upsampled image, a 4x wider GEMM, and no upsampled copy; a shuffle interleaves the phases.
+
+_PHASE_ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # phase 0: rows (i - 1, i)
+                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # phase 1: rows (i, i + 1)
+
+
+def phase_weights(w: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2): phase (a, b) in output channels [(2a + b) C_out, ...)."""
+    r = _PHASE_ROWS.to(w.device, w.dtype)
+    k = torch.einsum("ari,ocij,bsj->abocrs", r, w, r)  # (2, 2, C_out, C_in, 2, 2)
+    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2)
+
+
+def shuffle_phases(y: torch.Tensor, bias: torch.Tensor | None, memory_format: torch.memory_format) -> torch.Tensor:
+    """y (N, 4 C, h + 1, w + 1), the 2x2 phase convolution -> (N, C, 2h, 2w) (+ bias)."""
+    n, c4, h1, w1 = y.shape
+    c, h, w = c4 // 4, h1 - 1, w1 - 1
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+    phases = y.unflatten(1, (2, 2, c))  # (N, a, b, C, h + 1, w + 1)
+    rows = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # (N, C, h, a, w, b)
+    for a in range(2):
+        for b in range(2):
+            src, dst = phases[:, a, b, :, a:a + h, b:b + w], rows[:, :, :, a, :, b]
+            if bias is None:
+                dst.copy_(src)
+            else:
+                torch.add(src, bias.to(y.dtype).view(c, 1, 1), out=dst)
+    return out
+
+
+def upsample_conv_direct(rs: "Resample", frames: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fmt = _format2d(frames)
+    up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact").contiguous(memory_format=fmt)
+    return F.conv2d(up, rs.resample[1].weight, bias, padding=1)
+
+
+def upsample_conv_phases(rs: "Resample", frames: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fmt = _format2d(frames)
+    weight = derived_weight(rs, "phase", rs.resample[1].weight, phase_weights, fmt)
+    y = F.conv2d(frames, weight, None, padding=1)
+    return shuffle_phases(y, bias, fmt)
+
+
+UPSAMPLE_IMPLS: dict[str, Callable[["Resample", torch.Tensor, torch.Tensor | None], torch.Tensor]] = dict(
+    upsample=upsample_conv_direct, phase=upsample_conv_phases)
+
+
+def run_upsample_conv(rs: "Resample", frames: torch.Tensor, defer_bias: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest 2x upsampling + the resampler's 3x3 convolution of (N, C, h, w) frames, by the chosen impl;
+    returns (output, the bias still to add)."""
+    bias = rs.resample[1].bias
+
+    def call(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if defer_bias and name not in FREE_BIAS:
+            return UPSAMPLE_IMPLS[name](rs, frames, None), bias
+        return UPSAMPLE_IMPLS[name](rs, frames, bias), None
+
+    pick_impl(rs, list(UPSAMPLE_IMPLS), call, frames.is_cuda)
+    return call(rs.impl)
+
+
+def tunable_modules(decoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in decoder.named_modules() if isinstance(m, (CausalConv3d, Resample))]
+
+
 @torch.no_grad()
-def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Choose each causal convolution's implementation by timing it on the input it meets when decoding
-    latents of z's shape; returns the timings (ms) per module name. A no-op off CUDA."""
+def autotune_convs(decoder: "WanVAEDecoder", z: torch.Tensor, impls: set[str] | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """Choose each causal convolution's and each upsampler's implementation by timing it on the input it
+    meets when decoding latents of z's shape (among `impls` only, if given: for measuring what each brings;
+    by default all but NOT_TUNED_BY_DEFAULT); returns the timings (ms) per module name. A no-op off CUDA."""
     if not z.is_cuda:
         return {}
-    _tuning[0] = True
+    known = set(CONV_IMPLS) | set(UPSAMPLE_IMPLS)
+    if impls is not None and not impls <= known:
+        raise ValueError(f"unknown implementations {sorted(impls - known)}; known: {sorted(known)}")
+    for _, m in tunable_modules(decoder):
+        m.__dict__.pop("tuned_ms", None)
+    _tuning[0] = set(impls) if impls is not None else known - NOT_TUNED_BY_DEFAULT
     try:
         decoder.decode(z)
     finally:
-        _tuning[0] = False
-    return {name: dict(m.tuned_ms, chosen=m.impl) for name, m in decoder.named_modules()
-            if isinstance(m, CausalConv3d) and hasattr(m, "tuned_ms")}
+        _tuning[0] = None
+    for _, m in tunable_modules(decoder):  # the rearranged weights of impls not chosen go
+        m.derived = {k: v for k, v in m.derived.items() if k == m.impl}
+    return {name: dict(getattr(m, "tuned_ms", {}), chosen=m.impl) for name, m in tunable_modules(decoder)}
 
 
 class ResidualBlock(nn.Module):
@@ -209,6 +428,8 @@ class Resample(nn.Module):
         super().__init__()
         self.temporal = temporal
         self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.impl: str = "upsample"  # or "phase"; see autotune_convs
+        self.derived: dict[str, tuple[tuple, torch.Tensor]] = {}
         if temporal:
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
@@ -251,6 +472,10 @@ class WanVAEDecoder(nn.Module):
         self.post_quant_conv = CausalConv3d(self.config.z_dim, self.config.z_dim, 1)
         self.decoder = Decoder(self.config)
         self.channels_last = False
+        # what the next fused norm adds on its way in: biases that would cost a pass of their own, and the
+        # per-tap convolution's partial sums (switches for measuring what each brings)
+        self.defer_biases = True
+        self.defer_tap_sums = True
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -303,13 +528,14 @@ class WanVAEDecoder(nn.Module):
         x = run.layout(z.to(self.dtype))
         x = run_conv(self.post_quant_conv, x)
         d = self.decoder
-        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x))
-        x = run.residual_block("mid.0", d.mid_block.resnets[0], x)
+        x = run.causal_conv("conv_in", d.conv_in, run.with_history("conv_in", x), defer=True)
+        x = run.residual_block("mid.0", d.mid_block.resnets[0], x, defer=False)  # attention next: no fused norm
         x = run.attention(d.mid_block.attentions[0], x)
         x = run.residual_block("mid.1", d.mid_block.resnets[1], x)
         for i, block in enumerate(d.up_blocks):
             for j, resnet in enumerate(block.resnets):
-                x = run.residual_block(f"up{i}.{j}", resnet, x)
+                into_upsampler = j == len(block.resnets) - 1 and block.upsamplers is not None
+                x = run.residual_block(f"up{i}.{j}", resnet, x, defer=not into_upsampler)
             if block.upsamplers is not None:
                 x = run.resample(f"up{i}.resample", block.upsamplers[0], x)
         x = run.causal_conv("conv_out", d.conv_out, run.norm_silu_into("conv_out", d.norm_out, x))
@@ -318,12 +544,30 @@ class WanVAEDecoder(nn.Module):
         return x.clamp_(-1.0, 1.0) if clamp else x
 
 
+@dataclass
+class Pending:
+    """The sum of parts + residual + bias, not added yet: the next fused norm adds them on its way in (a pass
+    each saved). The parts are one convolution's output, or its unsummed per-tap outputs."""
+
+    parts: list[torch.Tensor]
+    residual: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # a convolution's bias, per channel
+
+    def addends(self) -> list[torch.Tensor]:
+        """What the norm adds to parts[0]."""
+        return self.parts[1:] + ([self.residual] if self.residual is not None else [])
+
+
+Activation = torch.Tensor | Pending
+
+
 class _Run:
     """One decode call: the helpers that thread each causal convolution's history through `state`."""
 
     def __init__(self, model: WanVAEDecoder, state: DecodeState):
         self.model, self.state = model, state
         self.fmt = torch.channels_last_3d if model.channels_last else torch.contiguous_format
+        self.defer, self.partial_sums = model.defer_biases, model.defer_tap_sums
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=self.fmt)
@@ -351,45 +595,54 @@ class _Run:
         new.copy_(x)
         return buf
 
-    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+    def causal_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor, defer: bool = False) -> Activation:
+        """The convolution of a history buffer; with `defer` (its consumer is a fused norm), what would cost
+        passes of their own (bias, per-tap sums) comes back pending."""
         self.keep_history(key, buf)
-        return run_conv(conv, buf)
+        parts, bias = run_conv_deferred(conv, buf, defer and self.defer, self.partial_sums)
+        return parts[0] if len(parts) == 1 and bias is None else Pending(parts, bias=bias)
 
-    def norm_silu_into(self, key: str, norm: RMSNorm, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                       total: torch.Tensor | None = None) -> torch.Tensor:
-        """silu(norm(x)) written into a history buffer for `key`. x may be a pending sum (a, b), added on
-        the way in; with `total`, that sum is also written there (the next block's identity)."""
-        a, b = x if isinstance(x, tuple) else (x, None)
-        buf, new = self.buffer(key, a, a.shape[1], a.shape[2])
-        vae_kernels.rms_norm_silu(a, norm.gain(), norm.scale, out=new, residual=b, total=total, silu=True)
+    def norm_silu_into(self, key: str, norm: RMSNorm, x: Activation, total: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """silu(norm(x)) written into a history buffer for `key`. A pending x is summed on the way in;
+        with `total`, that sum is also written there (the next block's identity)."""
+        p = x if isinstance(x, Pending) else Pending([x])
+        first = p.parts[0]
+        buf, new = self.buffer(key, first, first.shape[1], first.shape[2])
+        vae_kernels.rms_norm_silu(first, norm.gain(), norm.scale, out=new, residual=p.addends(), total=total,
+                                  silu=True, bias=p.bias)
         return buf
 
-    def residual_block(self, key: str, blk: ResidualBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x is a tensor, or a pending sum (a, b) that the block's first norm adds on its way in.
-        Returns the pending sum (conv2 output, identity): the next consumer adds it."""
-        if isinstance(x, tuple):
-            identity = torch.empty_like(x[0], memory_format=self.fmt)
+    def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer: bool = True) -> Pending:
+        """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
+        `defer` where that consumer is a fused norm."""
+        if isinstance(x, Pending):
+            identity = torch.empty_like(x.parts[0], memory_format=self.fmt)
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
         else:
             identity = x
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
         h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
-        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1)
-        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y))
-        return y, h
+        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer=True)  # norm2 adds what conv1 leaves
+        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y),
+                             defer=defer)
+        return Pending([y], h) if isinstance(y, torch.Tensor) else Pending(y.parts, h, y.bias)
 
-    def settle(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """A pending residual sum made into a tensor (where the next consumer is no fused norm)."""
-        if isinstance(x, tuple):
-            a, b = x
-            return a.add_(b)
-        return x
+    def settle(self, x: Activation) -> torch.Tensor:
+        """A pending sum made into a tensor (where the next consumer is no fused norm)."""
+        if not isinstance(x, Pending):
+            return x
+        out = x.parts[0]
+        for a in x.addends():
+            out = out.add_(a)
+        if x.bias is not None:
+            out = out.add_(x.bias.view(-1, 1, 1, 1))
+        return out
 
-    def attention(self, blk: AttentionBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attention(self, blk: AttentionBlock, x: Activation) -> torch.Tensor:
         x = self.settle(x)
         b, c, t, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        frames = _frames(x)
         normed = torch.empty_like(frames)
         vae_kernels.rms_norm_silu(frames, blk.norm.gain(), blk.norm.scale, out=normed, silu=False)
         qkv = blk.to_qkv(normed).flatten(2).transpose(1, 2)  # (BT, HW, 3C)
@@ -400,17 +653,16 @@ class _Run:
                                   torch.contiguous_format))
         return o.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).add_(x)
 
-    def resample(self, key: str, rs: Resample, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def resample(self, key: str, rs: Resample, x: Activation) -> Activation:
+        """(Temporal doubling, then) nearest 2x upsampling + 3x3 convolution; its bias may come back pending
+        (the next block's first norm adds it)."""
         x = self.settle(x)
         if rs.temporal:
             x = self.double_frames(key, rs, x)
         b, c, t, h, w = x.shape
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
-        if self.model.channels_last:
-            up = up.contiguous(memory_format=torch.channels_last)
-        y = rs.resample[1](up)
-        return y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+        y, bias = run_upsample_conv(rs, _frames(x), defer_bias=self.defer)
+        y = y.reshape(b, t, y.shape[1], 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+        return y if bias is None else Pending([y], bias=bias)
 
     def double_frames(self, key: str, rs: Resample, x: torch.Tensor) -> torch.Tensor:
         """Each latent frame after the chunk's first becomes two (the first stays one)."""
