@@ -92,9 +92,9 @@ def _frames(pipe, **kw):
 
 def _planned_pipeline(plan: MemoryPlan, budget: Budget) -> HeliosVideoPipeline:
     comps = load_components(default_model(), fp8=plan.fp8, blocks_on_host=plan.stream_blocks, text_device="cpu")
-    pipe = HeliosVideoPipeline(comps)
+    pipe = HeliosVideoPipeline(comps).optimize(compile=False, fp8=plan.fp8, cuda_graphs=False)
     pipe.apply_memory_plan(MemoryState(plan, budget, ModelSizes.from_folder(default_model())))
-    return pipe.optimize(compile=False, fp8=plan.fp8, cuda_graphs=False)
+    return pipe
 
 
 @pytest.mark.slow

@@ -181,13 +181,13 @@ class HeliosVideoPipeline:
             self.fp8 = True
         if compile:
             self.model.compile_blocks_()
-            if self.model.block_stream is not None:  # the ring's resident copies are what runs
-                self.model.block_stream.compile_()
         return self
 
-    def apply_memory_plan(self, memory: "MemoryState") -> None:
+    def apply_memory_plan(self, memory: "MemoryState", compile: bool = False) -> None:
         """Put the parts where the plan says (the transformer was loaded for it): VAE slices, the text encoder
-        streamed layer by layer, the blocks streamed through a ring. Requests are then checked against it."""
+        streamed layer by layer, the blocks streamed through a ring (compiled if `compile`). Requests are then
+        checked against it. After `optimize()`: the ring's resident blocks are copies of the host blocks as
+        they are then (fused, FP8, their kernels chosen), so that they run what the resident model runs."""
         from helios.model.offload import enable_block_streaming, stream_layers_
 
         self.memory = memory
@@ -202,7 +202,9 @@ class HeliosVideoPipeline:
                                  "layers to stream; use a larger --memory budget")
             stream_layers_(layers + [encoder.final_layer_norm], device)
         if plan.stream_blocks and self.model.block_stream is None:
-            enable_block_streaming(self.model, plan.ring_size, device)
+            ring = enable_block_streaming(self.model, plan.ring_size, device)
+            if compile:
+                ring.compile_()
 
     @property
     def device(self) -> torch.device:
@@ -603,12 +605,14 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         path, dtype=dtype, device=device, vae_dtype=vae_dtype, fp8=fp8,
         blocks_on_host=bool(plan and plan.stream_blocks),
         text_device="cpu" if plan and plan.text_encoder == "layers" else None))
-    if memory is not None:
-        pipe.apply_memory_plan(memory)
     if optimize is None:
         optimize = device.type == "cuda"
+    if plan is not None:  # before optimize(): the decode is tuned at the slice's size
+        pipe.codec.decode_slice = plan.decode_slice
     if optimize or fp8:
         pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize and (plan is None or plan.cuda_graphs))
+    if memory is not None:
+        pipe.apply_memory_plan(memory, compile=optimize)
     return pipe
 
 
