@@ -115,6 +115,23 @@ def write_transformer(folder: Path, device: str, cfg=None, shard_bytes: int = SH
     return {"transformer_bytes": total, "shards": len(shards)}
 
 
+def write_small_text_encoder(folder: Path) -> None:
+    """A two-block T5 encoder and a word-level tokenizer (the folder layout needs both parts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "two", "red", "circles", "bouncing", "on", "a", "blue", "background"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                            model_max_length=64).save_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                            dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                   ).eval().save_pretrained(folder / "text_encoder")
+
+
 def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
     """A Helios-Distilled-shaped model folder with random weights (kept: a second run reuses it).
     smoke: a tiny transformer and the bundled small VAE, to run this script through on the CPU."""
@@ -122,8 +139,6 @@ def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
-
-    from helios.cli import default_model
 
     t0 = time.perf_counter()
     if folder.exists():
@@ -133,7 +148,8 @@ def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
 
         info = write_transformer(folder / "transformer", device, named_config("tiny", text_dim=EMB_SHAPE[-1]),
                                  shard_bytes=200_000)
-        shutil.copytree(default_model() / "vae", folder / "vae")
+        AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                         temperal_downsample=[False, True, True]).save_pretrained(folder / "vae")
     else:
         info = write_transformer(folder / "transformer", device)
         torch.manual_seed(0)
@@ -142,8 +158,7 @@ def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
     sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "HeliosDMDScheduler", **dict(sched)}))
-    for part in ("text_encoder", "tokenizer"):  # the small encoder; the prompt embeddings are random (umT5's shape)
-        shutil.copytree(default_model() / part, folder / part)
+    write_small_text_encoder(folder)  # the prompt embeddings are random (umT5's shape); this checks its streaming
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "HeliosPyramidPipeline", "is_distilled": True, "is_cfg_zero_star": False,
         "helios_default_size": [SIZE["height"], SIZE["width"]]}))
