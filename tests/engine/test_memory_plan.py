@@ -127,3 +127,12 @@ def test_cli_memory_on_the_cpu_is_refused_before_loading():
     result = CliRunner().invoke(app, ["generate", "a red fox", "--memory", "12gb", "--device", "cpu"])
     assert result.exit_code == 2
     assert "--memory" in result.output and "cpu" in result.output
+
+
+def test_serve_engines_take_the_budget_and_refuse_it_where_it_cannot_apply():
+    from helios.serve.engines import load_engines
+
+    with pytest.raises(ValueError, match="one GPU per engine"):
+        load_engines(default_model(), [["cuda:0", "cuda:1"]], memory="24gb")
+    with pytest.raises(MemoryBudgetError, match="device is cpu"):
+        load_engines(default_model(), [["cpu"]], memory="12gb")
