@@ -60,6 +60,8 @@ def generate(
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the blocks (CUDA only)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Context-parallel over N GPUs (re-launches under "
                                        "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget: 24gb | 12gb | auto "
+                                         "(any Ngb; docs/memory.md). Default: everything on the GPU."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     from helios.engine.components import ModelFolderError
@@ -94,11 +96,16 @@ def generate(
         fail(f"--dtype must be auto, float32 or bfloat16, got {dtype}")
     if fp8 and not device.startswith("cuda"):
         fail("--fp8 needs a CUDA GPU (Hopper or newer); drop --fp8 on the CPU")
+    if memory is not None and not device.startswith("cuda"):
+        fail(f"--memory plans GPU memory; the device is {device} (leave --memory out there)")
     try:
-        pipe = load_pipeline(model, dtype=torch_dtype, device=device,
-                             optimize=compile and device.startswith("cuda"), fp8=fp8)
+        pipe = load_pipeline(model, dtype=torch_dtype, device=device, optimize=compile and device.startswith("cuda"),
+                             fp8=fp8, memory_budget=memory, height=height, width=width, preset=preset,
+                             guidance_scale=guidance)
     except (ModelFolderError, ValueError) as e:
         fail(str(e))
+    if pipe.memory is not None and rank == 0:
+        typer.echo(pipe.memory.report, err=True)
     if world > 1:
         pipe.model.enable_context_parallel()
     height = pipe.default_size[0] if height is None else height
@@ -233,6 +240,8 @@ def serve(
     engines: int = typer.Option(2, "--engines", help="With --ray: how many engine replicas."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="With --ray: the cluster to join (default: start a local one)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
+                                         "| auto (docs/memory.md). Default: everything on the GPU."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
     import torch
@@ -263,7 +272,7 @@ def serve(
                     max_jobs_per_client=jobs_per_client)
     try:
         run_server(model, host=host, port=port, token=token, devices=groups, dtype=dtype, limits=limits,
-                   workdir=workdir)
+                   workdir=workdir, memory=memory)
     except (ValueError, EngineStartError) as e:
         fail(str(e))
 

@@ -33,14 +33,21 @@ class Components:
 
 
 def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None) -> Components:
-    """Load every part of a model folder. dtype is the transformer's; the VAE and text encoder default to it."""
+                    vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None,
+                    fp8: bool = False, blocks_on_host: bool = False,
+                    text_device: str | torch.device | None = None) -> Components:
+    """Load every part of a model folder. dtype is the transformer's; the VAE and text encoder default to it.
+
+    fp8 / blocks_on_host: see `load_transformer` (straight into FP8; blocks in host memory for streaming).
+    text_device: where the text encoder is loaded (default `device`; a memory plan keeps it on the host).
+    """
     folder = Path(path)
     index = read_model_index(folder)
     device = torch.device(device)
-    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
+    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device, fp8=fp8,
+                                   blocks_on_host=blocks_on_host)
     vae, text_encoder, tokenizer, scheduler_config = load_parts(folder, device, vae_dtype or dtype,
-                                                                 text_dtype or dtype)
+                                                                 text_dtype or dtype, text_device)
     flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
     # Our own extension of model_index.json: the frame size a small model was trained at.
     flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
@@ -50,8 +57,10 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device
                       folder)
 
 
-def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype):
-    """The parts around the transformer: (VAE, text encoder, tokenizer, scheduler config), frozen, on `device`."""
+def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype,
+               text_device: torch.device | str | None = None):
+    """The parts around the transformer: (VAE, text encoder, tokenizer, scheduler config), frozen, on `device`
+    (the text encoder on `text_device` if given)."""
     import transformers
     from diffusers import AutoencoderKLWan
 
@@ -65,7 +74,7 @@ def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype,
                                "(architectures: UMT5EncoderModel)")
     enc_cls = getattr(transformers, arch)
     text_encoder = _load_part("text_encoder", lambda p: enc_cls.from_pretrained(p, torch_dtype=text_dtype), folder)
-    text_encoder.to(device).eval().requires_grad_(False)
+    text_encoder.to(text_device or device).eval().requires_grad_(False)
     tokenizer = _load_part("tokenizer", lambda p: transformers.AutoTokenizer.from_pretrained(p), folder)
     scheduler_config = read_scheduler_config(folder)
     return vae, text_encoder, tokenizer, scheduler_config

@@ -54,6 +54,8 @@ class LatentCodec:
         self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
         self.decoder = own_decoder(vae)
         self.graphed: GraphedDecode | None = None  # fast_decode_(): the decode replayed as CUDA graphs
+        # Latent frames per decoder call after frame 0 (a memory plan's VAE slices); None: all at once.
+        self.decode_slice: int | None = None
         self._device_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stats()  # made now, on the default stream, rather than first inside an engine loop
 
@@ -112,7 +114,7 @@ class LatentCodec:
         z = self._vae_latents(latents)
         if self.decoder is None:
             return self.vae.decode(z, return_dict=False)[0]
-        if self.graphed is not None:
+        if self.graphed is not None and self.decode_slice is None:
             return self.graphed(z)
         # frame 0, then the rest, as decode_parts: so a fast start's early frame is bit for bit this decode's
         return torch.cat(list(self._own_parts(z)), dim=2)
@@ -133,7 +135,15 @@ class LatentCodec:
         state = DecodeState()
         first = self.decoder.decode(z[:, :, :1], state)
         yield first
-        yield self.decoder.decode(z[:, :, 1:], state) if z.shape[2] > 1 else first[:, :, :0]
+        rest = z[:, :, 1:]
+        if rest.shape[2] == 0:
+            yield first[:, :, :0]
+        elif self.decode_slice is None:
+            yield self.decoder.decode(rest, state)
+        else:  # the causal decoder carries its history across calls: the working set is one slice's
+            n = self.decode_slice
+            yield torch.cat([self.decoder.decode(rest[:, :, i:i + n], state) for i in range(0, rest.shape[2], n)],
+                            dim=2)
 
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,9 @@ from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import PRESETS, SamplerSettings, denoise_chunk, preset
 from helios.sampling.loading import load_scheduler
+
+if TYPE_CHECKING:
+    from helios.engine.memory import Budget, MemoryPlan, ModelSizes
 
 log = logging.getLogger("helios")
 
@@ -152,6 +155,7 @@ class HeliosVideoPipeline:
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
         self.decode_timings: dict = {}  # optimize(): the decoder convolutions' timings it chose from
+        self.memory: MemoryState | None = None  # apply_memory_plan(): the plan and the budget it must fit
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
@@ -168,8 +172,12 @@ class HeliosVideoPipeline:
                 self.graphs = GraphedForward(self.model)
             if self.codec.device.type == "cuda":
                 h, w = self.default_size
+                # Sliced decodes are tuned at the slice's size (a whole chunk's working set may not fit) and
+                # run without a graph (each slice continues the previous one's state).
+                frames = self.codec.decode_slice or HistoryLayout().chunk_frames
                 self.decode_timings = self.codec.fast_decode_(
-                    (1, self.codec.channels, HistoryLayout().chunk_frames, h // self.codec.spatial, w // self.codec.spatial), graphs=cuda_graphs)
+                    (1, self.codec.channels, frames, h // self.codec.spatial, w // self.codec.spatial),
+                    graphs=cuda_graphs and self.codec.decode_slice is None)
         if fuse:
             self.model.fuse_projections_()
         if fp8:
@@ -180,6 +188,29 @@ class HeliosVideoPipeline:
         if compile:
             self.model.compile_blocks_()
         return self
+
+    def apply_memory_plan(self, memory: "MemoryState", compile: bool = False) -> None:
+        """Put the parts where the plan says (the transformer was loaded for it): VAE slices, the text encoder
+        streamed layer by layer, the blocks streamed through a ring (compiled if `compile`). Requests are then
+        checked against it. After `optimize()`: the ring's resident blocks are copies of the host blocks as
+        they are then (fused, FP8, their kernels chosen), so that they run what the resident model runs."""
+        from helios.model.offload import enable_block_streaming, stream_layers_
+
+        self.memory = memory
+        plan = memory.plan
+        self.codec.decode_slice = plan.decode_slice
+        device = self.device
+        if plan.text_encoder == "layers" and self.c.text_encoder is not None:
+            encoder = getattr(self.c.text_encoder, "encoder", None)
+            layers = list(getattr(encoder, "block", []))
+            if not layers:
+                raise InputError(f"the text encoder {type(self.c.text_encoder).__name__} has no encoder.block "
+                                 "layers to stream; use a larger --memory budget")
+            stream_layers_(layers + [encoder.final_layer_norm], device)
+        if plan.stream_blocks and self.model.block_stream is None:
+            ring = enable_block_streaming(self.model, plan.ring_size, device)
+            if compile:
+                ring.compile_()
 
     @property
     def device(self) -> torch.device:
@@ -265,6 +296,8 @@ class HeliosVideoPipeline:
         s = self.resolve_settings(settings, guidance_scale=guidance_scale, steps=steps,
                                   amplify_first_chunk=amplify_first_chunk)
         self.check_size(height, width, s)
+        if self.memory is not None:
+            self.memory.check(height, width, s.guidance_scale > 1.0)
         plan = plan_frames(num_frames)
         if image is not None and video is not None:
             raise InputError("give an image or a video to start from, not both")
@@ -305,19 +338,20 @@ class HeliosVideoPipeline:
         # queued before chunk k is read out of its buffer).
         pinned = [torch.empty((window, height, width, 3), dtype=torch.uint8, pin_memory=True)
                   for _ in range(2 if overlap else 1)] if cuda else [None]
-        uncond_embeds = None
         produced = 0
         pending: list[_Handoff] = []  # chunks being decoded, oldest first
         resumed = time.perf_counter()
         try:
+            # Text K/V are made again only when the prompts (or their blend) change: a model whose blocks are
+            # streamed would read every block for them.
+            text, last_key, uncond = None, None, None
             for k in range(plan.chunks):
-                text_prompt, embeds = self._prompt_embeds(schedule, k)
-                text = self.model.prepare_text(embeds)
-                uncond = None
-                if s.guidance_scale > 1.0:
-                    if uncond_embeds is None:
-                        uncond_embeds = self.prompts(negative_prompt, dtype=self.model.dtype)
-                    uncond = self.model.prepare_text(uncond_embeds)
+                key = schedule.at(k)
+                if key != last_key:
+                    text_prompt, embeds = self._prompt_embeds(key)
+                    text, last_key = self.model.prepare_text(embeds), key
+                if s.guidance_scale > 1.0 and uncond is None:
+                    uncond = self.model.prepare_text(self.prompts(negative_prompt, dtype=self.model.dtype).to(device))
                 predict = self._predictor(history.model_inputs(self.model.dtype), indices, text, uncond)
                 step_cb = (lambda stage, i, k=k: on_step(k, stage, i)) if on_step else None
                 marks = _Marks(device)
@@ -357,12 +391,13 @@ class HeliosVideoPipeline:
         return frames
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _prompt_embeds(self, schedule: PromptSchedule | LivePrompt, chunk: int) -> tuple[str, torch.Tensor]:
-        (a, b), weight = schedule.at(chunk)
-        ea = self.prompts(a, dtype=self.model.dtype)
+    def _prompt_embeds(self, key: tuple[tuple[str, str | None], float]) -> tuple[str, torch.Tensor]:
+        """(prompt shown, embeddings) for a schedule entry `PromptSchedule.at(chunk)`."""
+        (a, b), weight = key
+        ea = self.prompts(a, dtype=self.model.dtype).to(self.device)
         if b is None or weight == 0.0:
             return a, ea
-        eb = self.prompts(b, dtype=self.model.dtype)
+        eb = self.prompts(b, dtype=self.model.dtype).to(self.device)
         return (b if weight >= 0.5 else a), torch.lerp(ea, eb, weight)
 
     def _predictor(self, history: dict[str, torch.Tensor], indices: dict[str, torch.Tensor], text: TextContext,
@@ -515,18 +550,92 @@ def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) ->
     return x.float()
 
 
+@dataclass(frozen=True)
+class MemoryState:
+    """A pipeline's memory plan and the budget every request must fit."""
+
+    plan: "MemoryPlan"
+    budget: "Budget"
+    sizes: "ModelSizes"
+    report: str = ""  # the plan and its estimate, as printed
+
+    def check(self, height: int, width: int, guidance: bool) -> None:
+        from helios.engine.memory import estimate, fitting_options
+
+        need = estimate(self.plan, self.sizes, height, width, guidance)
+        if need.total > self.budget.usable:
+            raise InputError(f"{width}x{height}{' with guidance' if guidance else ''} needs about "
+                             f"{need.total / 2**30:.1f} GiB under the {self.plan.name} memory plan, more than the "
+                             f"{self.budget.usable / 2**30:.1f} GiB --memory {self.budget.name} allows. "
+                             + fitting_options(self.budget, self.sizes, height, width, guidance, self.plan.fp8))
+
+
+def model_defaults(path: str | Path) -> tuple[tuple[int, int], str]:
+    """((height, width), preset name) a model folder generates with by default, from model_index.json."""
+    from helios.engine.components import read_model_index
+
+    index = read_model_index(Path(path))
+    preset_name = ("distilled" if index.get("is_distilled") else
+                   "base" if index.get("_class_name") == "HeliosPipeline" else "mid")
+    return tuple(index.get("helios_default_size", (384, 640))), preset_name
+
+
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   vae_dtype: torch.dtype | None = None, optimize: bool | None = None,
-                  fp8: bool = False) -> HeliosVideoPipeline:
+                  fp8: bool = False, memory_budget: str | None = None, height: int | None = None,
+                  width: int | None = None, preset: str | None = None,
+                  guidance_scale: float | None = None) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
 
     optimize: the fast path (fused projections, compiled blocks, CUDA graphs, decode overlapped with
     denoising); default on for CUDA, off elsewhere.
-    fp8: FP8 matmuls in the transformer blocks (CUDA, Hopper or newer).
+    fp8: FP8 matmuls in the transformer blocks (CUDA, sm89 or newer; bf16 elsewhere, with a warning).
+    memory_budget: "24gb", "12gb", any "<N>gb" or "auto" (CUDA): a plan that fits is chosen from the
+    folder's configs before anything is loaded (helios.engine.memory; logged, and kept in
+    `pipe.memory.report`); height/width/preset/guidance_scale: what it must fit (default: the model's own).
+    A budget no plan fits raises MemoryBudgetError with the figure needed and what would fit.
     """
-    pipe = HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))
+    from helios.model.backends import configure_device
+
+    device = torch.device(device)
+    kernels = configure_device(device) if device.type == "cuda" else {}
+    if fp8 and kernels and not kernels["fp8_matmul"]:
+        log.warning("FP8 matmuls need sm89 or newer; this %s runs the transformer in bf16", kernels["capability"])
+        fp8 = False
+    memory = None
+    if memory_budget is not None:
+        memory = plan_memory(path, memory_budget, device, height, width, preset, guidance_scale, fp8)
+        fp8 = memory.plan.fp8
+    plan = memory.plan if memory else None
+    pipe = HeliosVideoPipeline(load_components(
+        path, dtype=dtype, device=device, vae_dtype=vae_dtype, fp8=fp8,
+        blocks_on_host=bool(plan and plan.stream_blocks),
+        text_device="cpu" if plan and plan.text_encoder == "layers" else None))
     if optimize is None:
-        optimize = torch.device(device).type == "cuda"
+        optimize = device.type == "cuda"
+    if plan is not None:  # before optimize(): the decode is tuned at the slice's size
+        pipe.codec.decode_slice = plan.decode_slice
     if optimize or fp8:
-        pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize)
+        pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize and (plan is None or plan.cuda_graphs))
+    if memory is not None:
+        pipe.apply_memory_plan(memory, compile=optimize)
     return pipe
+
+
+def plan_memory(path: str | Path, memory_budget: str, device: torch.device, height: int | None = None,
+                width: int | None = None, preset_name: str | None = None, guidance_scale: float | None = None,
+                fp8: bool = False) -> MemoryState:
+    """Choose the memory plan for a folder and a request (defaults: the model's size and preset), and log it."""
+    from helios.engine.memory import ModelSizes, plan_for
+
+    (h0, w0), p0 = model_defaults(path)
+    height, width = height or h0, width or w0
+    name = preset_name or p0
+    guidance = (guidance_scale if guidance_scale is not None else preset(name).guidance_scale) > 1.0
+    sizes = ModelSizes.from_folder(path)
+    plan, est, budget = plan_for(memory_budget, path, height, width, guidance, device, fp8_requested=fp8,
+                                 sizes=sizes)
+    report = (f"memory plan for --memory {budget.name} ({budget.usable / 2**30:.1f} GiB usable) at "
+              f"{width}x{height}, preset {name}: {plan.describe()}; {est.summary()}")
+    log.info(report)
+    return MemoryState(plan, budget, sizes, report)

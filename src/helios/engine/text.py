@@ -50,4 +50,4 @@ class PromptEncoder:
         mask = tokens.attention_mask.to(device)
         hidden = self.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
         # Positions past the prompt carry zeros, as the released models were trained with.
-        return hidden * mask[..., None].to(hidden.dtype)
+        return hidden * mask[..., None].to(hidden.device, hidden.dtype)  # (a streamed encoder ends on the GPU)

@@ -318,6 +318,7 @@ class HeliosTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(p))
         self.gradient_checkpointing = False
         self.context_parallel: ContextParallel | None = None  # see enable_context_parallel
+        self.block_stream = None  # a helios.model.offload.BlockRing: blocks streamed from host memory
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,7 +332,11 @@ class HeliosTransformer(nn.Module):
     def prepare_text(self, encoder_hidden_states: torch.Tensor) -> TextContext:
         """Project the prompt embeddings and compute every layer's cross-attention K/V once."""
         ctx = self.condition_embedder.text_embedder(encoder_hidden_states.to(self.dtype))
-        return TextContext([blk.attn2.key_value(ctx) for blk in self.blocks])
+        return TextContext([blk.attn2.key_value(ctx) for blk in self.iter_blocks()])
+
+    def iter_blocks(self):
+        """The blocks in order; under weight streaming, each one's resident copy as its turn comes."""
+        return iter(self.blocks) if self.block_stream is None else self.block_stream.blocks()
 
     # ---- token layout -----------------------------------------------------------------------
     def _history_terms(self, short, mid, long):
@@ -442,7 +447,7 @@ class HeliosTransformer(nn.Module):
         else:
             mod = torch.stack([proj, proj], dim=1)
 
-        for blk, kv in zip(self.blocks, text.kv):
+        for blk, kv in zip(self.iter_blocks(), text.kv):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, kv, mod, layout, use_reentrant=False)
             else:

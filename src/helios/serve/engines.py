@@ -390,7 +390,8 @@ class GroupEngine(Engine):
         shutil.rmtree(self._store, ignore_errors=True)
 
 
-def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str = "auto") -> list[Engine]:
+def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str = "auto",
+                 memory: str | None = None) -> list[Engine]:
     """One engine per device group: a one-device group is a pipeline in this process, a larger one a
     GroupEngine. Everything loads at once; if any engine fails, the others are stopped and the error
     (EngineStartError, or the model folder's own error) is raised."""
@@ -401,6 +402,8 @@ def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str 
         raise ValueError(f"device groups must be non-empty lists of devices, got {groups}")
     for g in groups:
         torch_dtype(dtype, g[0])  # a bad dtype is refused before anything starts
+    if memory is not None and any(len(g) > 1 for g in groups):
+        raise ValueError("--memory plans one GPU per engine; with --gpus-per-job above 1 leave --memory out")
     engines: dict[int, Engine] = {}
     try:
         for i, g in enumerate(groups):
@@ -408,7 +411,8 @@ def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str 
                 engines[i] = GroupEngine(model, g, dtype)  # the processes load while this one does
         for i, g in enumerate(groups):
             if len(g) == 1:  # one after the other: the loaders patch global state (meta-device init)
-                engines[i] = LocalEngine(load_pipeline(model, dtype=torch_dtype(dtype, g[0]), device=g[0]))
+                engines[i] = LocalEngine(load_pipeline(model, dtype=torch_dtype(dtype, g[0]), device=g[0],
+                                                       memory_budget=memory))
         for engine in engines.values():
             if isinstance(engine, GroupEngine):
                 engine.wait_ready()

@@ -1,0 +1,74 @@
+"""Which kernels a GPU generation gets: attention backends and FP8 matmuls, by compute capability.
+
+- Hopper (sm90): cuDNN's attention first (about 580 TFLOP/s against 290-360 for FlashAttention-2 at
+  Helios' sequence lengths on an H100), then FlashAttention-2, memory-efficient, math.
+- Ampere and Ada (sm80-sm89) and Blackwell (sm100+): FlashAttention-2, then the memory-efficient kernel
+  (cuDNN's fused attention is tuned for Hopper; elsewhere PyTorch's flash kernel is the safer first choice).
+- Older cards (sm75 and below): the memory-efficient kernel, then math (FlashAttention-2 needs sm80).
+- FP8 matmuls (`torch._scaled_mm`, row-wise scales) need sm89 or newer; below that the weights stay bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from helios.model.attention import set_attention_backends
+
+log = logging.getLogger("helios")
+
+Capability = tuple[int, int]
+_forced: Capability | None = None
+
+
+def force_capability(capability: Capability | None) -> None:
+    """Plan and pick kernels as if the GPU had this compute capability (None: its own). For trying the
+    Ampere/Ada paths on a newer card; a capability above the card's would pick kernels it lacks."""
+    global _forced
+    _forced = tuple(capability) if capability is not None else None
+
+
+def device_capability(device: torch.device | str) -> Capability | None:
+    """The forced capability, else the CUDA device's own; None without either."""
+    if _forced is not None:
+        return _forced
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
+def attention_backends_for(capability: Capability) -> list[str]:
+    """SDPA backends to try, in order, on a GPU of this compute capability."""
+    if capability[0] == 9:
+        return ["cudnn", "flash", "efficient", "math"]
+    if capability >= (8, 0):
+        return ["flash", "efficient", "math"]
+    return ["efficient", "math"]
+
+
+def fp8_matmul_supported(capability: Capability) -> bool:
+    """FP8 tensor-core matmuls exist from Ada (sm89) on."""
+    return tuple(capability) >= (8, 9)
+
+
+def weight_dtype_for(capability: Capability, fp8_requested: bool) -> str:
+    """'fp8' where it was asked for and runs, else 'bf16'."""
+    return "fp8" if fp8_requested and fp8_matmul_supported(capability) else "bf16"
+
+
+def configure_device(device: torch.device | str, capability: Capability | None = None) -> dict:
+    """Set the attention backends for `device` (a CUDA device; others are left alone) and say what was chosen.
+
+    capability: force one (tests, and trying a fallback path on a newer card); default: the device's own.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" and capability is None:
+        return {}
+    cap = tuple(capability or device_capability(device) or (0, 0))
+    backends = attention_backends_for(cap)
+    set_attention_backends(backends)
+    chosen = {"capability": f"sm{cap[0]}{cap[1]}", "attention": backends, "fp8_matmul": fp8_matmul_supported(cap)}
+    log.info("kernels for %s: attention %s, FP8 matmuls %s", chosen["capability"], " > ".join(backends),
+             "yes" if chosen["fp8_matmul"] else "no (bf16)")
+    return chosen

@@ -1,0 +1,138 @@
+"""Memory plans (helios.engine.memory): budgets, the plan each one picks for the 14B model, refusals with
+what would fit, and the engine under a plan computing the same frames as the resident engine (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helios.cli import app, default_model
+from helios.engine.components import load_components
+from helios.engine.memory import (GiB, Budget, MemoryBudgetError, MemoryPlan, ModelSizes, card_budget, choose_plan,
+                                  estimate, parse_budget, tokens_per_forward, transformer_bytes)
+from helios.engine.pipeline import HeliosVideoPipeline, InputError, MemoryState, load_pipeline
+from helios.model.config import HeliosConfig
+
+def sizes_14b() -> ModelSizes:
+    return ModelSizes.helios_14b()
+
+
+def test_card_budgets_keep_a_margin():
+    assert parse_budget("24gb").usable == 22 * GiB
+    assert parse_budget("12gb").usable == 11 * GiB
+    assert parse_budget("48GB").usable == 44 * GiB
+    for bad in ("", "lots", "-3gb", "0gb"):
+        with pytest.raises(MemoryBudgetError, match="24gb, 12gb"):
+            parse_budget(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_auto_budget_needs_a_gpu():
+    with pytest.raises(MemoryBudgetError, match="CUDA"):
+        parse_budget("auto", "cpu")
+
+
+def test_fp8_blocks_weigh_half_of_bf16_and_the_14b_model_is_its_known_size():
+    rest, block_bf16 = transformer_bytes(HeliosConfig(), torch.bfloat16, fp8=False)
+    _, block_fp8 = transformer_bytes(HeliosConfig(), torch.bfloat16, fp8=True)
+    total_bf16 = rest + 40 * block_bf16
+    assert 28.0e9 < total_bf16 < 29.0e9  # 28.6 GB in bf16
+    assert 0.49 < block_fp8 / block_bf16 < 0.51
+
+
+def test_token_count_of_a_384x640_forward():
+    history, noisy = tokens_per_forward(HeliosConfig(), 384, 640)
+    assert (history, noisy) == (2400, 8640)  # the sequence of benchmarks/bench_cp.py: 11040 tokens
+
+
+@pytest.mark.parametrize("budget, name, streamed", [("80gb", "resident", False), ("24gb", "fp8", False),
+                                                    ("12gb", "streamed", True)])
+def test_each_budget_takes_the_fastest_plan_that_fits(budget, name, streamed):
+    plan, est = choose_plan(parse_budget(budget), sizes_14b(), 384, 640)
+    assert plan.name == name and plan.stream_blocks == streamed
+    assert est.total <= parse_budget(budget).usable
+    if name != "resident":
+        assert plan.fp8 and plan.text_encoder == "layers" and plan.decode_slice is not None
+    # The next faster plan would not have fitted.
+    faster = MemoryPlan("resident", fp8=False) if name == "fp8" else MemoryPlan("fp8", fp8=True, text_encoder="layers",
+                                                                               decode_slice=1)
+    if name != "resident":
+        assert estimate(faster, sizes_14b(), 384, 640).total > parse_budget(budget).usable
+
+
+def test_without_fp8_matmuls_a_24gb_card_streams_bf16_blocks():
+    plan, _ = choose_plan(parse_budget("24gb"), sizes_14b(), 384, 640, fp8_ok=False)
+    assert not plan.fp8 and plan.stream_blocks
+
+
+def test_too_small_a_budget_is_refused_with_the_figure_and_what_fits():
+    with pytest.raises(MemoryBudgetError) as e:
+        choose_plan(parse_budget("12gb"), sizes_14b(), 720, 1280, guidance=True)
+    msg = str(e.value)
+    assert "12gb" in msg and "needs" in msg and "GiB" in msg
+    assert "--height" in msg and "no guidance" in msg and "--memory" in msg
+    need = float(msg.split("needs ")[1].split(" GiB")[0])
+    assert need * GiB > parse_budget("12gb").usable
+
+
+def test_sizes_of_a_folder_are_read_without_loading_it():
+    sizes = ModelSizes.from_folder(default_model())
+    comps = load_components(default_model())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert sizes.text_params == count(comps.text_encoder)
+    assert sizes.vae_params == count(comps.vae)
+    rest, block = transformer_bytes(sizes.config, torch.float32, fp8=False)
+    assert rest + block * sizes.config.num_layers == sum(p.numel() * 4 for p in comps.transformer.parameters())
+
+
+def _frames(pipe, **kw):
+    return torch.cat([c.frames for c in pipe.stream("two red circles", num_frames=33, steps=2, seed=1, **kw)])
+
+
+def _planned_pipeline(plan: MemoryPlan, budget: Budget) -> HeliosVideoPipeline:
+    comps = load_components(default_model(), fp8=plan.fp8, blocks_on_host=plan.stream_blocks, text_device="cpu")
+    pipe = HeliosVideoPipeline(comps).optimize(compile=False, fp8=plan.fp8, cuda_graphs=False)
+    pipe.apply_memory_plan(MemoryState(plan, budget, ModelSizes.from_folder(default_model())))
+    return pipe
+
+
+@pytest.mark.slow
+def test_streamed_plan_gives_the_resident_frames_exactly():
+    # float32 weights: FP8 is emulated slowly on the CPU, and streamed FP8 blocks are pinned in tests/model.
+    plan = MemoryPlan("streamed", fp8=False, stream_blocks=True, ring_size=2, text_encoder="layers",
+                      decode_slice=2, cuda_graphs=False)
+    streamed = _planned_pipeline(plan, card_budget(12))
+    resident = load_pipeline(default_model())
+    resident.codec.decode_slice = 2  # the same decode: what is compared is where the weights live
+    a, b = _frames(resident), _frames(streamed)
+    assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() == 0
+    ring = streamed.model.block_stream
+    assert ring is not None and ring.max_resident <= 2 and len(ring.slots) == 2
+    # Slicing the decode changes the frames by rounding at most (the causal decoder carries its state over).
+    resident.codec.decode_slice = None
+    whole = _frames(resident)
+    assert (whole.int() - a.int()).abs().max().item() <= 2
+
+
+def test_a_planned_pipeline_refuses_a_request_beyond_its_budget():
+    plan = MemoryPlan("fp8", fp8=False, text_encoder="layers", decode_slice=1)
+    pipe = _planned_pipeline(plan, Budget("tiny", 300 * 2**20, 0))
+    with pytest.raises(InputError, match="memory plan") as e:
+        next(pipe.stream("a red fox", num_frames=33, height=1024, width=1024, steps=1))
+    assert "--height" in str(e.value) or "card with at least" in str(e.value)
+
+
+def test_cli_memory_on_the_cpu_is_refused_before_loading():
+    result = CliRunner().invoke(app, ["generate", "a red fox", "--memory", "12gb", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "--memory" in result.output and "cpu" in result.output
+
+
+def test_serve_engines_take_the_budget_and_refuse_it_where_it_cannot_apply():
+    from helios.serve.engines import load_engines
+
+    with pytest.raises(ValueError, match="one GPU per engine"):
+        load_engines(default_model(), [["cuda:0", "cuda:1"]], memory="24gb")
+    with pytest.raises(MemoryBudgetError, match="device is cpu"):
+        load_engines(default_model(), [["cpu"]], memory="12gb")
