@@ -133,6 +133,32 @@ def _frame_to_array(frame, size: tuple[int, int] | None):
     return arr[y0 : y0 + H, x0 : x0 + W]
 
 
+def mp4_truncation(path: str | os.PathLike) -> str | None:
+    """For an MP4/MOV file whose last top-level box runs past the end of the file (a copy cut off),
+    what is wrong in words; None for an intact file or another format."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if offset == 0 and kind != b"ftyp":
+                return None  # not an MP4 file
+            if length == 1:  # a 64-bit size follows
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # to the end of the file
+                return None
+            if length < 8:
+                return f"truncated or damaged: a broken MP4 box at byte {offset} of {size}; copy it again or re-encode it"
+            if offset + length > size:
+                name = kind.decode("latin-1")
+                return (f"truncated: the file ends inside its MP4 box {name!r} ({size} bytes, the box needs "
+                        f"{offset + length}); copy it again or re-encode it")
+            offset += length
+    return None
+
+
 def decode_video(
     path: str | os.PathLike,
     num_frames: int,
@@ -165,9 +191,9 @@ def decode_video(
     except VideoDecodeError:
         raise
     except Exception as e:  # av.error.* and OSError
-        raise VideoDecodeError(f"{type(e).__name__}: {e}") from e
-    if len(frames) < num_frames:
-        raise VideoDecodeError(f"too short: {len(frames)} of {num_frames} frames decoded")
+        raise VideoDecodeError(mp4_truncation(path) or f"{type(e).__name__}: {e}") from e
+    if len(frames) < num_frames:  # a cut-off file decodes its first frames and then ends: not a short video
+        raise VideoDecodeError(mp4_truncation(path) or f"too short: {len(frames)} of {num_frames} frames decoded")
     x = torch.stack(frames[:num_frames]).float() / 127.5 - 1.0  # (T, H, W, 3)
     return x.permute(3, 0, 1, 2).contiguous()
 
