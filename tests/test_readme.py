@@ -107,4 +107,4 @@ def test_readme_python_snippet_runs_as_written(tmp_path):
     assert run.stdout.splitlines() == ["0 (33, 64, 64, 3)", "1 (32, 64, 64, 3)"], run.stdout
     from helios.engine.video_io import video_info
 
-    assert video_info(tmp_path / "circles-py.mp4").frames == 65
+    assert video_info(tmp_path / "circles-py.mp4").frames == 33

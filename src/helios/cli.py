@@ -37,9 +37,6 @@ default_model = bundled_model  # the name the tests and older scripts use
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (a test runner swaps it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
@@ -342,6 +339,7 @@ def eval_(
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model folder (optional)."),
 ) -> None:
     """Long-video metrics per time window, and their drift from start to end."""
+    require_extra("eval", ("matplotlib",))  # the PNG plot of each report
     from helios.eval.cli import eval_command
 
     raise typer.Exit(eval_command(path, out_dir=out_dir, caption=caption, window_seconds=window,
@@ -423,10 +421,12 @@ def train_(
         typer.echo("\n".join(_recipe_lines()))
         return
     if config is None:
-        fail("give a config YAML (e.g. configs/tiny/stage1.yaml) or recipe:NAME (helios train --list-recipes)")
+        fail("give a config YAML (e.g. configs/tiny/cpu.yaml, a short CPU run) or recipe:NAME "
+             "(helios train --list-recipes)")
     source = {"recipe": config[len("recipe:"):]} if config.startswith("recipe:") else Path(config)
     try:
         cfg = load_config(source, set_)
+        _require_training_extras(cfg)
         from helios.train.trainer import train as run_training
 
         result = run_training(cfg, resume=resume)
@@ -434,6 +434,16 @@ def train_(
         fail(str(e))
     typer.echo(f"trained to step {result.step}; checkpoints in {result.output_dir / 'checkpoints'}"
                + (f"; model folder {result.export_dir}" if result.export_dir else ""))
+
+
+def _require_training_extras(cfg: dict) -> None:
+    """peft for LoRA (stage 3's critic is a LoRA too), tensorboard when the config logs to it."""
+    modules = []
+    if cfg.get("finetune") == "lora" or cfg.get("stage") == 3:
+        modules.append("peft")
+    if cfg["logging"].get("tensorboard"):
+        modules.append("tensorboard")
+    require_extra("train", tuple(modules))
 
 
 def _recipe_lines() -> list[str]:

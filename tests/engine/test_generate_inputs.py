@@ -310,3 +310,11 @@ def test_models_lists_the_bundled_and_the_given_folders(model_dir, tmp_path):
     assert r.exit_code == 0 and len(lines) == 2, r.output
     assert lines[0].startswith(str(helios.bundled_model())) and "presets base, 64x64" in lines[0]
     assert lines[1].startswith(str(tmp_path / "distilled")) and "presets distilled/mid" in lines[1]
+
+
+def test_missing_eval_extra_is_one_line(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = runner.invoke(app, ["eval", str(tmp_path / "v.mp4")])
+    assert r.exit_code == 2 and "needs the 'eval' extra (matplotlib not installed)" in r.output, r.output

@@ -42,3 +42,15 @@ def test_no_config_and_a_missing_config_are_one_line(tmp_path):
     assert r.exit_code == 2 and "give a config YAML" in r.output and "--list-recipes" in r.output
     r = runner.invoke(app, ["train", str(tmp_path / "stage1.yaml")])
     assert r.exit_code == 2 and "stage1.yaml does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_a_missing_train_extra_is_one_line(monkeypatch, tmp_path):
+    import sys
+
+    import helios
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    r = runner.invoke(app, ["train", "recipe:tiny", "--set", f"output_dir={tmp_path}", "--set",
+                            f"model.init_from={helios.bundled_model()}", "--set", "finetune=lora"])
+    assert r.exit_code == 2 and "needs the 'train' extra (peft not installed)" in r.output, r.output
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -164,7 +164,8 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
         return {"client": client, "model": server.model_name, "device": engines[0]["devices"][0],
                 "engines": engines, "devices_per_engine": len(engines[0]["devices"]),
                 "default_size": list(spec.default_size), "presets": spec.runnable_presets(),
-                "default_preset": spec.default_preset, "example_prompt": spec.example_prompt, "fps": server.fps, "chunk_frames": 33,
+                "default_preset": spec.default_preset, "example_prompt": spec.example_prompt,
+                "fps": server.fps, "chunk_frames": 33,
                 "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)

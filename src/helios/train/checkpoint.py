@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-__all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_damage", "newest_intact_checkpoint", "save_checkpoint", "load_checkpoint", "rng_state",
+__all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_damage", "newest_intact_checkpoint",
+           "save_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state"]
 
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -150,7 +150,8 @@ def mp4_truncation(path: str | os.PathLike) -> str | None:
             elif length == 0:  # to the end of the file
                 return None
             if length < 8:
-                return f"truncated or damaged: a broken MP4 box at byte {offset} of {size}; copy it again or re-encode it"
+                return (f"truncated or damaged: a broken MP4 box at byte {offset} of {size}; copy it again or "
+                        "re-encode it")
             if offset + length > size:
                 name = kind.decode("latin-1")
                 return (f"truncated: the file ends inside its MP4 box {name!r} ({size} bytes, the box needs "
