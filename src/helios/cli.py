@@ -1,18 +1,25 @@
-"""The `helios` command line: generate, eval, serve, train."""
+"""The `helios` command line: generate, info, models, eval, serve, train."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from helios import bundled_model
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Real-time, minute-long video generation with Helios.")
+
+DEFAULT_MAX_FRAMES = 7260  # five minutes at 24 fps; --max-frames raises it
 
 
 def fail(message: str) -> None:
@@ -20,25 +27,113 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+default_model = bundled_model  # the name the tests and older scripts use
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.WARNING) -> None:
+    """The package's log lines on stderr (job lines of `helios serve`, warnings elsewhere)."""
+    logger = logging.getLogger("helios")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from helios import __version__
+
+        typer.echo(f"helios {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Real-time, minute-long video generation with Helios."""
+    setup_logging()
+
+
 def pick_device(device: str | None) -> str:
+    """`device`, checked (a CUDA device that is not there is refused here, in one line), or the best one present."""
     import torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            fail(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__} is {build}); "
+                 "use --device cpu, or drop --device")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            fail(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0.."
+                 f"cuda:{torch.cuda.device_count() - 1})")
+    elif kind.type != "cpu":
+        fail(f"--device {device}: helios runs on cpu or cuda")
+    return device
 
 
-def default_model() -> Path:
-    """The small model shipped inside the package."""
-    return Path(__file__).parent / "assets" / "helios-tiny"
+def check_output(out: Path) -> None:
+    """The output path can take the video: checked before any work, so a finished video is never lost."""
+    if out.suffix.lower() != ".mp4":
+        fail(f"--out must end in .mp4 (helios writes MP4 video), got {out}")
+    if out.is_dir():
+        fail(f"--out {out} is a folder: give a file name, e.g. --out {out / 'video.mp4'}")
+    if not out.parent.is_dir():
+        fail(f"the output folder {out.parent} does not exist: create it first, or choose another --out")
+    try:  # the video is written beside its final name and renamed: the folder must take new files
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".helios-write-check-"):
+            pass
+    except OSError as e:
+        fail(f"cannot write in {out.parent} ({e.strerror or e}): choose another --out")
+    if out.exists() and not os.access(out, os.W_OK):
+        fail(f"{out} exists and cannot be replaced (no write permission): choose another --out")
+
+
+def require_extra(extra: str, modules: tuple[str, ...]) -> None:
+    """An optional dependency group is installed, or one line that says how to install it."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        fail(f"this command needs the '{extra}' extra ({', '.join(missing)} not installed): "
+             f"pip install 'helios-video[{extra}]' (or, from a clone, pip install -e '.[{extra}]')")
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What the video shows."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled small model)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the bundled small model; "
+                                         "`helios info` shows the prompts it knows)."),
     out: Path = typer.Option(Path("video.mp4"), "--out", "-o", help="Output .mp4 (written atomically)."),
-    frames: int = typer.Option(132, "--frames", "-n", help="Number of frames (rounded to whole 33-frame chunks)."),
+    frames: int = typer.Option(132, "--frames", "-n", help="Number of frames (rounded up to whole 33-frame chunks, "
+                               "then trimmed to 4k+1 frames)."),
+    max_frames: int = typer.Option(DEFAULT_MAX_FRAMES, "--max-frames", help="Refuse longer videos than this (a guard "
+                                   "against typos; raise it for longer videos)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Start from this image (image-to-video)."),
     video: Optional[Path] = typer.Option(None, "--video", help="Continue this video (video-to-video)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="base | mid | distilled (default: the model's)."),
@@ -51,7 +146,8 @@ def generate(
     fast_start: bool = typer.Option(False, "--fast-start", help="The first frames as soon as possible: the first "
                                     "chunk sampled with the preset's steps rather than twice as many (distilled; "
                                     "a little rougher), and its frame 0 handed over before the rest is decoded."),
-    then: list[str] = typer.Option([], "--then", help="Prompt change 'CHUNK:prompt' (repeatable)."),
+    then: list[str] = typer.Option([], "--then", help="Prompt change 'CHUNK:prompt' from chunk CHUNK on; chunks "
+                                   "count from 0 and chunk N starts at frame 33 x N (repeatable)."),
     blend: int = typer.Option(0, "--blend", help="Blend prompt changes over this many chunks."),
     fps: int = typer.Option(24, "--fps"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
@@ -64,32 +160,19 @@ def generate(
                                          "(any Ngb; docs/memory.md). Default: everything on the GPU."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
-    from helios.engine.components import ModelFolderError
-    from helios.engine.pipeline import InputError, load_pipeline, plan_frames
-    from helios.engine.prompts import PromptSchedule, PromptScheduleError
+    from helios.engine.pipeline import load_pipeline, plan_frames, read_spec
+    from helios.engine.prompts import PromptSchedule
+    from helios.runtime import resolve_dtype
 
+    # Every check that needs no weights runs first, so a refusal is instant and nothing is half-written.
     if not prompt.strip():
         fail("the prompt is empty: describe the video in words")
     if image and video:
         fail("give --image or --video, not both")
-    if out.suffix.lower() != ".mp4":
-        fail(f"--out must end in .mp4, got {out}")
-    if not out.parent.exists():
-        fail(f"the output folder {out.parent} does not exist")
-    try:
-        plan = plan_frames(frames)
-        schedule = PromptSchedule.parse([prompt, *then], blend=blend)
-    except (InputError, PromptScheduleError) as e:
-        fail(str(e))
-    model = model or default_model()
+    if max_frames < 1 or fps < 1:
+        fail("--max-frames and --fps must be at least 1")
+    check_output(out)
     device = pick_device(device)
-    rank, world = _context_parallel_setup(gpus, device)
-    if world > 1:
-        from helios.runtime import init_distributed
-
-        device = str(init_distributed(device))
-    from helios.runtime import resolve_dtype
-
     try:
         torch_dtype = resolve_dtype(dtype, device)
     except ValueError:
@@ -98,30 +181,40 @@ def generate(
         fail("--fp8 needs a CUDA GPU (Hopper or newer); drop --fp8 on the CPU")
     if memory is not None and not device.startswith("cuda"):
         fail(f"--memory plans GPU memory; the device is {device} (leave --memory out there)")
+    model = model or bundled_model()
+    try:
+        plan = plan_frames(frames, max_frames=max_frames)
+        schedule = PromptSchedule.parse([prompt, *then], blend=blend)
+        spec = read_spec(model)
+        _warn_unknown_words(spec, schedule)
+        settings = spec.resolve_settings(preset, steps=steps, guidance_scale=guidance,
+                                         amplify_first_chunk=False if fast_start else None)
+        height = spec.default_size[0] if height is None else height
+        width = spec.default_size[1] if width is None else width
+        spec.check_size(height, width, settings)
+        spec.check_schedule(schedule, plan, fps)
+        start = _read_start(image, video, height, width)
+    except (ValueError, OSError) as e:  # InputError, PromptScheduleError, ModelFolderError; unreadable files
+        fail(str(e))
+    if plan.note:
+        typer.echo(plan.note, err=True)
+
+    rank, world = _context_parallel_setup(gpus, device)
+    if world > 1:
+        from helios.runtime import init_distributed
+
+        device = str(init_distributed(device))
     try:
         pipe = load_pipeline(model, dtype=torch_dtype, device=device, optimize=compile and device.startswith("cuda"),
                              fp8=fp8, memory_budget=memory, height=height, width=width, preset=preset,
                              guidance_scale=guidance)
-    except (ModelFolderError, ValueError) as e:
+    except ValueError as e:  # ModelFolderError, or a memory budget too small
         fail(str(e))
     if pipe.memory is not None and rank == 0:
         typer.echo(pipe.memory.report, err=True)
     if world > 1:
         pipe.model.enable_context_parallel()
-    height = pipe.default_size[0] if height is None else height
-    width = pipe.default_size[1] if width is None else width
-    try:
-        start = _read_start(image, video, height, width)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    if plan.note:
-        typer.echo(plan.note, err=True)
 
-    try:
-        settings = pipe.resolve_settings(preset, steps=steps, guidance_scale=guidance,
-                                         amplify_first_chunk=False if fast_start else None)
-    except (InputError, ValueError) as e:
-        fail(str(e))
     per_chunk = settings.total_steps
     bar = _progress(plan.chunks * per_chunk + (per_chunk if settings.amplify_first_chunk else 0), rank == 0)
     t0 = time.perf_counter()
@@ -141,13 +234,12 @@ def generate(
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(chunk=f"{chunk.index + 1}/{chunk.total_chunks}", frames=written,
                                 fps=f"{written / elapsed:.2f}")
-    except (InputError, PromptScheduleError, ValueError) as e:
+    except ValueError as e:
         bar.close()
         fail(str(e))
     except KeyboardInterrupt:
         bar.close()
-        typer.echo(f"\ninterrupted: the {written} frames written so far are kept in a .partial.mp4 beside {out}",
-                   err=True)
+        typer.echo(f"\ninterrupted: {_kept_after_interrupt(out, written if rank == 0 else 0)}", err=True)
         raise typer.Exit(130)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -155,6 +247,24 @@ def generate(
         return
     typer.echo(f"wrote {out}: {written} frames ({written / fps:.1f} s at {fps} fps) in {elapsed:.1f} s, "
                f"{written / elapsed:.2f} frames/s on {device}")
+
+
+def _kept_after_interrupt(out: Path, written: int) -> str:
+    from helios.engine.video_io import partial_paths
+
+    kept = partial_paths(out)[1]
+    if written and kept.exists():
+        return f"the {written} frames written so far are kept in {kept}"
+    return f"stopped before the first chunk was finished: nothing was written, {out} does not exist"
+
+
+def _warn_unknown_words(spec, schedule) -> None:
+    """One line when a prompt uses words a small model never saw (it then paints something else)."""
+    unknown = list(dict.fromkeys(w for _, p in schedule.entries for w in spec.unknown_words(p)))
+    if unknown:
+        example = f'; e.g. "{spec.example_prompt}"' if spec.example_prompt else ""
+        warn(f"this model never saw the word(s) {', '.join(unknown)}: it was trained on captions made only of "
+             f"{' '.join(spec.vocabulary)}{example} (`helios info` describes the model)")
 
 
 def _read_start(image: Path | None, video: Path | None, height: int, width: int) -> dict:
@@ -203,6 +313,29 @@ def _context_parallel_setup(gpus: int | None, device: str) -> tuple[int, int]:
     raise typer.Exit(subprocess.call(cmd))
 
 
+@app.command()
+def info(path: Optional[Path] = typer.Argument(None, help="A model folder (default: the bundled small model).")
+         ) -> None:
+    """What a model folder holds: presets it can run, default size, parameters, and the words it knows."""
+    from helios.engine.model_info import describe_model
+
+    try:
+        lines = describe_model(path or bundled_model())
+    except ValueError as e:
+        fail(str(e))
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def models(roots: list[Path] = typer.Argument(None, help="Folders to look in for model folders (their direct "
+                                              "sub-folders; default: none besides the bundled model).")) -> None:
+    """The bundled model and every Helios model folder under ROOTS, one line each."""
+    from helios.engine.model_info import find_models, summary_line
+
+    for folder in find_models([bundled_model(), *(roots or [])]):
+        typer.echo(summary_line(folder))
+
+
 @app.command("eval")
 def eval_(
     path: Path = typer.Argument(..., help="A video or a folder of videos."),
@@ -212,6 +345,7 @@ def eval_(
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model folder (optional)."),
 ) -> None:
     """Long-video metrics per time window, and their drift from start to end."""
+    require_extra("eval", ("matplotlib",))  # the PNG plot of each report
     from helios.eval.cli import eval_command
 
     raise typer.Exit(eval_command(path, out_dir=out_dir, caption=caption, window_seconds=window,
@@ -244,6 +378,8 @@ def serve(
                                          "| auto (docs/memory.md). Default: everything on the GPU."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
+    require_extra("serve", ("fastapi", "uvicorn"))
+    setup_logging(logging.INFO)  # the job lines: queued, started, done, cancelled
     import torch
 
     from helios.serve import Limits, check_bind, run_server
@@ -265,9 +401,13 @@ def serve(
         groups = device_groups(gpus, gpus_per_job, device if gpus is not None else pick_device(device), cuda_devices)
     except ValueError as e:
         fail(str(e))
-    model = model or default_model()
-    if not model.exists():
-        fail(f"model folder {model} does not exist")
+    model = model or bundled_model()
+    try:
+        from helios.engine.pipeline import read_spec
+
+        read_spec(model)  # a folder that is not a model is refused before any engine starts
+    except ValueError as e:
+        fail(str(e))
     limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20,
                     max_jobs_per_client=jobs_per_client)
     try:
@@ -288,7 +428,7 @@ def _serve_ray(model, host, port, address, engines, gpus_per_engine, token, max_
         fail("--ray needs Ray Serve: pip install 'helios-video[ray]'")
     if engines < 1:
         fail(f"--engines must be at least 1, got {engines}")
-    model = model or default_model()
+    model = model or bundled_model()
     if not model.exists():  # (checked here; the engines must find it at the same path on their nodes)
         fail(f"model folder {model} does not exist")
     limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20, max_jobs_per_client=jobs_per_client)
@@ -298,27 +438,66 @@ def _serve_ray(model, host, port, address, engines, gpus_per_engine, token, max_
 
 @app.command("train")
 def train_(
-    config: Path = typer.Argument(..., help="Training config YAML (see docs/training.md)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    config: Optional[str] = typer.Argument(None, help="Training config YAML (docs/training.md), or recipe:NAME for a "
+                                           "packaged recipe as it is (see --list-recipes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in output_dir."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable)."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the packaged recipes and exit."),
 ) -> None:
-    """Train stage 1 or 2 on one process, or on many under torchrun (FSDP2)."""
+    """Train stage 1 (autoregressive), 2 (pyramid) or 3 (distillation) on one process, or on many under
+    torchrun (FSDP2). A config names its recipe (`recipe: stage1`); `helios train --list-recipes` lists
+    them, and configs/tiny/ holds configs for the small bundled model."""
+    setup_logging(logging.INFO)
     from helios.engine.components import ModelFolderError
     from helios.model.loading import CheckpointError
     from helios.train.config import ConfigError, load_config
     from helios.train.data import DataError
-    from helios.train.trainer import train as run_training
 
+    if list_recipes:
+        typer.echo("\n".join(_recipe_lines()))
+        return
+    if config is None:
+        fail("give a config YAML (e.g. configs/tiny/cpu.yaml, a short CPU run) or recipe:NAME "
+             "(helios train --list-recipes)")
+    source = {"recipe": config[len("recipe:"):]} if config.startswith("recipe:") else Path(config)
     try:
-        result = run_training(load_config(config, set_), resume=resume)
+        cfg = load_config(source, set_)
+        _require_training_extras(cfg)
+        from helios.train.trainer import train as run_training
+
+        result = run_training(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError, ModelFolderError) as e:
         fail(str(e))
     typer.echo(f"trained to step {result.step}; checkpoints in {result.output_dir / 'checkpoints'}"
                + (f"; model folder {result.export_dir}" if result.export_dir else ""))
 
 
+def _require_training_extras(cfg: dict) -> None:
+    """peft for LoRA (stage 3's critic is a LoRA too), tensorboard when the config logs to it."""
+    modules = []
+    if cfg.get("finetune") == "lora" or cfg.get("stage") == 3:
+        modules.append("peft")
+    if cfg["logging"].get("tensorboard"):
+        modules.append("tensorboard")
+    require_extra("train", tuple(modules))
+
+
+def _recipe_lines() -> list[str]:
+    """One line per packaged recipe: name, stage, phases, and the first line of its header comment."""
+    from helios.train.recipes import RECIPE_DIR, available_recipes, load_recipe
+
+    lines = []
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        first = next((ln.lstrip("# ").strip() for ln in (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()
+                      if ln.startswith("#") and ln.strip("# ")), "")
+        phases = ", ".join(recipe.get("phases") or {}) or "-"
+        lines.append(f"recipe:{name:<8} stage {recipe.get('stage', '?')}, phases {phases}: {first}")
+    lines.append(f"(files in {RECIPE_DIR}; a config YAML picks one with `recipe: NAME` and overrides its keys)")
+    return lines
+
+
 def main() -> None:  # pragma: no cover
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()
 
 

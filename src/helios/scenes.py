@@ -78,6 +78,16 @@ def parse_caption(caption: str) -> Scene:
     return scene
 
 
+def caption_vocabulary() -> list[str]:
+    """Every word describe_scene writes: what a model trained on its captions has seen."""
+    words = {"a", "and", "bouncing", "on", "background", *NUMBER_WORDS.values(), *COLORS}
+    words.update(w for s in SHAPES for w in (s, s + "s"))
+    return sorted(words)
+
+
+EXAMPLE_CAPTION = "two red circles bouncing on a blue background"
+
+
 def describe_scene(scene: Scene, verb: str = "bouncing") -> str:
     """Inverse of parse_caption: Scene -> 'two red circles and a green square bouncing on a blue background'."""
     parts = []

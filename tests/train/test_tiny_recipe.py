@@ -291,3 +291,14 @@ def test_base_and_mid_bundles_carry_their_own_sampling_and_a_distilled_one_none(
     assert "helios_default_sampling" not in json.loads((distilled / "model_index.json").read_text())
     distilled_settings = helios.load_pipeline(distilled).resolve_settings(None)
     assert distilled_settings.guidance_scale == preset("distilled").guidance_scale
+
+
+def test_bundles_carry_the_caption_vocabulary_and_an_example_prompt(tiny_model, tmp_path):
+    # `helios generate` warns about prompt words outside it; the server page shows the example.
+    import helios
+    from helios.scenes import EXAMPLE_CAPTION, caption_vocabulary
+    from helios.train.tiny import bundle
+
+    spec = helios.load_pipeline(bundle(tiny_model, tmp_path / "base", kind="base")).spec
+    assert list(spec.vocabulary) == caption_vocabulary() and spec.example_prompt == EXAMPLE_CAPTION
+    assert spec.unknown_words(EXAMPLE_CAPTION) == [] and spec.unknown_words("a red fox") == ["fox"]

@@ -61,6 +61,9 @@ def test_missing_folders(tmp_path, tiny_model, latent_cache):
         load_config({**base, "model": {"init_from": str(tmp_path / "nowhere")}})
     with pytest.raises(ConfigError, match="looks like a Hugging Face repo id"):
         load_config({**base, "recipe": "stage1"})  # the recipe's init_from is Wan-AI/Wan2.1-T2V-14B-Diffusers
+    # A relative path of several parts (configs/tiny's runs/tiny/init before train.sh made it) is not a repo id.
+    with pytest.raises(ConfigError, match=r"folder not found \(relative paths are read from the current folder"):
+        load_config({**base, "model": {"init_from": "runs/tiny/nowhere"}})
     with pytest.raises(ConfigError, match=r"'data.cache_dir' = '.*/nocache': folder not found"):
         load_config({**base, "model": {"init_from": str(tiny_model)},
                      "data": {"source": "cache", "cache_dir": str(tmp_path / "nocache")}})

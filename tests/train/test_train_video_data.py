@@ -145,3 +145,24 @@ def test_jsonl_captions_and_dataset(tmp_path):
             torch.testing.assert_close(it["anchor"], full[0, :, :1])
             torch.testing.assert_close(it["history"][:, -3:], full[s - 1])  # the frames right before the target
     assert len(seen) > 1
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_a_truncated_mp4_is_reported_as_truncated_not_short(tmp_path, fragmented):
+    # A plain MP4 cut off loses its index (it does not open); a fragmented one (as helios writes them)
+    # still decodes its first fragments and used to be reported as too short.
+    from helios.engine.video_io import write_video as write_fragmented
+    from helios.train.video_data import VideoDecodeError, decode_video, mp4_truncation
+
+    whole = tmp_path / "whole.mp4"
+    frames = np.random.default_rng(0).integers(0, 255, (66, 32, 48, 3), np.uint8)
+    (write_fragmented if fragmented else write_video)(whole, frames)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    assert mp4_truncation(whole) is None and decode_video(whole, 60).shape[1] == 60
+    with pytest.raises(VideoDecodeError, match=r"truncated: the file ends inside its MP4 box '\w+' \(\d+ bytes"):
+        decode_video(cut, 60)
+    short = tmp_path / "short.mp4"
+    (write_fragmented if fragmented else write_video)(short, np.zeros((5, 32, 48, 3), np.uint8))
+    with pytest.raises(VideoDecodeError, match="too short: 5 of 33"):  # a whole file that is short stays short
+        decode_video(short, 33)

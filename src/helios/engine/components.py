@@ -48,13 +48,30 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device
                                    blocks_on_host=blocks_on_host)
     vae, text_encoder, tokenizer, scheduler_config = load_parts(folder, device, vae_dtype or dtype,
                                                                  text_dtype or dtype, text_device)
+    return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"],
+                      model_flags(index, folder), folder)
+
+
+def model_flags(index: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What model_index.json says about how to run the model (no weights needed)."""
     flags = {k: index.get(k, False) for k in ("is_distilled", "is_cfg_zero_star")}
     # Our own extension of model_index.json: the frame size a small model was trained at.
     flags["default_size"] = tuple(index.get("helios_default_size", (384, 640)))
     # And the sampling it was found to need, where the official preset does not suit it (steps, guidance).
     flags["default_sampling"] = check_default_sampling(index.get("helios_default_sampling", {}), folder)
-    return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"], flags,
-                      folder)
+    # A small model trained on a closed set of captions: the words it saw and a prompt it knows.
+    flags["vocabulary"] = _string_list(index.get("helios_vocabulary", []), folder, "helios_vocabulary")
+    example = index.get("helios_example_prompt", "")
+    if not isinstance(example, str):
+        raise ModelFolderError(f"{folder / 'model_index.json'}: helios_example_prompt must be text, got {example!r}")
+    flags["example_prompt"] = example
+    return flags
+
+
+def _string_list(value: object, folder: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ModelFolderError(f"{folder / 'model_index.json'}: {key} must be a list of words, got {value!r}")
+    return tuple(v.lower() for v in value)
 
 
 def load_parts(folder: Path, device: torch.device | str, vae_dtype: torch.dtype, text_dtype: torch.dtype,

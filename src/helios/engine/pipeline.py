@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from helios.engine.components import Components, load_components
+from helios.engine.components import (Components, load_components, model_flags, read_model_index,
+                                      vae_scale_factors)
 from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
                                         video_condition)
 from helios.engine.history import HistoryBuffer, HistoryLayout
@@ -74,10 +76,16 @@ class FramePlan:
                 f"video is trimmed to 4k+1 frames, so {self.frames} frames will be produced")
 
 
-def plan_frames(num_frames: int, window: int = CHUNK_FRAMES, temporal: int = TEMPORAL_COMPRESSION) -> FramePlan:
-    """Chunks needed for `num_frames`, and the frame count produced (as the reference rounds it)."""
-    if not isinstance(num_frames, int) or num_frames < 1:
+def plan_frames(num_frames: int, window: int = CHUNK_FRAMES, temporal: int = TEMPORAL_COMPRESSION,
+                 max_frames: int | None = None) -> FramePlan:
+    """Chunks needed for `num_frames`, and the frame count produced (as the reference rounds it).
+
+    max_frames: a ceiling (the CLI's --max-frames), so that a typo does not start a job of days."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if max_frames is not None and num_frames > max_frames:
+        raise InputError(f"{num_frames} frames is more than the limit of {max_frames} ({max_frames / 24 / 60:.1f} "
+                         "min at 24 fps); ask for fewer frames, or raise the limit with --max-frames")
     chunks = math.ceil(num_frames / window)
     produced = (chunks * window - 1) // temporal * temporal + 1
     return FramePlan(num_frames, chunks, produced)
@@ -98,11 +106,45 @@ class PipelineSpec:
     # The model's own steps / guidance for its default preset (model_index.json `helios_default_sampling`),
     # as (key, value) pairs: the small bundled model wants other values than the official preset's.
     default_sampling: tuple[tuple[str, float], ...] = ()
+    # model_index.json `helios_vocabulary` / `helios_example_prompt`: the words a small model was
+    # trained on (empty: any prompt) and a prompt it knows.
+    vocabulary: tuple[str, ...] = ()
+    example_prompt: str = ""
 
-    @property
-    def presets(self) -> tuple[str, ...]:
-        """The sampling presets a request may name (the official three)."""
-        return tuple(sorted(PRESETS))
+    @classmethod
+    def from_flags(cls, flags: dict, default_preset: str, stages: int, pixels_per_token: int) -> "PipelineSpec":
+        return cls(tuple(flags.get("default_size", (384, 640))), default_preset, stages, pixels_per_token,
+                   tuple(sorted(flags.get("default_sampling", {}).items())), tuple(flags.get("vocabulary", ())),
+                   flags.get("example_prompt", ""))
+
+    def runnable_presets(self) -> list[str]:
+        """The presets this model's scheduler can run (a one-stage model cannot run the pyramid ones)."""
+        names = []
+        for name in sorted(PRESETS):
+            try:
+                self.resolve_settings(name)
+            except InputError:
+                continue
+            names.append(name)
+        return names
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` the model never saw in training (none when it declares no vocabulary)."""
+        if not self.vocabulary:
+            return []
+        known = set(self.vocabulary)
+        return list(dict.fromkeys(w for w in re.findall(r"[a-z0-9']+", prompt.lower()) if w not in known))
+
+    def check_schedule(self, schedule: "PromptSchedule", plan: FramePlan, fps: float = 24) -> None:
+        """Every prompt change starts at a chunk the video has (silently ignoring one surprises)."""
+        last = plan.chunks - 1
+        late = [start for start, _ in schedule.entries if start > last]
+        if late:
+            first = last * WINDOW_FRAMES
+            raise InputError(f"a prompt change starts at chunk {late[0]}, but {plan.frames} frames make "
+                             f"{plan.chunks} chunk(s), numbered from 0: the last is chunk {last}, from frame {first} "
+                             f"({first / fps:.1f} s at {fps:g} fps); use a chunk up to {last} or ask for more frames "
+                             f"(chunk N starts at frame 33 x N)")
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -111,7 +153,7 @@ class PipelineSpec:
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % multiple:
                 raise InputError(f"{name}={v!r}: frame sizes must be positive multiples of {multiple} for this "
-                                 f"model and sampler (e.g. 384x640)")
+                                 f"model and sampler (its own size: {self.default_size[0]}x{self.default_size[1]})")
 
     def resolve_settings(self, settings: str | SamplerSettings | None, **overrides) -> SamplerSettings:
         s = preset(settings or self.default_preset) if not isinstance(settings, SamplerSettings) else settings
@@ -131,12 +173,39 @@ class PipelineSpec:
         return s
 
 
+WINDOW_FRAMES = 33  # frames per chunk (the last chunk may be trimmed)
+
+
 def default_preset(components: Components) -> str:
-    if components.flags.get("is_distilled"):
+    return _default_preset(components.pipeline_class, components.flags)
+
+
+def _default_preset(pipeline_class: str, flags: dict) -> str:
+    if flags.get("is_distilled"):
         return "distilled"
-    if components.pipeline_class == "HeliosPipeline":
+    if pipeline_class == "HeliosPipeline":
         return "base"
     return "mid"
+
+
+def read_spec(path: str | Path) -> PipelineSpec:
+    """A model folder's PipelineSpec from its config files alone, so that a request can be checked
+    before any weights are read. Raises ModelFolderError for a folder that is not a Helios model."""
+    import json
+
+    from helios.engine.components import ModelFolderError
+
+    folder = Path(path)
+    index = read_model_index(folder)
+    flags = model_flags(index, folder)
+    try:
+        stages = int(getattr(load_scheduler(folder / "scheduler").config, "stages", 1))
+        patch = json.loads((folder / "transformer" / "config.json").read_text()).get("patch_size", [1, 2, 2])
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelFolderError(f"could not read the configs of {folder}: {e}") from e
+    _, spatial = vae_scale_factors(folder)
+    return PipelineSpec.from_flags(flags, _default_preset(index["_class_name"], flags), stages,
+                                   spatial * int(patch[1]))
 
 
 class HeliosVideoPipeline:
@@ -224,9 +293,9 @@ class HeliosVideoPipeline:
     @property
     def spec(self) -> "PipelineSpec":
         """What checking a request needs from this pipeline, without its weights (see PipelineSpec)."""
-        return PipelineSpec(self.default_size, self.default_preset, int(getattr(self.scheduler.config, "stages", 1)),
-                            self.codec.spatial * self.model.config.patch_size[1],
-                            tuple(sorted(self.c.flags.get("default_sampling", {}).items())))
+        return PipelineSpec.from_flags(self.c.flags, self.default_preset,
+                                       int(getattr(self.scheduler.config, "stages", 1)),
+                                       self.codec.spatial * self.model.config.patch_size[1])
 
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
@@ -299,6 +368,8 @@ class HeliosVideoPipeline:
         if self.memory is not None:
             self.memory.check(height, width, s.guidance_scale > 1.0)
         plan = plan_frames(num_frames)
+        if isinstance(schedule, PromptSchedule):
+            self.spec.check_schedule(schedule, plan)
         if image is not None and video is not None:
             raise InputError("give an image or a video to start from, not both")
         if plan.note:

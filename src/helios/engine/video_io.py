@@ -262,6 +262,19 @@ class VideoWriter:
             exc.add_note(msg)
         return self.kept_path
 
+    def discard(self) -> None:
+        """Stop and delete what was written (a cancelled video nobody will see); the final path is untouched."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # the file is deleted anyway
+                pass
+            self._container = None
+        self.tmp_path.unlink(missing_ok=True)
+
 
 def write_video(path: str | os.PathLike, frames, fps: float = 24, crf: int = 18) -> Path:
     """Write a whole uint8 (T,H,W,3) video at once (chunked internally). Returns the path."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from helios.model_folder import CHUNK_FRAMES
 from helios.serve.auth import ClientIds, authorized, same_origin
 from helios.serve.engines import Engine
 from helios.serve.jobs import FINAL, Job, State, Worker
-from helios.serve.limits import Limits, RequestError, check_prompt, human_bytes
+from helios.serve.limits import Limits, RequestError, check_known_fields, check_prompt, human_bytes, parse_json_object
 from helios.serve.params import attach_upload, parse_params
 from helios.serve.protocol import CLIENT_COOKIE, status_url
 from helios.serve.session import live_session
@@ -42,6 +43,40 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
+
+
+RUN_PREFIX = "helios-serve-"
+OWNER_FILE = "owner"  # "HOST PID" of the server that made a run folder
+
+
+def remove_stale_run_dirs(root: Path) -> list[Path]:
+    """Delete run folders that servers of this host left behind when killed (their process is gone),
+    so repeated crashes do not fill the disk. A folder of a live server, of another host, or without
+    an owner file is left alone. Returns the folders removed."""
+    host = socket.gethostname()
+    removed = []
+    for folder in root.glob(RUN_PREFIX + "*"):
+        try:
+            owner_host, pid = (folder / OWNER_FILE).read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            continue
+        if owner_host != host or _process_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, left by server process %d that is no longer running", folder, pid)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Server:
@@ -65,7 +100,9 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
         raise ValueError("give create_app a pipeline or a list of engines (not both)")
     root = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="helios-serve-", dir=root))
+    remove_stale_run_dirs(root)
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=root))
+    (run_dir / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     server = Server(pipe if engines is None else list(engines), limits or Limits(), token, run_dir, fps, model_name)
 
     @contextlib.asynccontextmanager
@@ -127,8 +164,9 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
         spec = server.spec
         return {"client": client, "model": server.model_name, "device": engines[0]["devices"][0],
                 "engines": engines, "devices_per_engine": len(engines[0]["devices"]),
-                "default_size": list(spec.default_size), "presets": list(spec.presets),
-                "default_preset": spec.default_preset, "fps": server.fps, "chunk_frames": CHUNK_FRAMES,
+                "default_size": list(spec.default_size), "presets": spec.runnable_presets(),
+                "default_preset": spec.default_preset, "example_prompt": spec.example_prompt,
+                "fps": server.fps, "chunk_frames": CHUNK_FRAMES,
                 "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)
@@ -170,6 +208,7 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
         job = owned(job_id, client)
         if action == "steer":
             body = await _json_body(request, limit=64 << 10)
+            check_known_fields(body, ("prompt",), "a steer")
             chunk = job.steer(check_prompt(body.get("prompt"), server.limits))
             return {**job.snapshot(), "from_chunk": chunk}
         actions = {"pause": job.pause, "resume": job.resume, "stop": lambda: server.worker.stop(job)}
@@ -229,13 +268,7 @@ async def _json_body(request: Request, limit: int) -> dict:
         body += piece
         if len(body) > limit:
             raise RequestError(f"the request body is larger than {limit} bytes", status=413)
-    try:
-        value = json.loads(body or b"{}")
-    except json.JSONDecodeError:
-        raise RequestError("the request body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise RequestError("the request body must be a JSON object")
-    return value
+    return parse_json_object(bytes(body))
 
 
 async def _job_from_request(request: Request, server: Server, client: str) -> Job:

@@ -439,17 +439,17 @@ class Worker:
                 writer.close()
                 job._finish(State.STOPPED, e.reason, video=path)
             else:
-                writer.abort()
+                writer.discard()  # nobody will fetch it: no partial file, no "kept" line
                 shutil.rmtree(folder, ignore_errors=True)
                 job._finish(State.CANCELLED, e.reason)
-            log.info("job %s %s: %s", job.id, job.state.value, e.reason)
+            log.info("job %s %s after %d frames: %s", job.id, job.state.value, job.frames_done, e.reason)
         except Exception as e:  # a crash fails this job only
             if isinstance(e, EngineError):  # already logged where it happened (the engine's processes)
                 log.error("job %s failed: %s", job.id, e)
             else:
                 log.exception("job %s failed", job.id)
             _close(chunks)
-            writer.abort()
+            writer.discard()
             shutil.rmtree(folder, ignore_errors=True)
             job._finish(State.FAILED, describe_failure(e))
 

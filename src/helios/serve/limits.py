@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
+import re
 from dataclasses import dataclass
+from typing import Collection
+
+MAX_JSON_DEPTH = 16  # no message of the protocol nests deeper than 2
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 class RequestError(Exception):
@@ -91,3 +97,28 @@ def check_upload_size(size: int, limits: Limits, what: str = "the upload") -> No
     if size > limits.max_upload_bytes:
         raise RequestError(f"{what} is {human_bytes(size)}; uploads may be at most "
                            f"{human_bytes(limits.max_upload_bytes)}", status=413)
+
+
+def parse_json_object(raw: str | bytes, what: str = "the request body") -> dict:
+    """A JSON object, with its nesting checked before it is parsed (a deep one would exhaust the
+    parser's recursion); any refusal is a RequestError (400)."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
+    depth = 0
+    for bracket in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep; send a flat object")
+    try:
+        value = json.loads(text or "{}")
+    except (json.JSONDecodeError, RecursionError):
+        raise RequestError(f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"{what} must be a JSON object")
+    return value
+
+
+def check_known_fields(fields: Collection[str], known: Collection[str], what: str = "the request") -> None:
+    """Refuse fields the server does not know (a misspelt one would otherwise be ignored silently)."""
+    unknown = sorted(str(k)[:40] for k in fields if k not in known)
+    if unknown:
+        raise RequestError(f"{what} has unknown field(s) {unknown[:8]}; the known fields are {sorted(known)}")

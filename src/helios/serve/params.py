@@ -10,9 +10,12 @@ from typing import Mapping
 import torch
 
 from helios.model_folder import CHUNK_FRAMES
-from helios.serve.limits import Limits, RequestError, check_frames, check_prompt, check_size, check_upload_size
+from helios.serve.limits import (Limits, RequestError, check_frames, check_known_fields, check_prompt, check_size,
+                                 check_upload_size)
 
 WINDOW = CHUNK_FRAMES  # frames per chunk; V2V needs at least one whole window
+# The fields of a job, in a JSON body, a form or a WebSocket start message (which adds START_FIELDS).
+JOB_FIELDS = ("prompt", "frames", "height", "width", "preset", "steps", "guidance", "seed", "fast_start", "negative")
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,16 @@ def _flag(fields: Mapping[str, object], name: str) -> bool:
     return value
 
 
-def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 24) -> JobRequest:
+def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 24,
+                 extra_fields: tuple[str, ...] = ()) -> JobRequest:
     """Check everything that does not need the upload; the engine's own checks run here too, so a
     request that would fail at its first chunk is refused before it waits in the queue.
 
-    spec: the model's PipelineSpec (or a pipeline: it has the same checks)."""
+    spec: the model's PipelineSpec (or a pipeline: it has the same checks).
+    extra_fields: fields the caller reads itself (a start message's type, upload, filename)."""
     from helios.engine.pipeline import InputError, plan_frames
 
+    check_known_fields(fields, (*JOB_FIELDS, *extra_fields), "the job")
     prompt = check_prompt(fields.get("prompt"), limits)
     frames = _number(fields, "frames", int, 132)
     check_frames(frames, limits)
@@ -157,6 +163,9 @@ def _read_image(path: Path, name: str, request: JobRequest, limits: Limits) -> t
     try:
         with Image.open(path) as im:  # reads the header only: refuse decompression bombs before decoding
             w, h = im.size
+    except Image.DecompressionBombError:  # PIL's own ceiling, above ours: the header claims a huge image
+        raise RequestError(f"the uploaded image {name!r} claims more pixels than PIL will open; images may have at "
+                           f"most {limits.max_upload_pixels} pixels", status=413) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(f"the uploaded image {name!r} could not be read: send a PNG, JPEG or WebP file") \
             from None

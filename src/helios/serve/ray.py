@@ -45,6 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
+from helios import bundled_model
 from helios.engine.prompts import PromptSchedule
 from helios.serve.auth import ClientIds, authorized, same_origin
 from helios.serve.jobs import FINAL, Worker
@@ -667,11 +668,9 @@ def build_app(model: str | Path | None = None, *, engines: int = 2, gpus_per_eng
 
     engines: how many engines (one deployment of one replica each); gpus_per_engine: K, the GPUs
     of one engine's group (`num_gpus`, so Ray places each engine on a node with K free GPUs)."""
-    from helios.cli import default_model
-
     if engines < 1:
         raise ValueError(f"a Ray application needs at least one engine, got engines={engines}")
-    model = str(model or default_model())
+    model = str(model or bundled_model())
     limits = limits or Limits()
     # Few malloc arenas: the frames of each job are allocated and freed across many threads.
     actor = {"num_cpus": cpus_per_engine, "num_gpus": gpus_per_engine,

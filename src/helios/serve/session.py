@@ -8,7 +8,6 @@ ends the session; if the job is still going then, the client has gone and the jo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from helios.serve.jobs import FINAL, Interrupted, Job
-from helios.serve.limits import RequestError, check_prompt
+from helios.serve.limits import RequestError, check_known_fields, check_prompt, parse_json_object
 from helios.serve.params import attach_upload, parse_params
 from helios.serve.protocol import CLOSE_BAD_REQUEST, CLOSE_DONE, CLOSE_TOO_MANY, frame_messages
 
@@ -105,7 +104,8 @@ async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListen
     start = _json(message)
     if start.get("type") != "start":
         raise RequestError('the first message must be {"type": "start", "prompt": ...}')
-    request = parse_params(start, server.spec, server.limits, fps=server.fps)
+    request = parse_params(start, server.spec, server.limits, fps=server.fps,
+                           extra_fields=("type", "upload", "filename"))
     kind = start.get("upload")
     if kind:
         if kind not in ("image", "video"):
@@ -167,6 +167,7 @@ async def _read(ws: WebSocket, job: Job, server, listener: SessionListener) -> N
 
 def _control(message: dict, job: Job, server, listener: SessionListener) -> None:
     kind = message.get("type")
+    check_known_fields(message, ("type", "prompt") if kind == "steer" else ("type",), f"a {str(kind)[:20]!r} message")
     if kind == "steer":
         prompt = check_prompt(message.get("prompt"), server.limits)
         chunk = job.steer(prompt)
@@ -185,10 +186,4 @@ def _json(message: dict) -> dict:
     text = message.get("text")
     if text is None:
         raise RequestError("expected a JSON text message")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise RequestError("the message is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise RequestError("the message must be a JSON object")
-    return value
+    return parse_json_object(text, "the message")

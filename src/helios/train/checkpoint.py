@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-__all__ = ["list_checkpoints", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "rng_state",
+__all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_damage", "newest_intact_checkpoint",
+           "save_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state"]
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -64,6 +65,54 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing, unreadable or shorter than
+    its index says), or None when it is intact. Reads the small files and the DCP index, not the
+    tensors, and gives the same answer on every rank."""
+    path = Path(path)
+    for name in ("trainer_state.pt", "rng-rank00000.pt"):
+        try:
+            torch.load(path / name, weights_only=False)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except Exception as e:  # a truncated pickle or zip raises many kinds
+            return f"{name} is unreadable ({type(e).__name__})"
+    try:
+        metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
+    except FileNotFoundError:
+        return "dcp/.metadata is missing"
+    except Exception as e:
+        return f"dcp/.metadata is unreadable ({type(e).__name__})"
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, needed in sorted(sizes.items()):
+        file = path / "dcp" / name
+        if not file.is_file():
+            return f"dcp/{name} is missing"
+        if file.stat().st_size < needed:
+            return f"dcp/{name} is truncated ({file.stat().st_size} of {needed} bytes)"
+    return None
+
+
+def newest_intact_checkpoint(root: str | Path, report=print) -> Path | None:
+    """The newest checkpoint that is intact; each damaged newer one is reported (named, with what is
+    wrong) and skipped. None when there are none at all; RuntimeError when every one is damaged."""
+    damaged = []
+    for _, path in reversed(list_checkpoints(root)):
+        why = checkpoint_damage(path)
+        if why is None:
+            if damaged:
+                report(f"resuming from {path}, the newest intact checkpoint")
+            return path
+        report(f"checkpoint {path} is damaged: {why}; trying the one before")
+        damaged.append(f"{path.name} ({why})")
+    if damaged:
+        raise RuntimeError(f"no intact checkpoint in {root}: {', '.join(damaged)}; delete the damaged folders to "
+                           "start again, or restore one")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -408,7 +408,18 @@ def check_folder(cfg: dict[str, Any], key: str, hint: str = "") -> None:
     if value is None:
         return
     if not Path(value).is_dir():
-        if not hint and "/" in str(value) and not str(value).startswith(("/", ".")):
-            hint = (" (it looks like a Hugging Face repo id; download it first, e.g. "
-                    f"`huggingface-cli download {value} --local-dir models/{Path(value).name}`, and give the folder)")
+        if not hint:
+            hint = _missing_folder_hint(str(value))
         raise ConfigError(f"config key '{key}' = {value!r}: folder not found{hint}")
+
+
+def _missing_folder_hint(value: str) -> str:
+    """Why a folder may be missing: an 'owner/name' Hugging Face repo id is not downloaded here (no
+    network access is assumed); a relative path is read from the current folder."""
+    parts = Path(value).parts
+    if len(parts) == 2 and not value.startswith(("/", ".")) and not Path(parts[0]).exists():
+        return (" (it looks like a Hugging Face repo id; training reads local folders only: download it first, e.g. "
+                f"`huggingface-cli download {value} --local-dir models/{parts[1]}`, and give that folder)")
+    if not Path(value).is_absolute():
+        return f" (relative paths are read from the current folder, {Path.cwd()})"
+    return ""

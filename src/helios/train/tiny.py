@@ -341,6 +341,13 @@ def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int =
     return reconstruction_errors_per_latent_frame(vae, device, clips, seed)[region]
 
 
+def _prompt_help() -> dict:
+    """model_index.json keys that tell a user which prompts the model knows (its training captions' words)."""
+    from helios.scenes import EXAMPLE_CAPTION, caption_vocabulary
+
+    return {"helios_vocabulary": caption_vocabulary(), "helios_example_prompt": EXAMPLE_CAPTION}
+
+
 def scheduler_for(kind: str):
     """The diffusers scheduler of a preset: one-stage HeliosScheduler (base), three-stage (mid), DMD (distilled)."""
     from diffusers import HeliosDMDScheduler, HeliosScheduler
@@ -365,7 +372,7 @@ def write_model_folder(folder: Path, vae, transformer, kind: str = "mid",
              "scheduler": ["diffusers", type(sched).__name__], "text_encoder": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "HeliosTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"],
-             "helios_default_size": list(FRAME_SIZE)}
+             "helios_default_size": list(FRAME_SIZE), **_prompt_help()}
     if kind != "base":
         index.update(_kind_flags(kind))
     parts = {"tokenizer": lambda p: build_tokenizer().save_pretrained(p),
@@ -441,6 +448,7 @@ def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
     index = helios_model_folder.read_model_index(src)
     index.update(_kind_flags(kind))
     index.pop("helios_default_sampling", None)
+    index.update(_prompt_help())
     own = {"base": BASE_SAMPLING, "mid": MID_SAMPLING}.get(kind)  # a distilled bundle samples without CFG
     if own:
         index["helios_default_sampling"] = own

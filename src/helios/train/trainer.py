@@ -32,7 +32,7 @@ from helios.model_folder import vae_scale_factors
 from helios.runtime import launched_world_size, local_device
 
 from . import stage3  # noqa: F401  (registers the stage-3 phases with make_stage)
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import BatchStream, ModelParts, check_sample
 from .modeling import (
@@ -240,7 +240,10 @@ def train(cfg: dict[str, Any], resume: bool = False,
 
         # ---- 5. resume ---------------------------------------------------------------------
         step, position = 0, None
-        latest = latest_checkpoint(ckpt_dir)
+        try:  # a damaged newest checkpoint (a torn copy, a full disk) is named and skipped
+            latest = newest_intact_checkpoint(ckpt_dir, report=print if rank == 0 else (lambda _: None))
+        except RuntimeError as e:
+            raise ConfigError(f"cannot resume: {e}") from None
         if resume and latest is None:
             raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
         if latest is not None and (resume or cfg["checkpointing"]["resume"] == "latest"):

@@ -109,6 +109,33 @@ def read_captions(captions_file: str | os.PathLike) -> list[CaptionEntry]:
 # decoding
 
 
+def mp4_truncation(path: str | os.PathLike) -> str | None:
+    """For an MP4/MOV file whose last top-level box runs past the end of the file (a copy cut off),
+    what is wrong in words; None for an intact file or another format."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if offset == 0 and kind != b"ftyp":
+                return None  # not an MP4 file
+            if length == 1:  # a 64-bit size follows
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # to the end of the file
+                return None
+            if length < 8:
+                return (f"truncated or damaged: a broken MP4 box at byte {offset} of {size}; copy it again or "
+                        "re-encode it")
+            if offset + length > size:
+                name = kind.decode("latin-1")
+                return (f"truncated: the file ends inside its MP4 box {name!r} ({size} bytes, the box needs "
+                        f"{offset + length}); copy it again or re-encode it")
+            offset += length
+    return None
+
+
 def decode_video(
     path: str | os.PathLike,
     num_frames: int,
@@ -124,7 +151,9 @@ def decode_video(
     try:
         frames = read_frames(path, num_frames, start_frame, stride, size)
     except (OSError, ValueError) as e:  # missing, unreadable, no video stream, too short
-        raise VideoDecodeError(str(e)) from e
+        # A copy cut off mid-file decodes its first frames and then ends: say so rather than "too short".
+        truncated = mp4_truncation(path) if os.path.isfile(path) else None
+        raise VideoDecodeError(truncated or str(e)) from e
     x = frames.float() / 127.5 - 1.0  # (T, H, W, 3)
     return x.permute(3, 0, 1, 2).contiguous()
 

@@ -56,6 +56,7 @@ async function loadConfig() {
     o.selected = name === body.default_preset;
     $("preset").append(o);
   }
+  if (body.example_prompt) $("prompt").placeholder = body.example_prompt;  // a prompt this model knows
   $("height").value = body.default_size[0];
   $("width").value = body.default_size[1];
   $("frames").max = body.limits.max_frames;
