@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from helios.model_folder import CHUNK_FRAMES
 from helios.serve.auth import ClientIds, authorized, same_origin
+from helios.serve.bodies import FORM_SLACK, LimitedReceive, json_body
 from helios.serve.engines import Engine
 from helios.serve.jobs import FINAL, Job, State, Worker
-from helios.serve.limits import Limits, RequestError, check_known_fields, check_prompt, human_bytes, parse_json_object
+from helios.serve.limits import Limits, RequestError, check_known_fields, check_prompt, human_bytes
 from helios.serve.params import attach_upload, parse_params
 from helios.serve.protocol import CLIENT_COOKIE, status_url
 from helios.serve.session import live_session
@@ -35,7 +36,6 @@ from helios.serve.session import live_session
 log = logging.getLogger("helios.serve")
 
 STATIC = Path(__file__).parent / "static"
-FORM_SLACK = 64 << 10  # room for the text fields of a multipart request beside the file
 PAGE_HEADERS = {
     # The page needs nothing from elsewhere: no CDN, no inline scripts.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
@@ -207,7 +207,7 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
     async def control(job_id: str, action: str, request: Request, client: str = Depends(caller)) -> dict:
         job = owned(job_id, client)
         if action == "steer":
-            body = await _json_body(request, limit=64 << 10)
+            body = await json_body(request, limit=64 << 10)
             check_known_fields(body, ("prompt",), "a steer")
             chunk = job.steer(check_prompt(body.get("prompt"), server.limits))
             return {**job.snapshot(), "from_chunk": chunk}
@@ -245,32 +245,6 @@ async def _housekeeping(worker: Worker) -> None:
             log.exception("housekeeping failed")
 
 
-class _LimitedReceive:
-    """Counts request body bytes as they arrive and refuses beyond the limit (chunked uploads have no
-    Content-Length to check up front)."""
-
-    def __init__(self, receive, limit: int):
-        self.receive, self.limit, self.total = receive, limit, 0
-
-    async def __call__(self):
-        message = await self.receive()
-        if message["type"] == "http.request":
-            self.total += len(message.get("body", b""))
-            if self.total > self.limit:
-                raise RequestError(f"the request is larger than the upload limit "
-                                   f"({human_bytes(self.limit - FORM_SLACK)})", status=413)
-        return message
-
-
-async def _json_body(request: Request, limit: int) -> dict:
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise RequestError(f"the request body is larger than {limit} bytes", status=413)
-    return parse_json_object(bytes(body))
-
-
 async def _job_from_request(request: Request, server: Server, client: str) -> Job:
     limits = server.limits
     length = request.headers.get("content-length", "")
@@ -280,9 +254,9 @@ async def _job_from_request(request: Request, server: Server, client: str) -> Jo
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
     if kind == "application/json":
-        fields = await _json_body(request, limit=FORM_SLACK)
+        fields = await json_body(request, limit=FORM_SLACK)
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        limited = Request(request.scope, receive=_LimitedReceive(request.receive, limits.max_upload_bytes + FORM_SLACK))
+        limited = Request(request.scope, receive=LimitedReceive(request.receive, limits.max_upload_bytes + FORM_SLACK))
         form = await limited.form(max_files=2, max_fields=32)
         try:
             fields = {k: v for k, v in form.items() if isinstance(v, str)}

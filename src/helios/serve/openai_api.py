@@ -402,7 +402,7 @@ def openai_app(videos: Videos, token: str | None, clients: ClientIds) -> FastAPI
 
 async def _read_create(request: Request, limits: Limits):
     """(fields, upload or None) of a create request; upload = (kind, bytes, filename)."""
-    from helios.serve.app import FORM_SLACK as slack, _json_body as json_body, _LimitedReceive as limited_receive
+    from helios.serve.bodies import FORM_SLACK as slack, LimitedReceive as limited_receive, json_body
 
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limits.max_upload_bytes + slack:

@@ -438,7 +438,8 @@ FINAL_NAMES = frozenset(s.value for s in FINAL)
 def _routes(app: FastAPI, replicas: Replicas, token: str | None, clients: ClientIds) -> None:
     """The page, /api, /ws and /v1 of the ingress: the protocol of `helios serve` (docs/serving.md)."""
     from helios.sampling.sampler import PRESETS
-    from helios.serve.app import PAGE_HEADERS, STATIC, _deny, _job_from_request, _json_body
+    from helios.serve.app import PAGE_HEADERS, STATIC, _deny, _job_from_request
+    from helios.serve.bodies import json_body
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError) -> JSONResponse:
@@ -519,7 +520,7 @@ def _routes(app: FastAPI, replicas: Replicas, token: str | None, clients: Client
             raise RequestError(f"unknown action {action!r}: use steer, pause, resume or stop", status=404)
         prompt = None
         if action == "steer":
-            prompt = check_prompt((await _json_body(request, limit=64 << 10)).get("prompt"), replicas.limits)
+            prompt = check_prompt((await json_body(request, limit=64 << 10)).get("prompt"), replicas.limits)
         return await replicas.control(job_id, client, action, prompt)
 
     @app.websocket("/ws")
