@@ -54,6 +54,8 @@ def generate(
     then: list[str] = typer.Option([], "--then", help="Prompt change 'CHUNK:prompt' (repeatable)."),
     blend: int = typer.Option(0, "--blend", help="Blend prompt changes over this many chunks."),
     fps: int = typer.Option(24, "--fps"),
+    decoder: str = typer.Option("full", "--decoder", help="full (the VAE) | tiny (the model folder's preview "
+                                "decoder) | tiny:PATH (a TAEHV weight file, e.g. taew2_1.pth); docs/preview-decoder.md."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
     fp8: bool = typer.Option(False, "--fp8", help="FP8 matmuls in the transformer (CUDA, Hopper or newer)."),
@@ -66,6 +68,7 @@ def generate(
 
     from helios.engine.components import ModelFolderError
     from helios.engine.pipeline import InputError, load_pipeline, plan_frames
+    from helios.engine.preview import DecoderChoiceError, parse_decoder_choice
     from helios.engine.prompts import PromptSchedule, PromptScheduleError
 
     if not prompt.strip():
@@ -79,7 +82,8 @@ def generate(
     try:
         plan = plan_frames(frames)
         schedule = PromptSchedule.parse([prompt, *then], blend=blend)
-    except (InputError, PromptScheduleError) as e:
+        decoder_kind, decoder_path = parse_decoder_choice(decoder)
+    except (InputError, PromptScheduleError, DecoderChoiceError) as e:
         fail(str(e))
     model = model or default_model()
     device = pick_device(device)
@@ -96,7 +100,8 @@ def generate(
         fail("--fp8 needs a CUDA GPU (Hopper or newer); drop --fp8 on the CPU")
     try:
         pipe = load_pipeline(model, dtype=torch_dtype, device=device,
-                             optimize=compile and device.startswith("cuda"), fp8=fp8)
+                             optimize=compile and device.startswith("cuda"), fp8=fp8,
+                             preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
     except (ModelFolderError, ValueError) as e:
         fail(str(e))
     if world > 1:
@@ -125,7 +130,7 @@ def generate(
         # Every rank runs the whole pipeline (identical latents and frames); only rank 0 writes the file.
         with VideoWriter(out, fps=fps) if rank == 0 else contextlib.nullcontext() as writer:
             chunks = pipe.stream(schedule, num_frames=frames, height=height, width=width, settings=settings,
-                                 negative_prompt=negative, seed=seed, first_frame_early=fast_start,
+                                 negative_prompt=negative, seed=seed, first_frame_early=fast_start, decoder=decoder_kind,
                                  on_step=lambda *_: bar.update(1), **start)
             for chunk in chunks:
                 if writer is not None:
@@ -228,10 +233,13 @@ def serve(
     gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="GPUs per engine, K: N/K engines "
                                                "take jobs from one queue; K > 1 runs each job context-parallel "
                                                "(default: K = N, one engine on all N)."),
+    decoder: str = typer.Option("full", "--decoder", help="tiny | tiny:PATH: load a preview decoder, so that jobs "
+                                "may ask for live chunks through it (the mp4 is still decoded by the full VAE)."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
     import torch
 
+    from helios.engine.preview import DecoderChoiceError, parse_decoder_choice
     from helios.serve import Limits, check_bind, run_server
     from helios.serve.engines import EngineStartError, device_groups
 
@@ -239,6 +247,10 @@ def serve(
     try:
         check_bind(host, token)  # before loading anything: a refused start should be instant
     except ValueError as e:
+        fail(str(e))
+    try:
+        decoder_kind, decoder_path = parse_decoder_choice(decoder)
+    except DecoderChoiceError as e:
         fail(str(e))
     if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
         fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
@@ -254,7 +266,7 @@ def serve(
                     max_jobs_per_client=jobs_per_client)
     try:
         run_server(model, host=host, port=port, token=token, devices=groups, dtype=dtype, limits=limits,
-                   workdir=workdir)
+                   workdir=workdir, preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
     except (ValueError, EngineStartError) as e:
         fail(str(e))
 

@@ -27,6 +27,7 @@ from helios.engine.components import Components, load_components
 from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
                                         video_condition)
 from helios.engine.history import HistoryBuffer, HistoryLayout
+from helios.engine.preview import DecoderChoiceError, TinyDecoder, preview_decoder_path
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
@@ -54,6 +55,10 @@ class Chunk:
     # False for frame 0 of a chunk handed over on its own (stream(first_frame_early=True)); the chunk's
     # other frames follow with the same index and complete=True.
     complete: bool = True
+    decoder: str = "full"  # which decoder made the frames: "full" (the VAE) or "tiny" (the preview decoder)
+    # stream(keep_latents=True): the chunk's normalised latents (1, C, 9, h, w) on the CPU, for a full
+    # decode later (decode_full); set on the chunk's last part only.
+    latents: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class PipelineSpec:
     # The model's own steps / guidance for its default preset (model_index.json `helios_default_sampling`),
     # as (key, value) pairs: the small bundled model wants other values than the official preset's.
     default_sampling: tuple[tuple[str, float], ...] = ()
+    preview: bool = False  # a preview decoder is loaded: stream(decoder="tiny") works
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -142,10 +148,22 @@ class HeliosVideoPipeline:
         self.scheduler = load_scheduler(components.scheduler_config)
         self.default_preset = default_preset(components)
         self.fp8 = False
+        self.optimized = False
         self.overlap_decode = False  # stream's default; optimize() turns it on
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
         self.decode_timings: dict = {}  # optimize(): the decoder convolutions' timings it chose from
+        self.preview: TinyDecoder | None = None  # set_preview_decoder(): the tiny decoder for decoder="tiny"
+
+    def set_preview_decoder(self, path: str | Path) -> TinyDecoder:
+        """Load a TAEHV-architecture weight file as this pipeline's preview decoder (stream(decoder="tiny")).
+
+        Refused (DecoderChoiceError, naming the file) when it is made for another latent space or layout."""
+        tiny = TinyDecoder.from_file(path, self.c.vae.config).to(self.codec.device, self.codec.dtype)
+        if self.optimized and self.codec.device.type == "cuda":
+            tiny.channels_last_()
+        self.preview = tiny
+        return tiny
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
@@ -157,6 +175,9 @@ class HeliosVideoPipeline:
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
         self.overlap_decode = overlap_decode
+        self.optimized = True
+        if self.preview is not None and self.codec.device.type == "cuda":
+            self.preview.channels_last_()
         if self.device.type == "cuda":
             if cuda_graphs:
                 self.graphs = GraphedForward(self.model)
@@ -189,7 +210,7 @@ class HeliosVideoPipeline:
         """What checking a request needs from this pipeline, without its weights (see PipelineSpec)."""
         return PipelineSpec(self.default_size, self.default_preset, int(getattr(self.scheduler.config, "stages", 1)),
                             self.codec.spatial * self.model.config.patch_size[1],
-                            tuple(sorted(self.c.flags.get("default_sampling", {}).items())))
+                            tuple(sorted(self.c.flags.get("default_sampling", {}).items())), self.preview is not None)
 
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
@@ -225,6 +246,8 @@ class HeliosVideoPipeline:
         video_noise: tuple[float, float] = (0.111, 0.135),
         on_step: Callable[[int, int, int], None] | None = None,
         overlap_decode: bool | None = None,
+        decoder: str = "full",
+        keep_latents: bool = False,
     ) -> Iterator[Chunk]:
         """Generate a video chunk by chunk, yielding each chunk's frames as soon as they are decoded.
 
@@ -252,6 +275,10 @@ class HeliosVideoPipeline:
         `decode_seconds` are device intervals on the two streams, overlapping in time and stretched
         by sharing the GPU (mostly the denoising: the decode's stream has priority), so together
         they exceed `seconds`.
+
+        decoder: "full" decodes with the VAE; "tiny" with the preview decoder (set_preview_decoder /
+        load_pipeline(preview_decoder=...)), far cheaper, for live previews; the frame counts are the same.
+        keep_latents: each chunk also carries its latents (Chunk.latents) for a full decode afterwards.
         """
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
         height = self.default_size[0] if height is None else height
@@ -262,6 +289,7 @@ class HeliosVideoPipeline:
         plan = plan_frames(num_frames)
         if image is not None and video is not None:
             raise InputError("give an image or a video to start from, not both")
+        frames_decoder = self._decoder(decoder)
         if plan.note:
             log.info(plan.note)
         device = self.device
@@ -322,9 +350,10 @@ class HeliosVideoPipeline:
                     history.set_anchor(latents[:, :, :1])
                 history.push(latents)
                 keep = min(window, plan.frames - produced)
-                pending.append(_Handoff(self.codec, latents, keep, side, pinned[k % len(pinned)], marks,
-                                        {"index": k, "first_frame": produced, "prompt": text_prompt,
-                                         "total_chunks": plan.chunks}, split_first=first_frame_early and k == 0))
+                fields = {"index": k, "first_frame": produced, "prompt": text_prompt, "total_chunks": plan.chunks,
+                          "decoder": decoder}
+                pending.append(_Handoff(frames_decoder, latents, keep, side, pinned[k % len(pinned)], marks,
+                                        fields, split_first=first_frame_early and k == 0, keep_latents=keep_latents))
                 produced += keep
                 # Under overlap chunk k-1 goes out only now, once chunk k's work is queued behind its decode.
                 while len(pending) > (1 if overlap and k < plan.chunks - 1 else 0):
@@ -350,7 +379,24 @@ class HeliosVideoPipeline:
                 frames += chunk.frames.shape[0]
         return frames
 
+    @torch.no_grad()
+    def decode_full(self, latents: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """A chunk's latents (Chunk.latents) -> its frames (T, H, W, 3) uint8 on the CPU, by the full VAE."""
+        out = to_uint8_frames(self.codec.decode(latents.to(self.codec.device)))[0]
+        return (out if frames is None else out[:frames]).cpu()
+
     # ---- pieces -----------------------------------------------------------------------------
+    def _decoder(self, choice: str):
+        """The object decoding the frames (LatentCodec or TinyDecoder) for stream(decoder=...)."""
+        if choice == "full":
+            return self.codec
+        if choice == "tiny":
+            if self.preview is None:
+                raise InputError("decoder='tiny' needs a preview decoder: load the pipeline with "
+                                 "preview_decoder=PATH (helios generate --decoder tiny[:PATH])")
+            return self.preview
+        raise InputError(f"decoder must be 'full' or 'tiny', got {choice!r}")
+
     def _prompt_embeds(self, schedule: PromptSchedule | LivePrompt, chunk: int) -> tuple[str, torch.Tensor]:
         (a, b), weight = schedule.at(chunk)
         ea = self.prompts(a, dtype=self.model.dtype)
@@ -437,11 +483,15 @@ class _Handoff:
     pinned: the page-locked buffer the frames land in on CUDA (None elsewhere: they are on the host).
     split_first: frame 0 is decoded and copied first and handed over on its own (a part of its own
     that can be waited for before the rest of the decode).
+    codec: what decodes (LatentCodec, or the preview decoder: both have decode and decode_parts).
+    keep_latents: the last part carries the latents, copied to the host (for a full decode later).
     """
 
-    def __init__(self, codec: LatentCodec, latents: torch.Tensor, keep: int, side: torch.cuda.Stream | None,
-                 pinned: torch.Tensor | None, denoise: _Marks, fields: dict, split_first: bool = False) -> None:
+    def __init__(self, codec: LatentCodec | TinyDecoder, latents: torch.Tensor, keep: int,
+                 side: torch.cuda.Stream | None, pinned: torch.Tensor | None, denoise: _Marks, fields: dict,
+                 split_first: bool = False, keep_latents: bool = False) -> None:
         self.latents, self.denoise, self.fields = latents, denoise, fields
+        self.keep_latents = keep_latents
         device = latents.device
         split = split_first and keep > 1
         self.count = 2 if split else 1
@@ -489,6 +539,8 @@ class _Handoff:
                 copied.synchronize()  # its decode mark, queued before the copy, is done too
                 frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)  # the buffer is reused
             fields = {**self.fields, "first_frame": self.fields["first_frame"] + start}
+            if self.keep_latents and n == self.count - 1:
+                fields["latents"] = self.latents.detach().to("cpu", torch.float32)
             yield Chunk(frames=frames, seconds=time.perf_counter() - since,
                         denoise_seconds=self.denoise.interval(0), decode_seconds=self.decode.interval(n),
                         complete=n == self.count - 1, **fields)
@@ -511,14 +563,31 @@ def _as_batch(x: torch.Tensor, ndim: int, name: str, height: int, width: int) ->
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   vae_dtype: torch.dtype | None = None, optimize: bool | None = None,
-                  fp8: bool = False) -> HeliosVideoPipeline:
+                  fp8: bool = False, preview_decoder: str | Path | None = None) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
+
+    preview_decoder: a TAEHV-architecture weight file for stream(decoder="tiny") (taew2_1.pth for Wan2.1
+    latents, or one made by `helios train-decoder`), or "tiny" for the model folder's own
+    (preview_decoder/taehv.safetensors). Checked before the model's weights are read.
 
     optimize: the fast path (fused projections, compiled blocks, CUDA graphs, decode overlapped with
     denoising); default on for CUDA, off elsewhere.
     fp8: FP8 matmuls in the transformer blocks (CUDA, Hopper or newer).
     """
+    preview_path = None
+    if preview_decoder is not None:
+        try:
+            preview_path = preview_decoder_path(path, None if str(preview_decoder) == "tiny" else preview_decoder)
+            if not preview_path.is_file():
+                raise DecoderChoiceError(f"preview decoder {preview_path}: no such file")
+        except DecoderChoiceError as e:
+            raise InputError(str(e)) from e
     pipe = HeliosVideoPipeline(load_components(path, dtype=dtype, device=device, vae_dtype=vae_dtype))
+    if preview_path is not None:
+        try:
+            pipe.set_preview_decoder(preview_path)
+        except DecoderChoiceError as e:
+            raise InputError(str(e)) from e
     if optimize is None:
         optimize = torch.device(device).type == "cuda"
     if optimize or fp8:

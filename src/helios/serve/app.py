@@ -130,6 +130,7 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
                 "engines": engines, "devices_per_engine": len(engines[0]["devices"]),
                 "default_size": list(spec.default_size), "presets": sorted(PRESETS),
                 "default_preset": spec.default_preset, "fps": server.fps, "chunk_frames": 33,
+                "preview": bool(getattr(spec, "preview", False)),
                 "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)
