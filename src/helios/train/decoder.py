@@ -59,6 +59,7 @@ class DecoderTrainConfig:
     seed: int = 0
     save_every: int = 100
     resume: bool = False
+    stop_after: int | None = None  # end this run at this step (the schedule still spans `steps`); resume later
 
     def check(self) -> None:
         if not (self.model / "vae" / "config.json").is_file():
@@ -477,8 +478,9 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
         evals.append({"step": step, "summary": summarize(rows), "clips": rows})
         student.train()
 
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
     bar = tqdm(total=cfg.steps, initial=step, desc="train-decoder", unit="step")
-    while step < cfg.steps:
+    while step < end:
         idx = torch.randint(0, train["latents"].shape[0], (cfg.batch,))
         z, target = train["latents"][idx], train["targets"][idx]
         if torch.rand(()) < 0.5:  # mirrored clips: latents and frames flip together
@@ -493,7 +495,7 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == end:
             run_eval()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", psnr=f"{evals[-1]['summary']['all']['psnr']:.2f}")
             checkpoint()
