@@ -16,7 +16,8 @@ from helios.train.decoder import DecoderTrainConfig, DecoderTrainError, psnr, sa
 def config(model, out, **kw) -> DecoderTrainConfig:
     """A few 16x16 crops of procedural clips, one 32x32 held-out chunk, a decoder of a few thousand weights."""
     base = dict(model=model, out=out, steps=40, batch=2, lr=3e-3, train_videos=4, test_videos=1, real_fraction=0.0,
-                widths=(16, 16, 8, 8), blocks=1, size=(32, 32), crop=16, train_latents=2, save_every=20, seed=1)
+                widths=(16, 16, 8, 8), blocks=1, size=(32, 32), crop=16, train_latents=2, save_every=20, seed=1,
+                linear_init=False)
     return DecoderTrainConfig(**{**base, **kw})
 
 
@@ -94,3 +95,28 @@ def test_psnr_and_ssim_of_known_pairs():
     assert psnr(torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.1)) == pytest.approx(20.0)
     noisy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
     assert 0 < ssim(a, noisy) < ssim(a, (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(0, 1)) < 1
+
+
+def test_the_linear_start_computes_the_least_squares_latent_to_rgb_map():
+    from types import SimpleNamespace
+
+    from helios.model.taehv import TAEHV
+    from helios.train.decoder import latent_rgb_fit, linear_start_, student_config, student_frames
+
+    g = torch.Generator().manual_seed(0)
+    vae = SimpleNamespace(z_dim=16, scale_factor_spatial=4, scale_factor_temporal=4)
+    mean, std = torch.randn(1, 16, 1, 1, 1, generator=g) * 0.3, torch.rand(1, 16, 1, 1, 1, generator=g) + 0.5
+    z = torch.randn(2, 16, 3, 4, 4, generator=g)
+    # Frames that are a known linear function of the (soft-clamped) latent above each pixel.
+    w, b = torch.randn(3, 16, generator=g) * 0.1, torch.randn(3, generator=g) * 0.1
+    raw = torch.tanh((z * std + mean) / 3) * 3
+    under = raw[:, :, [0, 1, 1, 1, 1, 2, 2, 2, 2]].repeat_interleave(4, -2).repeat_interleave(4, -1)
+    frames = torch.einsum("oc,bcthw->bothw", w, under) + b.view(1, 3, 1, 1, 1)
+    fit = latent_rgb_fit(z, frames, mean, std, spatial=4, temporal=4)
+    torch.testing.assert_close(fit, torch.cat([w, b[:, None]], 1), rtol=0, atol=1e-4)
+    for spare, atol in ((0.0, 1e-4), (1e-2, 0.05)):  # exactly; and up to the small random start of the rest
+        student = TAEHV(student_config(vae, (32, 32, 32, 32), 2))
+        linear_start_(student, fit, spare=spare)
+        with torch.no_grad():
+            out = student_frames(student, z, mean, std)
+        torch.testing.assert_close(out, frames, rtol=0, atol=atol)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helios.model.taehv import CONFIG_METADATA_KEY, TAEHV, TAEHVConfig, load_taehv
+from helios.model.taehv import CONFIG_METADATA_KEY, TAEHV, MemBlock, TAEHVConfig, TGrow, load_taehv
 
 CHUNK_LATENTS = 9  # latent frames per engine chunk
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -60,6 +60,9 @@ class DecoderTrainConfig:
     save_every: int = 100
     resume: bool = False
     stop_after: int | None = None  # end this run at this step (the schedule still spans `steps`); resume later
+    max_minutes: float | None = None  # end this run after this much training time (checkpointed; resume later)
+    linear_init: bool = True  # start from a least-squares latent -> RGB map (see linear_start_)
+    device: str = "cpu"  # where the teacher and the student run ("cuda" on a GPU)
 
     def check(self) -> None:
         if not (self.model / "vae" / "config.json").is_file():
@@ -244,9 +247,11 @@ def evaluate(student: TAEHV, pairs: dict[str, torch.Tensor], mean: torch.Tensor,
              clips: list) -> list[dict]:
     """PSNR / SSIM of the student against the full decoder, one row per held-out clip."""
     rows = []
+    device = next(student.parameters()).device
+    mean, std = mean.to(device), std.to(device)
     for i, (kind, source, _) in enumerate(clips):
-        z = pairs["latents"][i:i + 1]
-        pred = student_frames(student, z, mean, std, clamp=True)
+        z = pairs["latents"][i:i + 1].to(device)
+        pred = student_frames(student, z, mean, std, clamp=True).cpu()
         a, b = frames_01(pred), frames_01(pairs["targets"][i:i + 1])
         rows.append({"kind": kind, "source": source, "psnr": psnr(a, b), "ssim": ssim(a, b)})
     return rows
@@ -286,6 +291,63 @@ def student_frames(student: TAEHV, latents: torch.Tensor, mean: torch.Tensor, st
 def distill_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 + MSE on pixels (frames in [-1, 1]): L1 keeps edges sharp, MSE is what PSNR scores."""
     return F.l1_loss(pred, target) + F.mse_loss(pred, target)
+
+
+def latent_rgb_fit(latents: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   spatial: int, temporal: int, samples: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """Least-squares (3, C + 1) map from the soft-clamped raw latent under each pixel to the full decoder's
+    RGB there (a pixel of frame f lies under latent frame ceil(f / temporal), and spatial x spatial pixels
+    under each latent pixel, as the decoder's nearest upsampling and TGrow copies them)."""
+    raw = torch.tanh((latents * std + mean) / 3) * 3  # the decoder's Clamp
+    frames = targets.shape[2]
+    index = torch.tensor([0] + [1 + (f - 1) // temporal for f in range(1, frames)])
+    up = raw[:, :, index].repeat_interleave(spatial, -2).repeat_interleave(spatial, -1)
+    x = up.permute(0, 2, 3, 4, 1).reshape(-1, raw.shape[1])
+    y = targets.permute(0, 2, 3, 4, 1).reshape(-1, 3)
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    a = torch.cat([x[pick], torch.ones(len(pick), 1)], 1).double()
+    return torch.linalg.lstsq(a, y[pick].double()).solution.T.float()  # (3, C + 1)
+
+
+@torch.no_grad()
+def linear_start_(student: TAEHV, fit: torch.Tensor, spare: float = 1e-2) -> None:
+    """Set the student so that it computes the linear fit exactly, then lets training add the rest.
+
+    The latent x is carried as relu(x), relu(-x) in channels [0, 2C): the first convolution makes them,
+    every MemBlock passes them (its last convolution starts at zero, so it is relu(0 + x) = x for x >= 0),
+    the stage convolutions and TGrows copy them, and the last convolution applies the fit to
+    relu(x) - relu(-x) = x. Other weights keep their random start, scaled by `spare` where they would
+    disturb the copy."""
+    c = student.cfg.latent_channels
+    if 2 * c > min(student.cfg.widths):
+        raise DecoderTrainError(f"--widths must all be at least {2 * c} for the linear start (or turn it off)")
+    eye = torch.eye(c)
+
+    def centre(conv: torch.nn.Conv2d, rows: slice, cols: slice, block: torch.Tensor) -> None:
+        conv.weight[rows, cols] = 0
+        conv.weight[rows, cols, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = block
+
+    for i, layer in enumerate(student.decoder):
+        if isinstance(layer, MemBlock):
+            layer.conv[-1].weight.zero_()
+            layer.conv[-1].bias.zero_()
+        elif isinstance(layer, TGrow):
+            n = layer.conv.in_channels
+            layer.conv.weight.copy_(torch.eye(n).repeat(layer.stride, 1)[:, :, None, None])
+        elif isinstance(layer, torch.nn.Conv2d) and i == 1:  # latents -> relu(x), relu(-x)
+            layer.weight[: 2 * c] = 0
+            centre(layer, slice(0, c), slice(0, c), eye)
+            centre(layer, slice(c, 2 * c), slice(0, c), -eye)
+            layer.bias[: 2 * c] = 0
+        elif isinstance(layer, torch.nn.Conv2d) and i == len(student.decoder) - 1:  # the fit, in [0, 1]
+            layer.weight.mul_(spare)
+            w, b = fit[:, :c] / 2, (fit[:, c] + 1) / 2
+            centre(layer, slice(0, 3), slice(0, c), w)
+            layer.weight[:, c:2 * c, 1, 1] = -w
+            layer.bias.copy_(b)
+        elif isinstance(layer, torch.nn.Conv2d):  # between stages: copy the 2C channels
+            layer.weight.mul_(spare)
+            centre(layer, slice(0, 2 * c), slice(0, 2 * c), torch.eye(2 * c))
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -353,9 +415,11 @@ def plot_heldout(student: TAEHV, pairs: dict[str, torch.Tensor], mean: torch.Ten
     n = min(len(clips), 8)
     picks = np.linspace(0, len(clips) - 1, n).round().astype(int)
     fig, ax = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
+    device = next(student.parameters()).device
     with torch.no_grad():
         for j, i in enumerate(picks):
-            pred = student_frames(student, pairs["latents"][i:i + 1], mean, std, clamp=True)
+            z = pairs["latents"][i:i + 1].to(device)
+            pred = student_frames(student, z, mean.to(device), std.to(device), clamp=True).cpu()
             for row, video in enumerate((pairs["targets"][i:i + 1], pred)):
                 img = frames_01(video)[min(frame, video.shape[2] - 1)].permute(1, 2, 0).numpy()
                 ax[row, j].imshow(img)
@@ -430,7 +494,7 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
     cfg.check()
     cfg.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vae = load_vae(cfg.model)
+    vae = load_vae(cfg.model).to(cfg.device)
     codec = LatentCodec(vae)
     size = cfg.size or _model_size(cfg.model)
     if size[0] % codec.spatial or size[1] % codec.spatial:
@@ -440,9 +504,14 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 
-    student = TAEHV(scfg).to(memory_format=torch.channels_last)  # faster convolutions on the CPU too
-    with torch.no_grad():
-        student.decoder[-1].bias.fill_(0.5)  # start from mid-grey rather than black: fewer steps spent on the mean
+    student = TAEHV(scfg)
+    if cfg.linear_init:  # from a linear latent -> RGB map: a first picture at step 0, not a grey field
+        linear_start_(student, latent_rgb_fit(data["train"]["latents"], data["train"]["targets"], mean, std,
+                                              codec.spatial, codec.temporal, seed=cfg.seed))
+    else:
+        with torch.no_grad():
+            student.decoder[-1].bias.fill_(0.5)  # mid-grey rather than black
+    student = student.to(cfg.device, memory_format=torch.channels_last)  # faster convolutions on the CPU too
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps))
     step, losses, evals = 0, [], []
@@ -479,13 +548,20 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
         student.train()
 
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    mean_d, std_d = mean.to(cfg.device), std.to(cfg.device)
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else float("inf")
+    if step == 0 and cfg.linear_init:
+        run_eval()  # the linear start's score, for the record
     bar = tqdm(total=cfg.steps, initial=step, desc="train-decoder", unit="step")
     while step < end:
+        if time.monotonic() > deadline:
+            log(f"--max-minutes {cfg.max_minutes} reached at step {step}; --resume continues")
+            break
         idx = torch.randint(0, train["latents"].shape[0], (cfg.batch,))
-        z, target = train["latents"][idx], train["targets"][idx]
+        z, target = train["latents"][idx].to(cfg.device), train["targets"][idx].to(cfg.device)
         if torch.rand(()) < 0.5:  # mirrored clips: latents and frames flip together
             z, target = z.flip(-1), target.flip(-1)
-        loss = distill_loss(student_frames(student, z, mean, std), target)
+        loss = distill_loss(student_frames(student, z, mean_d, std_d), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -509,7 +585,7 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
                "parameters": n_params, "config": _jsonable(asdict(cfg)), "architecture": json.loads(scfg.to_json()),
                "evals": [{"step": e["step"], "summary": e["summary"]} for e in evals]}
     save_decoder(student, cfg.out / "taehv.safetensors", dtype=torch.float16,
-                 extra={"helios_trained_from": str(cfg.model), "helios_steps": step})
+                 extra={"helios_steps": step, "helios_train_config": json.dumps(_jsonable(asdict(cfg)))})
     write_json_atomic(metrics, cfg.out / "metrics.json")
     plot_loss(losses, evals, cfg.out / "loss.png")
     plot_heldout(student, data["test"], mean, std, _info(data["test_info"]), cfg.out / "heldout.png")
