@@ -74,10 +74,11 @@ def test_preview_stream_keeps_latents_whose_full_decode_is_the_full_stream(pipe,
     finally:
         pipe.preview = None
     assert [c.decoder for c in preview] == ["tiny"] * 3
-    assert [c.frames.shape[0] for c in preview] == [1, 32, 33]  # chunk 0 in two parts (first frame early)
+    # 34 frames -> two chunks, 65 frames (4k + 1); chunk 0 in two parts (first frame early)
+    assert [c.frames.shape[0] for c in preview] == [1, 32, 32]
     assert preview[0].latents is None and preview[1].latents is not None  # on a chunk's last part only
     kept = [c for c in preview if c.latents is not None]
-    again = [pipe.decode_full(c.latents, frames) for c, frames in zip(kept, (33, 33))]
+    again = [pipe.decode_full(c.latents, frames) for c, frames in zip(kept, (33, 32))]
     for a, b in zip(again, full):
         assert torch.equal(a, b)
     tiny = torch.cat([c.frames for c in preview])
