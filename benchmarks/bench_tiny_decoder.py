@@ -100,7 +100,7 @@ def part_speed(res: dict) -> None:
     out["full_fast_ms"] = cuda_ms(lambda: codec.decode(z), iters=10)
     full = codec.decode(z).float()
     vae_cfg = codec.vae.config
-    del codec
+    codec = None  # free the full decoder before the tiny one is timed
     gc.collect()
     torch.cuda.empty_cache()
     tiny = wan_tiny_decoder(vae_cfg, dev, dt)
@@ -144,7 +144,7 @@ def part_e2e(res: dict) -> None:
             out[name] = {"fps": 33 * 4 / (t165 - t33), "s_per_chunk": (t165 - t33) / 4,
                          "first_frame_fast_start_s": first_fast}
             print(name, json.dumps(out[name]), flush=True)
-        del pipe
+        pipe = None
         gc.collect()
         torch.cuda.empty_cache()
     res["e2e"] = out
