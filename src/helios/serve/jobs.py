@@ -80,6 +80,7 @@ class Job:
         self.last_prompt = request.prompt  # the prompt of the newest chunk
         self.queue_position: int | None = None
         self.engine: int | None = None  # which of the server's engines runs (or ran) it
+        self.finalizing: tuple[int, int] | None = None  # preview jobs: (chunks, of) decoded by the full VAE
         self.created = self.last_seen = time.monotonic()
         self.finished_at: float | None = None
         self.finished = threading.Event()
@@ -97,7 +98,7 @@ class Job:
                 "chunks_done": self.chunks_done, "chunks_total": self.request.chunks,
                 "frames_done": self.frames_done, "frames_total": self.request.frames_out,
                 "fps": round(fps, 3) if fps else None, "queue_position": self.queue_position,
-                "engine": self.engine,
+                "engine": self.engine, "finalizing": list(self.finalizing) if self.finalizing else None,
                 "prompt": self.last_prompt, "next_prompt": self.prompt.schedule.entries[-1][1],
                 "error": self.error, "video": video_url(self.id) if self.video_path else None,
                 "params": self.request.public(),
@@ -414,6 +415,7 @@ class Worker:
         job._start()
         log.info("job %s started on engine %s", job.id, job.engine)
         chunks = None
+        full = _FullDecode() if req.preview else None  # preview: the mp4 is decoded by the full VAE at the end
         try:
             job.check()
             chunks = engine.run(req, job.prompt, job.check)
@@ -427,14 +429,21 @@ class Worker:
                 listener = job.listener  # (the session may drop it at any moment)
                 if listener is not None:
                     listener.chunk(job, chunk)  # the live view first: the mp4 can wait a moment
-                writer.write(chunk.frames)
+                if full is not None:
+                    full.add(chunk)
+                else:
+                    writer.write(chunk.frames)
                 job.emit_status()
                 del chunk
+            if full is not None:
+                full.write(job, engine, writer)
             writer.close()
             job._finish(State.DONE, video=path)
             log.info("job %s done: %d frames in %.1f s", job.id, job.frames_done, job.gen_seconds)
         except Interrupted as e:
             _close(chunks)
+            if e.stop and full is not None and full.chunks:
+                full.write(job, engine, writer)
             if e.stop and writer.frames_written:
                 writer.close()
                 job._finish(State.STOPPED, e.reason, video=path)
@@ -452,6 +461,33 @@ class Worker:
             writer.discard()
             shutil.rmtree(folder, ignore_errors=True)
             job._finish(State.FAILED, describe_failure(e))
+
+
+class _FullDecode:
+    """A preview job's chunks kept as latents (their live frames came from the tiny decoder), decoded by the
+    full VAE into the mp4 once the stream ends, with the progress shown to the client."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[object, int]] = []  # (latents tensor, frames to keep)
+        self._first: dict[int, int] = {}  # chunk index -> its first frame (a chunk may come in two parts)
+
+    def add(self, chunk) -> None:
+        self._first.setdefault(chunk.index, chunk.first_frame)
+        if chunk.latents is not None:
+            end = chunk.first_frame + int(chunk.frames.shape[0])
+            self.chunks.append((chunk.latents, end - self._first.pop(chunk.index)))
+
+    def write(self, job: Job, engine: Engine, writer) -> None:
+        total = len(self.chunks)
+        for done in range(total):
+            job.finalizing = (done, total)
+            job._emit({"type": "finalizing", "done": done, "total": total})
+            latents, frames = self.chunks[done]
+            writer.write(engine.decode_full(latents, frames))
+            self.chunks[done] = (None, 0)  # the latents are not needed any more
+        job.finalizing = (total, total)
+        job._emit({"type": "finalizing", "done": total, "total": total})
+        self.chunks = []
 
 
 def _close(chunks) -> None:

@@ -35,6 +35,7 @@ class JobRequest:
     fps: int = 24
     image: torch.Tensor | None = None  # (H, W, 3) uint8, already at the video size
     video: torch.Tensor | None = None  # (T, H, W, 3) uint8, already at the video size
+    preview: bool = False  # live chunks through the tiny decoder; the mp4 decoded by the full VAE afterwards
 
     @property
     def mode(self) -> str:
@@ -55,7 +56,8 @@ class JobRequest:
     def public(self) -> dict:
         return {"prompt": self.prompt, "frames": self.frames_out, "requested_frames": self.frames,
                 "height": self.height, "width": self.width, "chunks": self.chunks, "preset": self.preset,
-                "steps": self.steps, "seed": self.seed, "mode": self.mode, "fps": self.fps}
+                "steps": self.steps, "seed": self.seed, "mode": self.mode, "fps": self.fps,
+                "decoder": "tiny" if self.preview else "full"}
 
 
 def _number(fields: Mapping[str, object], name: str, kind: type, default):
@@ -114,6 +116,10 @@ def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 
     if not 0 <= seed < 2**63:
         raise RequestError(f"seed must be between 0 and 2**63-1, got {seed}")
     fast_start = _flag(fields, "fast_start")
+    preview = _flag(fields, "preview")
+    if preview and not getattr(spec, "preview", False):
+        raise RequestError("this server has no preview decoder: start it with `helios serve --decoder tiny` "
+                           "(or tiny:PATH), or ask without preview")
     preset = fields.get("preset") or None
     if preset is not None and not isinstance(preset, str):
         raise RequestError(f"preset must be a name, got {preset!r}")
@@ -129,8 +135,7 @@ def parse_params(fields: Mapping[str, object], spec, limits: Limits, fps: int = 
         raise RequestError(str(e)) from None
     return JobRequest(prompt=prompt, frames=frames, height=height, width=width, chunks=plan.chunks,
                       frames_out=plan.frames, preset=preset, steps=steps, guidance=guidance, fast_start=fast_start,
-                      seed=seed,
-                      negative=negative, fps=fps)
+                      seed=seed, negative=negative, fps=fps, preview=preview)
 
 
 def attach_upload(request: JobRequest, kind: str, data: bytes, filename: str, limits: Limits,

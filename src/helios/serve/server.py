@@ -14,7 +14,8 @@ log = logging.getLogger("helios.serve")
 def run_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                device: str = "cpu", devices: Sequence[Sequence[str]] | None = None, dtype: str = "auto",
                limits: Limits | None = None, workdir: str | Path | None = None, fps: int = 24,
-               memory: str | None = None) -> None:
+               memory: str | None = None,
+               preview_decoder: str | Path | None = None) -> None:
     """Blocks until the server is stopped (Ctrl-C). Raises ValueError for a host/token combination
     that would expose the GPU without a token, or a bad dtype, before anything is loaded.
 
@@ -32,7 +33,7 @@ def run_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     groups = [list(g) for g in devices] if devices is not None else [[device]]
     limits = limits or Limits()
     log.info("loading %s: %d engine(s) on %s", model, len(groups), " | ".join(",".join(g) for g in groups))
-    engines = load_engines(model, groups, dtype, memory)
+    engines = load_engines(model, groups, dtype, memory, preview_decoder=preview_decoder)
     try:
         app = create_app(engines=engines, limits=limits, token=token, workdir=workdir, fps=fps,
                          model_name=Path(model).name)

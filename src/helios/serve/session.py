@@ -146,7 +146,8 @@ async def _send(ws: WebSocket, listener: SessionListener) -> None:
             messages = await asyncio.to_thread(frame_messages, item.index, item.first_frame, item.frames.numpy())
             await ws.send_json({"type": "chunk", "index": item.index, "first_frame": item.first_frame,
                                 "frames": len(messages), "prompt": item.prompt, "total_chunks": item.total_chunks,
-                                "seconds": round(item.seconds, 3), "complete": item.complete})
+                                "seconds": round(item.seconds, 3), "complete": item.complete,
+                                "decoder": getattr(item, "decoder", "full")})
             for m in messages:
                 await ws.send_bytes(m)
         finally:

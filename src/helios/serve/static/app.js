@@ -60,6 +60,8 @@ async function loadConfig() {
   $("height").value = body.default_size[0];
   $("width").value = body.default_size[1];
   $("frames").max = body.limits.max_frames;
+  $("preview").disabled = !body.preview;
+  if (body.preview) $("preview-hint").textContent = "(live frames from the tiny decoder, the mp4 from the full VAE at the end)";
   lengthHint();
 }
 
@@ -89,7 +91,7 @@ async function start(event) {
   const message = {
     type: "start", prompt: $("prompt").value, frames: numberOrNull("frames"), preset: $("preset").value || null,
     height: numberOrNull("height"), width: numberOrNull("width"), seed: numberOrNull("seed"),
-    steps: numberOrNull("steps"), fast_start: $("fast_start").checked,
+    steps: numberOrNull("steps"), fast_start: $("fast_start").checked, preview: $("preview").checked,
     upload: file ? (file.type.startsWith("video/") ? "video" : "image") : null, filename: file ? file.name : null,
   };
   if (!message.prompt.trim()) { showError("Write a prompt first."); return; }
@@ -120,6 +122,7 @@ function onJson(m) {
       S.job = m.job;
       $("player").width = m.params.width; $("player").height = m.params.height;
       log(`job accepted: ${m.params.frames} frames in ${m.params.chunks} chunk(s), ${m.params.mode}`);
+      $("st-decoder").textContent = m.params.decoder === "tiny" ? "tiny (preview)" : "full VAE";
       controls(true);
       status(m);
       break;
@@ -129,6 +132,10 @@ function onJson(m) {
       log(`${m.complete ? "chunk" : "first frame of chunk"} ${m.index + 1}/${m.total_chunks} decoded in ${m.seconds.toFixed(2)} s: "${m.prompt}"`);
       break;
     case "steered": log(`prompt "${m.prompt}" applies from chunk ${m.from_chunk + 1}`); break;
+    case "finalizing":
+      $("st-decoder").textContent = m.done < m.total ? `mp4: full VAE ${m.done}/${m.total}` : "tiny (preview); mp4 by the full VAE";
+      if (m.done === 0) log(`decoding the mp4 with the full VAE (${m.total} chunk(s))`);
+      break;
     case "end":
       S.done = true;
       status(m);
