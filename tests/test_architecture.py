@@ -21,7 +21,7 @@ ALLOWED = {
     "eval": {"engine"},
     "train": {"engine", "model", "sampling"},
     "serve": {"engine", "model", "sampling"},
-    "cli": {"engine", "eval", "model", "sampling", "serve", "train"},
+    "cli": {"__init__", "engine", "eval", "model", "sampling", "serve", "train"},  # __init__: the version
     "__init__": {"engine", "model", "sampling"},
     **{name: set() for name in FOUNDATION},
 }

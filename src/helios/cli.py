@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from helios import bundled_model
+from helios.model_folder import bundled_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Real-time, minute-long video generation with Helios.")

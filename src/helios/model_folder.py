@@ -32,7 +32,7 @@ PARTS = ("transformer", *COMPONENT_PARTS)
 SAMPLING_DEFAULTS = ("steps", "guidance_scale")
 
 __all__ = ["CHUNK_FRAMES", "COMPONENT_PARTS", "LATENT_CHUNK_FRAMES", "ModelFolderError", "PARTS",
-           "PIPELINE_CLASSES", "SPATIAL_COMPRESSION", "TEMPORAL_COMPRESSION", "check_default_sampling",
+           "PIPELINE_CLASSES", "SPATIAL_COMPRESSION", "TEMPORAL_COMPRESSION", "bundled_model", "check_default_sampling",
            "frames_for_latents", "read_model_index", "read_part_json", "read_scheduler_config",
            "vae_scale_factors", "write_model_folder"]
 
@@ -148,3 +148,9 @@ def _replace_folder(new: Path, out: Path) -> None:
     new.rename(out)
     if old.exists():
         shutil.rmtree(old)
+
+
+def bundled_model() -> Path:
+    """The folder of the small model shipped inside the package (64x64, runs on a CPU; its
+    model_index.json lists the words it knows and an example prompt)."""
+    return Path(__file__).parent / "assets" / "helios-tiny"

@@ -45,7 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
-from helios import bundled_model
+from helios.model_folder import bundled_model
 from helios.engine.prompts import PromptSchedule
 from helios.serve.auth import ClientIds, authorized, same_origin
 from helios.serve.jobs import FINAL, Worker
