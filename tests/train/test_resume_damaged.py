@@ -11,18 +11,7 @@ import pytest
 from helios.train.checkpoint import checkpoint_damage, list_checkpoints
 from helios.train.config import ConfigError
 from helios.train.trainer import train
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after(k: int):
-    def hook(step: int, metrics: dict) -> None:
-        if step == k:
-            raise Crash(f"simulated crash after step {step}")
-
-    return hook
+from helpers.train_runs import Crash, crash_after
 
 
 def truncate(path) -> None:

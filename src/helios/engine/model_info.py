@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helios.engine.components import PARTS, ModelFolderError, read_model_index
+from helios.model_folder import PARTS, ModelFolderError, read_model_index
 from helios.engine.pipeline import read_spec
 
 

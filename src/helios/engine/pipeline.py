@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from helios.engine.components import (Components, load_components, model_flags, read_model_index,
-                                      vae_scale_factors)
+from helios.engine.components import Components, load_components, model_flags
 from helios.engine.conditioning import (Condition, LatentCodec, NoiseRange, image_condition, to_uint8_frames,
                                         video_condition)
 from helios.engine.history import HistoryBuffer, HistoryLayout
@@ -33,7 +32,7 @@ from helios.engine.preview import DecoderChoiceError, TinyDecoder, preview_decod
 from helios.engine.prompts import LivePrompt, PromptSchedule
 from helios.engine.text import PromptEncoder
 from helios.model.graphs import GraphedForward
-from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION
+from helios.model_folder import CHUNK_FRAMES, TEMPORAL_COMPRESSION, read_model_index, vae_scale_factors
 from helios.model.transformer import TextContext
 from helios.sampling.sampler import PRESETS, SamplerSettings, denoise_chunk, preset
 from helios.sampling.loading import load_scheduler
@@ -697,7 +696,6 @@ class MemoryState:
 
 def model_defaults(path: str | Path) -> tuple[tuple[int, int], str]:
     """((height, width), preset name) a model folder generates with by default, from model_index.json."""
-    from helios.engine.components import read_model_index
 
     index = read_model_index(Path(path))
     preset_name = ("distilled" if index.get("is_distilled") else

@@ -285,7 +285,7 @@ class GroupEngine(Engine):
             raise EngineDied(f"the engine on {self.label} stopped: {self.failure}")
         self._busy = True
         try:
-            self._send(("job", _to_wire(request)))
+            self._send(("job", to_wire(request)))
             while True:
                 self._send(("next",))
                 chunk = self._next_chunk(prompt, on_step)
@@ -495,13 +495,13 @@ class _GroupPrompt(LivePrompt):
         return self._side.ask(("at", chunk))
 
 
-def _to_wire(request: JobRequest) -> JobRequest:
+def to_wire(request: JobRequest) -> JobRequest:
     # numpy, not torch: a pickled tensor would travel through shared memory, an array by value
     return replace(request, image=None if request.image is None else request.image.numpy(),
                    video=None if request.video is None else request.video.numpy())
 
 
-def _from_wire(request: JobRequest) -> JobRequest:
+def from_wire(request: JobRequest) -> JobRequest:
     return replace(request, image=None if request.image is None else torch.from_numpy(request.image),
                    video=None if request.video is None else torch.from_numpy(request.video))
 
@@ -539,7 +539,7 @@ def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: st
     try:
         while (command := side.command())[0] != "quit":
             if command[0] == "job":
-                if _group_job(pipe, side, _from_wire(command[1])):
+                if _group_job(pipe, side, from_wire(command[1])):
                     break
             elif command[0] != "cancel":  # a cancel for a job that already ended is harmless
                 raise RuntimeError(f"unexpected command {command[0]!r}")

@@ -33,7 +33,7 @@ import secrets
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,7 +51,8 @@ from helios.serve.auth import ClientIds, authorized, same_origin
 from helios.serve.jobs import FINAL, Worker
 from helios.serve.limits import Limits, RequestError, check_prompt
 from helios.serve.openai_api import ApiError, JobTable, job_record, openai_app
-from helios.serve.params import JobRequest, attach_upload, parse_params
+from helios.serve.engines import from_wire, to_wire
+from helios.serve.params import JobRequest
 from helios.serve.protocol import CLIENT_COOKIE, frame_messages, status_url, video_url
 
 log = logging.getLogger("helios.serve")
@@ -71,18 +72,6 @@ def split_id(job_id: str) -> tuple[int, str, str]:
         return int(parts[0]), parts[1], parts[2]
     return -1, "", job_id
 
-
-def _to_wire(request: JobRequest) -> JobRequest:
-    # numpy, not torch, between processes (as the engine groups do)
-    return replace(request, image=None if request.image is None else request.image.numpy(),
-                   video=None if request.video is None else request.video.numpy())
-
-
-def _from_wire(request: JobRequest) -> JobRequest:
-    import torch
-
-    return replace(request, image=None if request.image is None else torch.from_numpy(request.image),
-                   video=None if request.video is None else torch.from_numpy(request.video))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +144,7 @@ class HeliosEngine:
 
     def submit(self, request: JobRequest, schedule: PromptSchedule | None, owner: str) -> dict:
         try:
-            return self._record(self.table.create(_from_wire(request), owner, schedule))
+            return self._record(self.table.create(from_wire(request), owner, schedule))
         except RequestError as e:
             return {"refused": e.message, "status": e.status}
 
@@ -196,7 +185,7 @@ class HeliosEngine:
 
         listener = SessionListener(asyncio.get_running_loop(), self.limits.stall_timeout_s)
         try:
-            job = self.table.create(_from_wire(request), owner, schedule, live=True)
+            job = self.table.create(from_wire(request), owner, schedule, live=True)
         except RequestError as e:
             yield {"type": "error", "error": e.message, "status": e.status}
             return
@@ -377,7 +366,7 @@ class Replicas:
     async def create(self, request: JobRequest, schedule, owner: str) -> dict:
         await self.check_client_limit(owner)
         async with self._placing:  # (so that two new jobs do not both see the same idle engine)
-            answer = await (await self.place()).submit.remote(_to_wire(request), schedule, owner)
+            answer = await (await self.place()).submit.remote(to_wire(request), schedule, owner)
         if "refused" in answer:
             raise RequestError(answer["refused"], answer["status"])
         return self.remember(owner, answer)
@@ -540,10 +529,11 @@ async def _live_session(ws: WebSocket, replicas: Replicas, client: str) -> None:
     """/ws on the ingress: the start message is checked here, then the replica that takes the job
     streams it; controls go to that replica. Closing the socket cancels the job."""
     from helios.serve.protocol import CLOSE_DONE
-    from helios.serve.session import _json, _refuse, START_TIMEOUT_S
+    from helios.serve.session import _json, _refuse, receive_start
 
     try:
-        request = await _read_start(ws, replicas, START_TIMEOUT_S, _json)
+        await replicas.ensure_spec()
+        request = await receive_start(ws, replicas.spec, replicas.limits, replicas.fps, replicas.scratch)
         await replicas.check_client_limit(client)
     except RequestError as e:
         await _refuse(ws, e)
@@ -552,7 +542,7 @@ async def _live_session(ws: WebSocket, replicas: Replicas, client: str) -> None:
         return
     async with replicas._placing:
         engine = await replicas.place()
-        stream = engine.options(stream=True).run_live.remote(_to_wire(request), None, client)
+        stream = engine.options(stream=True).run_live.remote(to_wire(request), None, client)
         first = await stream.__anext__()
     if first["type"] == "error":
         await _refuse(ws, RequestError(first["error"], first["status"]))
@@ -605,32 +595,6 @@ async def _live_session(ws: WebSocket, replicas: Replicas, client: str) -> None:
             await ws.close(CLOSE_DONE)
         except (RuntimeError, WebSocketDisconnect):
             pass
-
-
-async def _read_start(ws: WebSocket, replicas: Replicas, timeout: float, as_json) -> JobRequest:
-    try:
-        message = await asyncio.wait_for(ws.receive(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestError(f"no start message within {timeout:.0f} s") from None
-    if message["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect()
-    start = as_json(message)
-    if start.get("type") != "start":
-        raise RequestError('the first message must be {"type": "start", "prompt": ...}')
-    await replicas.ensure_spec()
-    request = parse_params(start, replicas.spec, replicas.limits, fps=replicas.fps)
-    kind = start.get("upload")
-    if kind:
-        if kind not in ("image", "video"):
-            raise RequestError(f'"upload" must be "image" or "video", got {kind!r}')
-        upload = await ws.receive()
-        if upload["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect()
-        if upload.get("bytes") is None:
-            raise RequestError(f"expected the {kind} file as one binary message after the start message")
-        request = await asyncio.to_thread(attach_upload, request, kind, upload["bytes"],
-                                          str(start.get("filename") or kind), replicas.limits, replicas.scratch)
-    return request
 
 
 async def _control(message: dict, job_id: str, client: str, replicas: Replicas, ws: WebSocket) -> None:

@@ -16,12 +16,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from helios.serve.jobs import FINAL, Interrupted, Job
 from helios.serve.limits import RequestError, check_known_fields, check_prompt, parse_json_object
-from helios.serve.params import attach_upload, parse_params
+from helios.serve.params import JobRequest, attach_upload, parse_params
 from helios.serve.protocol import CLOSE_BAD_REQUEST, CLOSE_DONE, CLOSE_TOO_MANY, frame_messages
 
 log = logging.getLogger("helios.serve")
 
 START_TIMEOUT_S = 60.0
+START_FIELDS = ("type", "upload", "filename")  # a start message's own fields beside the job's
 MAX_CHUNKS_IN_FLIGHT = 2  # decoded chunks waiting for a slow client before the worker waits too
 
 
@@ -94,7 +95,10 @@ async def live_session(ws: WebSocket, server, client: str) -> None:
             pass
 
 
-async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListener]:
+async def receive_start(ws: WebSocket, spec, limits, fps: int, scratch) -> JobRequest:
+    """The job a live session asks for: its first message ({"type": "start", ...}, within
+    START_TIMEOUT_S), checked against `spec` and `limits`, with its upload (one binary message after
+    it, written under `scratch`) attached. Used by the one-host server and the Ray ingress alike."""
     try:
         message = await asyncio.wait_for(ws.receive(), START_TIMEOUT_S)
     except asyncio.TimeoutError:
@@ -104,8 +108,7 @@ async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListen
     start = _json(message)
     if start.get("type") != "start":
         raise RequestError('the first message must be {"type": "start", "prompt": ...}')
-    request = parse_params(start, server.spec, server.limits, fps=server.fps,
-                           extra_fields=("type", "upload", "filename"))
+    request = parse_params(start, spec, limits, fps=fps, extra_fields=START_FIELDS)
     kind = start.get("upload")
     if kind:
         if kind not in ("image", "video"):
@@ -117,8 +120,13 @@ async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListen
         if data is None:
             raise RequestError(f"expected the {kind} file as one binary message after the start message")
         request = await asyncio.to_thread(attach_upload, request, kind, data, str(start.get("filename") or kind),
-                                          server.limits, server.worker.workdir)
+                                          limits, scratch)
         del data, upload
+    return request
+
+
+async def _start(ws: WebSocket, server, client: str) -> tuple[Job, SessionListener]:
+    request = await receive_start(ws, server.spec, server.limits, server.fps, server.worker.workdir)
     job = Job(request, client, live=True)
     listener = SessionListener(asyncio.get_running_loop(), server.limits.stall_timeout_s)
     job.listener = listener
