@@ -12,7 +12,7 @@ from helios.engine.conditioning import LatentCodec
 from helios.engine.pipeline import InputError, load_pipeline
 from helios.engine.preview import PREVIEW_FILE, PREVIEW_FOLDER, DecoderChoiceError, TinyDecoder, parse_decoder_choice
 from helios.engine.video_io import read_video
-from tiny_pipelines import save_random_preview_decoder
+from helpers.tiny_pipelines import save_random_preview_decoder
 
 PROMPT = "two red circles bouncing on a blue background"
 

@@ -118,7 +118,7 @@ def test_the_page_is_offered_only_the_presets_the_model_runs(server):
 
 
 def test_a_distilled_model_offers_its_pyramid_presets(pipe, tmp_path):
-    from tiny_pipelines import save_model_folder
+    from helpers.tiny_pipelines import save_model_folder
 
     import helios
 
