@@ -34,7 +34,7 @@ from probe_transformer import cuda_time  # same folder: median of CUDA-event tim
 HEIGHT, WIDTH = 384, 640
 STEPS = (2, 2, 2)
 EMB_SHAPE = (1, 512, 4096)
-MATMUL_TFLOPS, ATTN_TFLOPS = 754.0, 580.0  # measured ceilings on the lent H100 (anchors.md)
+MATMUL_TFLOPS, ATTN_TFLOPS = 754.0, 580.0  # measured ceilings on one H100 (anchors.md)
 
 
 def sync() -> None:

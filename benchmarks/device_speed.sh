@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One call on the lent GPU for the speed work of issue 4: the GPU tests, then bench_e2e.py's configs.
+# One run on one GPU for the speed work of issue 4: the GPU tests, then bench_e2e.py's configs.
 #   bash benchmarks/device_speed.sh OUT_DIR tests,bench CONFIGS [TAG]
-# Needs diffusers (and ftfy) importable: carry them as wheels in .whl (see the device tool's README);
+# Needs diffusers (and ftfy) importable: bring them as wheels in .whl (the GPU machine has no network);
 # this script installs whatever is in .whl into /tmp/site. Each part writes under OUT_DIR as it goes,
-# so a call stopped at its limit still returns what finished.
-# The tracked tree is over the device's 64 MiB limit because of the two kept small-model bundles under
+# so a run stopped at its limit still returns what finished.
+# The tracked tree is over the GPU machine's 64 MiB limit because of the two kept small-model bundles under
 # benchmarks/results/ (run 10's base, run 11's mid; 19 MB each): move those folders out of the tree for the
-# call and back after it (on 2026-12-02 they went to /tmp/parked; they are not needed on the GPU).
+# run and back after it (on 2026-12-02 they went to /tmp/parked; they are not needed on the GPU).
 set -uo pipefail
 OUT=${1:?usage: device_speed.sh OUT_DIR PARTS CONFIGS [TAG]}
 PARTS=${2:-tests,bench}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The calls on the lent GPU that train the shipped bundle (each must end inside a 10-minute call; carry the
+# The GPU runs that train the shipped bundle (each must end inside a 10-minute run; bring the
 # wheels without PyAV: nothing here writes an mp4, and the tree with them would pass the 64 MiB limit):
 #   bash configs/tiny/device.sh OUT_DIR mid        # VAE, latent cache, stages 1 and 2 -> helios-tiny-mid
 #   bash configs/tiny/device.sh OUT_DIR distilled  # from runs/tiny/helios-tiny-mid (or MID_FROM): stage 3 (ode,
@@ -10,7 +10,7 @@
 #   FROM=BASE bash configs/tiny/device.sh OUT_DIR continue  # as mid, stage 1 starting from the trained base bundle BASE
 #   bash configs/tiny/device.sh OUT_DIR decoder    # the shipped VAE's decoder alone, into a copy of the shipped bundle
 # Parts mid, more and distilled end with a prompt-adherence run of their model on the GPU (ADH_SECONDS each,
-# 0: none) into OUT_DIR/adherence-*, to choose the next call before the machine cools.
+# 0: none) into OUT_DIR/adherence-*, to choose the next run before the machine cools.
 # Results land in runs/tiny and are packed into OUT_DIR as tar parts of at most 15 MB. One process
 # at a time on the GPU: two small-model processes side by side ran ten times slower each.
 set -uo pipefail
@@ -26,12 +26,12 @@ pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$R/logs"
 START=$(date +%s)
-budget() {  # budget CAP RESERVE: CAP seconds, or what the call has left (CALL_SECONDS from the start) less RESERVE
+budget() {  # budget CAP RESERVE: CAP seconds, or what the run has left (CALL_SECONDS from the start) less RESERVE
     local left=$(( START + ${CALL_SECONDS:-540} - $(date +%s) - $2 ))
     echo $(( left < $1 ? left : $1 ))
 }
 adherence() {  # adherence NAME MODEL [ARGS...]: prompt adherence on the GPU (seconds; the CPU numbers of the docs
-    # come from the same script afterwards), so that the next call can be chosen before the machine cools
+    # come from the same script afterwards), so that the next run can be chosen before the machine cools
     local name=$1 model=$2; shift 2
     [ "${ADH_SECONDS:-45}" -gt 0 ] || return 0
     timeout "${ADH_SECONDS:-45}" python3 benchmarks/prompt_adherence.py "$model" --device "${DEVICE:-cuda}" \
@@ -53,7 +53,7 @@ DISTILL=$(( ${S3O_SECONDS:-60} + ${ODE_CAPTIONS:-40} * 4 + 100 ))
 case "$PART" in
 mid)  # VAE (VAE_FROM: continue a trained vae/ folder), latent cache, stages 1 and 2; prompt adherence and
       # the long videos are scored on the CPU afterwards (benchmarks/prompt_adherence.py, drift_study.py).
-      # Stage 1 gets what the call has left, at most S1_SECONDS: a slow cache must not cost the models.
+      # Stage 1 gets what the run has left, at most S1_SECONDS: a slow cache must not cost the models.
     bash configs/tiny/train.sh vae cache || exit 1
     run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
     adherence mid-g3 "$R/helios-tiny-mid" --guidance 3; adherence mid "$R/helios-tiny-mid"
@@ -67,15 +67,15 @@ continue)  # as mid, with stage 1 starting from a trained base bundle (FROM, e.g
         run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + ADH )) stage1 stage2 bundle2
     adherence continue-g3 "$R/helios-tiny-mid" --guidance 3; adherence continue-g2 "$R/helios-tiny-mid" --guidance 2
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/logs" ;;
-all)  # everything in one call, each training stage on what the call has left
+all)  # everything in one run, each training stage on what the run has left
     bash configs/tiny/train.sh vae cache || exit 1
     run_stage S1_SECONDS "${S1_SECONDS:-200}" $(( S2 + 35 + DISTILL )) stage1 stage2 bundle2
     pack mid "$R/helios-tiny-mid" "$R/helios-tiny-base" "$R"/*/metrics.jsonl "$R/init/vae_train_log.json" "$R/logs"
     bash configs/tiny/train.sh ode || exit 1
     run_stage S3_SECONDS "${S3_SECONDS:-240}" 25 stage3 bundle3
     pack distilled "$R/helios-tiny-distilled" "$R"/stage3*/metrics.jsonl "$R/logs" ;;
-more)  # on a machine still warm from a `mid` (or `more`) call, whose runs/ is still there: stage 1
-      # continues from its checkpoint for what the call has left, then stage 2 starts again from it
+more)  # on a machine still warm from a `mid` (or `more`) run, whose runs/ is still there: stage 1
+      # continues from its checkpoint for what the run has left, then stage 2 starts again from it
     ls "$R"/stage1/checkpoints/step-* >/dev/null 2>&1 || {
         echo "no stage-1 checkpoint in $R/stage1: run part mid first, on the same warm machine" >&2; exit 2; }
     rm -rf "$R/stage2"
@@ -99,7 +99,7 @@ decoder)  # the decoder of VAE_FROM (default: the shipped VAE) trained with its 
         rm -rf "$R/helios-tiny-decoder/vae" && cp -r "$R/init/vae" "$R/helios-tiny-decoder/vae" || exit 1
     adherence shipped src/helios/assets/helios-tiny; adherence decoder "$R/helios-tiny-decoder"
     pack decoder "$R/init/vae" "$R/init/vae_train_log.json" "$R/logs" ;;
-distilled)  # from runs/tiny/helios-tiny-mid (or MID_FROM, a kept mid bundle, copied there first: no earlier call
+distilled)  # from runs/tiny/helios-tiny-mid (or MID_FROM, a kept mid bundle, copied there first: no earlier run
             # needed): stage 3 (ode pairs, ode, dmd), then the GPU speed of both
     if [ -n "${MID_FROM:-}" ]; then
         rm -rf "$R/helios-tiny-mid" && cp -r "$MID_FROM" "$R/helios-tiny-mid" || exit 1

@@ -1,4 +1,4 @@
-"""CUDA versions of the fast paths against the plain PyTorch path (run on the lent GPU; skipped elsewhere)."""
+"""CUDA versions of the fast paths against the plain PyTorch path (run on a GPU; skipped elsewhere)."""
 
 from __future__ import annotations
 

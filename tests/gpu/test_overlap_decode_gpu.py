@@ -1,4 +1,4 @@
-"""The overlapped decode of `HeliosVideoPipeline.stream` on CUDA (run on the lent GPU; skipped elsewhere).
+"""The overlapped decode of `HeliosVideoPipeline.stream` on CUDA (run on a GPU; skipped elsewhere).
 
 With overlap, chunk k's VAE decode and copy to the host run on a side stream while chunk k+1 is
 denoised. The frames must be bit for bit those of the sequential loop, stopping early must leave

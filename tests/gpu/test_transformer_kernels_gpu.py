@@ -1,4 +1,4 @@
-"""The transformer's fused ops on CUDA against float32 references (run on the lent GPU; skipped elsewhere)."""
+"""The transformer's fused ops on CUDA against float32 references (run on a GPU; skipped elsewhere)."""
 
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def test_the_vae_learning_rate_warms_up_then_decays():
 
 
 def test_an_init_made_again_from_its_vae_is_the_same(tiny_model, tmp_path, monkeypatch):
-    # The drift study trains its second stage-1 model in another GPU call: `tiny vae --steps 0
+    # The drift study trains its second stage-1 model in another GPU run: `tiny vae --steps 0
     # --init-vae` on the first run's VAE must give the same VAE, latent statistics and fresh transformer.
     import sys
 
