@@ -51,7 +51,8 @@ def test_t2v_submit_poll_download(server, tmp_path):
     r = client.post("/api/jobs", json={"prompt": "a red fox running", "frames": 66, "seed": 3, **SIZE})
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["state"] == "queued" and job["chunks_total"] == 2 and job["frames_total"] == 65
+    # A free engine may take the job before the answer is written: queued or already running.
+    assert job["state"] in ("queued", "running") and job["chunks_total"] == 2 and job["frames_total"] == 65
     assert job["params"]["mode"] == "t2v"
 
     seen = set()

@@ -15,7 +15,8 @@ from helios.serve.limits import (Limits, RequestError, check_frames, check_known
 
 WINDOW = CHUNK_FRAMES  # frames per chunk; V2V needs at least one whole window
 # The fields of a job, in a JSON body, a form or a WebSocket start message (which adds START_FIELDS).
-JOB_FIELDS = ("prompt", "frames", "height", "width", "preset", "steps", "guidance", "seed", "fast_start", "negative")
+JOB_FIELDS = ("prompt", "frames", "height", "width", "preset", "steps", "guidance", "seed", "fast_start", "negative",
+              "preview")
 
 
 @dataclass(frozen=True)
