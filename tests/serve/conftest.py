@@ -6,19 +6,15 @@ is a one-line change. Jobs in these tests use 64x64 frames and one step per pyra
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 
-SIZE = {"height": 64, "width": 64, "steps": 1}
 
 
 @pytest.fixture(scope="session")
@@ -110,56 +106,3 @@ def serve(pipe, tmp_path):
 @pytest.fixture
 def server(serve) -> LiveServer:
     return serve()
-
-
-def wait_for(client: httpx.Client, job: str, states=("done", "stopped", "cancelled", "failed"),
-             timeout: float = 120) -> dict:
-    """Poll a job's status until it is in one of `states`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.get(f"/api/jobs/{job}").json()
-        if status["state"] in states:
-            return status
-        assert time.monotonic() < deadline, f"job still {status['state']} after {timeout} s: {status}"
-        time.sleep(0.1)
-
-
-def wait_until(client: httpx.Client, job: str, predicate, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while not predicate(status := client.get(f"/api/jobs/{job}").json()):
-        assert status["state"] not in ("done", "stopped", "cancelled", "failed"), status
-        assert time.monotonic() < deadline, f"gave up waiting: {status}"
-        time.sleep(0.02)
-    return status
-
-
-@contextmanager
-def live(server: LiveServer, client_id: str | None = None, **start):
-    """A WebSocket session whose start message has been sent: yields (socket, accepted message)."""
-    from websockets.sync.client import connect
-
-    headers = {"X-Helios-Client": client_id} if client_id else {}
-    # max_queue=None: a test that stops reading must still see the close handshake promptly.
-    with connect(server.ws_url, additional_headers=headers, max_size=None, max_queue=None, open_timeout=20) as ws:
-        upload = start.pop("upload_bytes", None)
-        ws.send(json.dumps({"type": "start", **SIZE, **start}))
-        if upload is not None:
-            ws.send(upload)
-        accepted = json.loads(ws.recv(timeout=60))
-        yield ws, accepted
-
-
-def next_json(ws, timeout: float = 120) -> dict:
-    """The next JSON message, skipping binary frames."""
-    deadline = time.monotonic() + timeout
-    while True:
-        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        if isinstance(message, str):
-            return json.loads(message)
-
-
-def next_matching(ws, predicate) -> dict:
-    """The next JSON message for which predicate(message) holds, skipping the others."""
-    while not predicate(message := next_json(ws)):
-        pass
-    return message

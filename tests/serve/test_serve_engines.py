@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from conftest import SIZE, live, next_json, wait_for, wait_until
+from helpers.serving import SIZE, live, next_json, wait_for, wait_until
 
 from helios.engine.pipeline import Chunk
 from helios.engine.prompts import LivePrompt

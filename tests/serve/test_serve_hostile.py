@@ -13,7 +13,7 @@ import sys
 import zlib
 
 import pytest
-from conftest import SIZE, live, next_json, wait_for
+from helpers.serving import SIZE, live, next_json, wait_for
 
 from helios.serve import Limits
 

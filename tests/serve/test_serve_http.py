@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, wait_for, wait_until
+from helpers.serving import SIZE, wait_for, wait_until
 
 from helios.engine.video_io import video_info, write_video
 

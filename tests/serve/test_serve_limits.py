@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import SIZE
+from helpers.serving import SIZE
 
 from helios.serve import Limits, check_bind
 

@@ -8,7 +8,7 @@ import warnings
 
 import httpx
 import pytest
-from conftest import SIZE
+from helpers.serving import SIZE
 
 from helios.engine.video_io import video_info
 

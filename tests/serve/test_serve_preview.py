@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, live, next_matching, wait_for
+from helpers.serving import SIZE, live, next_matching, wait_for
 
 from helios.engine.video_io import read_video
 

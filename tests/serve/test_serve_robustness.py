@@ -11,7 +11,7 @@ import weakref
 from pathlib import Path
 
 import pytest
-from conftest import SIZE, live, wait_for
+from helpers.serving import SIZE, live, wait_for
 from websockets.exceptions import ConnectionClosed
 
 from helios.engine.video_io import video_info

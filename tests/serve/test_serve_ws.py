@@ -6,7 +6,7 @@ import json
 import socket
 import time
 
-from conftest import SIZE, live, next_matching, wait_for
+from helpers.serving import SIZE, live, next_matching, wait_for
 
 from helios.serve.protocol import FRAME_HEADER, parse_frame
 

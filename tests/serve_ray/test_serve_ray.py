@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
-from conftest import SIZE, live, next_matching, wait_for  # noqa: E402  (the plain server's test helpers)
+from helpers.serving import SIZE, live, next_matching, wait_for  # noqa: E402  (the plain server's test helpers)
 from test_serve_browser import chromium  # noqa: E402,F401  (the fixture)
 from test_serve_ws import (  # noqa: E402,F401  the same WebSocket client tests as for the plain server
     collect,
