@@ -50,3 +50,19 @@ def random_inputs(gen: torch.Generator, batch: int = 1, frames: int = 9, height:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def tiny_transformer(seed: int, varied_norms: bool = False, **config):
+    """The "tiny" transformer (text width 24) in eval mode; varied_norms: norm weights and history gains
+    drawn around 1 instead of all ones, so that each of them is exercised."""
+    from helios.model.config import named_config
+    from helios.model.transformer import build_transformer
+
+    torch.manual_seed(seed)
+    model = build_transformer(named_config("tiny", text_dim=24, **config)).eval()
+    if varied_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or "history_key_scale" in name:
+                    p.copy_(torch.randn(p.shape) * 0.5 + 1.0)
+    return model

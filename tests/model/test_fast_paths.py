@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios.model.config import named_config
 from helios.model.fp8 import Fp8Linear, quantize_blocks_
-from helios.model.transformer import build_transformer
-from helpers_reference import generator_for, random_inputs, relative_error
+from helpers_reference import generator_for, random_inputs, relative_error, tiny_transformer
 
 
 def tiny_model(seed: int):
-    torch.manual_seed(seed)
-    return build_transformer(named_config("tiny", text_dim=24)).eval()
+    return tiny_transformer(seed)
 
 
 def test_fused_qkv_equals_separate_projections(request):

@@ -15,20 +15,13 @@ import textwrap
 import pytest
 import torch
 
-from helios.model.config import named_config
-from helios.model.transformer import build_transformer, gated_add, modulate
+from helios.model.transformer import gated_add, modulate
 from helios.model.transformer_kernels import linear_gelu, qk_norm_rope_reference, rope_attention
-from helpers_reference import generator_for, random_inputs, relative_error
+from helpers_reference import generator_for, random_inputs, relative_error, tiny_transformer
 
 
 def tiny_model(seed: int, **config):
-    torch.manual_seed(seed)
-    model = build_transformer(named_config("tiny", text_dim=24, **config)).eval()
-    with torch.no_grad():  # non-trivial norm weights and history gains, so that each one is exercised
-        for name, p in model.named_parameters():
-            if "norm" in name or "history_key_scale" in name:
-                p.copy_(torch.randn(p.shape) * 0.5 + 1.0)
-    return model
+    return tiny_transformer(seed, varied_norms=True, **config)
 
 
 @pytest.mark.parametrize("amplify", [False, True])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from helpers.net import free_port
 from helpers.serving import SIZE, live, next_matching, wait_for  # noqa: E402  (the plain server's test helpers)
 from test_serve_browser import chromium  # noqa: E402,F401  (the fixture)
 from test_serve_ws import (  # noqa: E402,F401  the same WebSocket client tests as for the plain server
@@ -33,12 +33,6 @@ from helios.engine.video_io import video_info  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayServer:
