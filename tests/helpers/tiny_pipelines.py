@@ -20,6 +20,11 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
+# The transformer of the tiny model folders (diffusers' and our config take the same names).
+TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
+                        freq_dim=32, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4))
+
+
 def tiny_components(kind: str, seed: int = 0):
     """kind: 'base' (HeliosScheduler, 1 stage), 'mid' (3 stages) or 'distilled' (DMD, 3 stages)."""
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler, HeliosScheduler, HeliosTransformer3DModel
@@ -30,9 +35,7 @@ def tiny_components(kind: str, seed: int = 0):
                            temperal_downsample=[False, True, True])
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=37, num_layers=1,
                                            num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer = HeliosTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                           out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
-                                           rope_dim=(4, 4, 4))
+    transformer = HeliosTransformer3DModel(**TINY_TRANSFORMER)
     with torch.no_grad():  # zero-initialised tables would hide modulation bugs
         for name, p in transformer.named_parameters():
             if "scale_shift_table" in name or "norm" in name:

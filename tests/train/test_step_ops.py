@@ -29,6 +29,7 @@ from helios.train.config import load_config
 from helios.train.modeling import build_trainable
 from helios.train.recipes import history_layout
 from helios.train.stages import StepContext, make_stage
+from helpers.tiny_pipelines import TINY_TRANSFORMER
 
 BATCHES = (2, 4, 8)
 # host operators per extra sample: one noise tensor and up to five scalar draws (timesteps, caption
@@ -85,9 +86,7 @@ def tiny_config(**over) -> dict:
 def tiny_model(cfg: dict) -> torch.nn.Module:
     """The transformer of the tests' tiny model folders (tests/helpers/tiny_pipelines.py)."""
     torch.manual_seed(0)
-    model = build_transformer(HeliosConfig(num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                           out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
-                                           rope_dim=(4, 4, 4)))
+    model = build_transformer(HeliosConfig(**TINY_TRANSFORMER))
     build_trainable(model, cfg)
     return model.train()
 
