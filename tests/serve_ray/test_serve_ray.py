@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from helios.engine.video_io import video_info
 from helpers.net import free_port
-from helpers.serving import SIZE, live, next_matching, wait_for  # noqa: E402  (the plain server's test helpers)
-from test_serve_browser import chromium  # noqa: E402,F401  (the fixture)
-from test_serve_ws import (  # noqa: E402,F401  the same WebSocket client tests as for the plain server
+from helpers.serving import SIZE, live, next_matching, wait_for  # the plain server's test helpers
+from serve.test_serve_browser import chromium  # noqa: F401  (the fixture)
+from serve.test_serve_ws import (  # noqa: F401  the same WebSocket client tests as for the plain server
     collect,
     test_bad_control_messages_get_an_error_and_the_session_goes_on,
     test_frames_arrive_while_the_job_is_still_running,
@@ -29,7 +28,6 @@ from test_serve_ws import (  # noqa: E402,F401  the same WebSocket client tests 
     test_stop_keeps_the_frames_made_so_far,
 )
 
-from helios.engine.video_io import video_info  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
