@@ -12,6 +12,15 @@ import httpx
 SIZE = {"height": 64, "width": 64, "steps": 1}
 
 
+def page_client(url: str, **headers) -> httpx.Client:
+    """An HTTP client of a server at `url` with its own client id (as a browser tab would have)."""
+    c = httpx.Client(base_url=url, timeout=60, headers=headers)
+    r = c.get("/api/config")
+    assert r.status_code == 200, r.text
+    c.headers["X-Helios-Client"] = r.json()["client"]
+    return c
+
+
 def wait_for(client: httpx.Client, job: str, states=("done", "stopped", "cancelled", "failed"),
              timeout: float = 120) -> dict:
     """Poll a job's status until it is in one of `states`."""

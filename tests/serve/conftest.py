@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers.serving import page_client
+
 
 
 
@@ -70,11 +72,7 @@ class LiveServer:
 
     def client(self, **headers) -> httpx.Client:
         """An HTTP client with its own client id (as a browser tab would have)."""
-        c = httpx.Client(base_url=self.url, timeout=60, headers=headers)
-        r = c.get("/api/config")
-        assert r.status_code == 200, r.text
-        c.headers["X-Helios-Client"] = r.json()["client"]
-        return c
+        return page_client(self.url, **headers)
 
     def wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ import pytest
 
 from helios.engine.video_io import video_info
 from helpers.net import free_port
-from helpers.serving import SIZE, live, next_matching, wait_for  # the plain server's test helpers
+from helpers.serving import SIZE, live, page_client, next_matching, wait_for  # the plain server's test helpers
 from serve.test_serve_browser import chromium  # noqa: F401  (the fixture)
 from serve.test_serve_ws import (  # noqa: F401  the same WebSocket client tests as for the plain server
     collect,
@@ -42,11 +42,7 @@ class RayServer:
         self.workdir = workdir
 
     def client(self, **headers) -> httpx.Client:
-        c = httpx.Client(base_url=self.url, timeout=60, headers=headers)
-        r = c.get("/api/config")
-        assert r.status_code == 200, r.text
-        c.headers["X-Helios-Client"] = r.json()["client"]
-        return c
+        return page_client(self.url, **headers)
 
     def replicas(self) -> list[dict]:
         """Every engine replica's own description (pid, running jobs), asked of each one by id."""
