@@ -1,8 +1,8 @@
 """Helios under memory budgets on one large GPU: the 24 GB and 12 GB plans, capped to the budget.
 
 Writes a real model folder with random weights first (the 14B transformer as ~5 GB bf16 safetensors shards
-with an index, the default Wan VAE, the small bundled text encoder and tokenizer; reused when present), then
-in one process:
+with an index, the default Wan VAE, a umT5-XXL-sized text encoder (5.7 B parameters, bf16 shards) and a small
+word-level tokenizer padding to umT5's 512 tokens; reused when present), then in one process:
 
 1. `fp8`: the unconstrained FP8 engine (`load_pipeline(fp8=True)`, everything on the GPU), the reference.
 2. each plan (`--plans 24gb,12gb`): the process capped with `torch.cuda.set_per_process_memory_fraction` to
@@ -14,8 +14,11 @@ embeddings random, of umT5's shape), the peak of each chunk over a long run (fir
 and frames against the reference (latents: max difference, 0 expected: the plans move weights, not
 numbers; frames: max difference and PSNR, since the plans decode in slices). Also: pinned and pageable
 host-to-device bandwidth and what the 12 GB plan's streaming predicts on a PCIe 4 card (25 GB/s), the
-attention backends each compute capability gets (forced) against the math kernel, and the layer-streamed
-text encoder against the same encoder on the CPU.
+attention backends each compute capability gets (forced) against the math kernel; where the text encoder
+could run (resident on the GPU, streamed layer by layer from pinned memory as the plans do, or on the CPU):
+seconds per 512-token prompt and the embeddings' difference; image- and video-to-video under each plan (the
+VAE encode's peak); and (`--ampere`, on by default) the 12 GB plan as an sm86 card gets it, forced: bf16 blocks
+streamed, FlashAttention-2.
 
     python benchmarks/bench_memory.py --folder /tmp/helios-14b-random --out memory.json
     python benchmarks/bench_memory.py --plans 12gb --long-frames 1452     # a 60-second video
@@ -115,7 +118,7 @@ def write_transformer(folder: Path, device: str, cfg=None, shard_bytes: int = SH
     return {"transformer_bytes": total, "shards": len(shards)}
 
 
-def write_small_text_encoder(folder: Path) -> None:
+def write_small_text_encoder(folder: Path, max_length: int = 64) -> None:
     """A two-block T5 encoder and a word-level tokenizer (the folder layout needs both parts)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -125,11 +128,33 @@ def write_small_text_encoder(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                            model_max_length=64).save_pretrained(folder / "tokenizer")
+                            model_max_length=max_length).save_pretrained(folder / "tokenizer")
     torch.manual_seed(0)
     T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                             dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
                    ).eval().save_pretrained(folder / "text_encoder")
+
+
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                decoder_start_token_id=0, tie_word_embeddings=False)  # google/umt5-xxl, as Wan2.1 uses it
+
+
+def write_xxl_text_encoder(folder: Path, device: str) -> int:
+    """A umT5-XXL-sized encoder (5.7 B parameters, bf16, 5 GB shards) with random weights, so that the plans
+    carry, stream and hold in host memory what a real folder has; the small word-level tokenizer stays."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        enc = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16).eval()
+    enc.save_pretrained(folder / "text_encoder", max_shard_size="5GB")
+    n = sum(p.numel() for p in enc.parameters())
+    del enc
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return n
 
 
 def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
@@ -158,7 +183,10 @@ def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
     sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "HeliosDMDScheduler", **dict(sched)}))
-    write_small_text_encoder(folder)  # the prompt embeddings are random (umT5's shape); this checks its streaming
+    write_small_text_encoder(folder, 64 if smoke else 512)  # the word-level tokenizer (and, for --smoke, its 2-block encoder)
+    if not smoke:  # the encoder at its real size: what the plans stream and what host memory holds
+        shutil.rmtree(folder / "text_encoder")
+        info["text_encoder_params"] = write_xxl_text_encoder(folder, device)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "HeliosPyramidPipeline", "is_distilled": True, "is_cfg_zero_star": False,
         "helios_default_size": [SIZE["height"], SIZE["width"]]}))
@@ -246,7 +274,10 @@ def measure(name: str, folder: Path, budget: str | None, long_frames: int, refer
     out["plan"] = pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"
     out["load"] = {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}
     print(name, out["plan"], flush=True)
-    out["text_encoder_check"] = text_encoder_check(pipe) if pipe.memory else None
+    reset_gpu_peaks()
+    text = text_encoder_check(pipe, reference) if pipe.c.text_encoder is not None else None
+    out["text_encode_gpu"] = gpu_peaks()
+    # (a prompt encoded once, as a user's first prompt is: part of the generation's peaks below)
     pipe.prompts = FixedPrompt(pipe.device)
     t0 = time.perf_counter()
     run(pipe, 66)  # compiles each stage size, captures graphs where the plan has them
@@ -279,7 +310,11 @@ def measure(name: str, folder: Path, budget: str | None, long_frames: int, refer
         out["vs_fp8"] = {"latents_max_abs": lat_diff,
                          "frames_max_abs": (frames33.int() - ref_frames.int()).abs().max().item(),
                          "frames_psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf")}
-    result = {"latents": latents, "frames": frames33}
+    if budget is not None:
+        out["conditioning"] = conditioning_peaks(pipe)
+    if text is not None:
+        out["text_encoder"] = {k: v for k, v in text.items() if k != "embedding"}
+    result = {"latents": latents, "frames": frames33, "text": text}
     del pipe
     gc.collect()
     if CUDA and torch.cuda.memory_allocated() > GiB // 2:  # something still holds the weights: drop compiled code
@@ -291,20 +326,72 @@ def measure(name: str, folder: Path, budget: str | None, long_frames: int, refer
     return out, result
 
 
-def text_encoder_check(pipe) -> dict:
-    """The layer-streamed text encoder (weights on the host) against a CPU copy of it: same embeddings?"""
-    import copy
+PROMPT = "two red circles bouncing on a blue background"
 
-    enc = pipe.prompts
-    ref = copy.deepcopy(enc.text_encoder).cpu()
-    for m in ref.modules():  # the copy runs without the streaming hooks
-        m._forward_pre_hooks.clear()
-        m._forward_hooks.clear()
-    got = enc._encode("two red circles bouncing on a blue background")
-    enc.text_encoder, saved = ref, enc.text_encoder
-    want = enc._encode("two red circles bouncing on a blue background")
-    enc.text_encoder = saved
-    return {"device": str(got.device), "max_abs_vs_cpu": (got.float().cpu() - want.float()).abs().max().item()}
+
+def encode_timed(enc) -> tuple[torch.Tensor, float]:
+    """One prompt through the pipeline's own encoder (its cache bypassed), and the seconds it took."""
+    if CUDA:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    emb = enc._encode(PROMPT)
+    if CUDA:
+        torch.cuda.synchronize()
+    return emb, time.perf_counter() - t0
+
+
+def text_encoder_check(pipe, reference: dict | None) -> dict:
+    """The plan's text encoder (streamed layer by layer from pinned host memory) against the unconstrained
+    one (resident on the GPU): seconds per prompt (the second call: the first pins and warms up) and the
+    largest difference of the embeddings (0 expected: same kernels, same weights, other residence)."""
+    encode_timed(pipe.prompts)
+    emb, seconds = encode_timed(pipe.prompts)
+    out = {"device": str(emb.device), "s_per_prompt": seconds, "embedding": emb.float().cpu()}
+    if reference is not None:
+        ref = reference["text"]["embedding"]
+        out["max_abs_vs_unconstrained"] = (out["embedding"] - ref).abs().max().item()
+    return out
+
+
+def conditioning_peaks(pipe, video_frames: int = 81) -> dict:
+    """Image- and video-to-video under the plan: one chunk each, conditioned on a random image and on an
+    81-frame video (the VAE encodes them first); peak GPU memory of each, or the error if it did not fit."""
+    g = torch.Generator().manual_seed(5)
+    h, w = SIZE["height"], SIZE["width"]
+    inputs = {"image": {"image": torch.rand(3, h, w, generator=g) * 2 - 1},
+              "video": {"video": torch.rand(3, video_frames, h, w, generator=g) * 2 - 1}}
+    out = {}
+    for name, kwargs in inputs.items():
+        reset_gpu_peaks()
+        try:
+            for _ in pipe.stream("benchmark", num_frames=33, settings="distilled", steps=list(STEPS), seed=0,
+                                 **kwargs, **SIZE):
+                pass
+            out[name] = gpu_peaks()
+        except torch.OutOfMemoryError as e:
+            out[name] = {"oom": str(e).splitlines()[0], **gpu_peaks()}
+        gc.collect()
+        torch.cuda.empty_cache() if CUDA else None
+    out["video_frames"] = video_frames
+    return out
+
+
+def text_encoder_on_cpu(folder: Path, gpu_embedding: torch.Tensor) -> dict:
+    """The third place the text encoder could run: the host CPU (bf16, all its cores), timed on the same
+    512-token prompt, against the GPU's embeddings (a different kernel: small rounding differences)."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from helios.engine.text import PromptEncoder
+
+    t0 = time.perf_counter()
+    enc = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    prompts = PromptEncoder(AutoTokenizer.from_pretrained(folder / "tokenizer"), enc, max_length=gpu_embedding.shape[1])
+    emb, seconds = encode_timed(prompts)
+    diff = (emb.float() - gpu_embedding).abs()
+    return {"threads": torch.get_num_threads(), "load_s": load_s, "s_per_prompt": seconds,
+            "max_abs_vs_gpu": diff.max().item(), "mean_abs_vs_gpu": diff.mean().item(),
+            "rss_gib_after": _proc_status("VmRSS") / GiB}
 
 
 def bandwidth(nbytes: int = GiB) -> dict:
@@ -365,6 +452,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-memory.json")
     ap.add_argument("--smoke", action="store_true", help="a tiny model at 64x64, unconstrained only: the script's "
                     "own plumbing, on the CPU")
+    ap.add_argument("--ampere", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the 12 GB plan as an sm86 card gets it (forced): bf16 blocks streamed")
     args = ap.parse_args()
     if args.smoke:
         SIZE.update(height=64, width=64)
@@ -393,6 +482,16 @@ def main() -> None:
                 "gb_per_chunk": per_chunk / 1e9, "s_at_measured_pinned": per_chunk / pinned,
                 "s_at_pcie4": per_chunk / PCIE4_BYTES_PER_S,
                 "predicted_fps_pcie4": 33 / max(res[plan]["s_per_chunk"], per_chunk / PCIE4_BYTES_PER_S)}
+        save()
+    if CUDA and reference.get("text") is not None:
+        res["text_encoder_cpu"] = text_encoder_on_cpu(folder, reference["text"]["embedding"])
+        save()
+    if CUDA and args.ampere:
+        from helios.model.backends import force_capability
+
+        force_capability((8, 6))  # an RTX 3090's: no FP8 matmuls, FlashAttention-2, bf16 blocks streamed
+        res["sm86-12gb"], _ = measure("sm86-12gb", folder, "12gb", 99, None)
+        force_capability(None)
         save()
     res["attention"] = attention_backends() if CUDA else {}
     save()
