@@ -153,6 +153,29 @@ def test_a_killed_replica_fails_its_job_and_the_others_carry_on(server, tmp_path
     assert wait_for(b, again["job"], timeout=240)["state"] == "done"
 
 
+def test_wait_mode_returns_the_mp4_through_the_ingress(server, tmp_path):
+    client = server.client()
+    r = client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33, **SIZE}, timeout=240)
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", r.text
+    path = tmp_path / "waited.mp4"
+    path.write_bytes(r.content)
+    assert video_info(path).frames == 33
+    job = r.headers["X-Helios-Job"]
+    assert client.get(f"/api/jobs/{job}").json()["state"] == "done"
+    assert any(job.split(".")[1] == s["replica"] for s in server.replicas())  # it ran on one of them
+
+
+def test_wait_mode_cancels_when_the_client_hangs_up_on_the_ingress(server):
+    client = server.client()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
+        client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33 * 40, **SIZE},
+                    timeout=httpx.Timeout(30, read=3))
+    [job] = client.get("/api/jobs").json()["jobs"]
+    status = wait_for(client, job["job"], timeout=60)
+    assert status["state"] == "cancelled" and status["error"] == "the client disconnected", status
+    assert status["chunks_done"] < 40
+
+
 def test_openai_api_through_the_ingress(server, tmp_path):
     openai = pytest.importorskip("openai")
     import warnings

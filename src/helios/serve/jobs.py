@@ -189,6 +189,10 @@ class Job:
             self.queue_position = None
             self.finished_at = time.monotonic()
             self.request = self.request.without_media()
+            if self._interrupt is not None:
+                # Raising it gave it a traceback: the worker's and the engine's frames (the mp4 writer's
+                # encoder, the chunk being made, the live listener). A finished job must not keep them.
+                self._interrupt = self._interrupt.with_traceback(None)
             self._changed.notify_all()
         self.finished.set()
         self._emit({"type": "end", **self.snapshot()})

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +61,7 @@ ENGINE = "HeliosEngine"  # + the engine's index
 INGRESS = "HeliosIngress"
 GONE = "gone"  # a replica's answer for a job that is not on it
 CENSUS_TIMEOUT_S = 10.0  # an engine that does not describe itself within this is left out
+WAIT_POLL_S = 0.25  # how often a ?wait=1 request asks the job's replica
 NO_REPLICA = "no engine replica is running (see `serve status` and the replica logs)"
 
 
@@ -169,6 +170,8 @@ class HeliosEngine:
                 self.worker.stop(job)
             elif action == "cancel":
                 self.worker.cancel(job, "cancelled on request")
+            elif action == "cancel_disconnected":  # a ?wait=1 request was dropped
+                self.worker.cancel(job, "the client disconnected")
             elif action == "delete":
                 self.worker.forget(job)
             return {**self._record(job), **extra}
@@ -476,13 +479,13 @@ def _routes(app: FastAPI, replicas: Replicas, token: str | None, clients: Client
     @app.post("/api/jobs", status_code=202)
     async def submit(request: Request, wait: bool = False) -> dict:
         client = caller(request, None)
-        if wait:
-            raise RequestError("?wait=1 is not offered by the Ray server: poll the status_url, then download")
         await replicas.ensure_spec()
         shim = SimpleNamespace(limits=replicas.limits, spec=replicas.spec, fps=replicas.fps,
                                worker=SimpleNamespace(workdir=replicas.scratch))
         job = await _job_from_request(request, shim, client)  # (the same parsing and checks as helios serve)
         record = await replicas.create(job.request, None, client)
+        if wait:
+            return await _wait_for(record["job"], client, request, replicas)
         return {"client": client, "status_url": status_url(record["job"]), **record}
 
     @app.get("/api/jobs")
@@ -523,6 +526,36 @@ def _routes(app: FastAPI, replicas: Replicas, token: str | None, clients: Client
         client, _ = clients.resolve(websocket.headers, websocket.cookies)
         await websocket.accept()
         await _live_session(websocket, replicas, client)
+
+
+_BACKGROUND: set[asyncio.Task] = set()  # tasks that must outlive the request that started them
+
+
+def _background(coroutine) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _wait_for(job_id: str, client: str, request: Request, replicas: Replicas):
+    """?wait=1, as on `helios serve`: hold the request until the job ends and answer its mp4; a client
+    that hangs up cancels the job. The ingress asks the job's replica how it is doing (no engine
+    replica holds a request open)."""
+    try:
+        while (record := await replicas.record(job_id, client))["state"] not in FINAL_NAMES:
+            if await request.is_disconnected():
+                await replicas.control(job_id, client, "cancel_disconnected")
+                return Response(status_code=499)
+            await asyncio.sleep(WAIT_POLL_S)
+    except asyncio.CancelledError:  # Ray Serve's proxy cancels the request when its client hangs up
+        _background(replicas.control(job_id, client, "cancel_disconnected"))
+        raise
+    if record["state"] == "done" and record["video"]:
+        path = await replicas.video_file(job_id, client)
+        return FileResponse(path, media_type="video/mp4", filename=f"helios-{job_id[:8]}.mp4",
+                            headers={"X-Helios-Job": job_id})
+    status = 500 if record["state"] == "failed" else 409
+    return JSONResponse({"error": record["error"] or record["state"], **record}, status_code=status)
 
 
 async def _live_session(ws: WebSocket, replicas: Replicas, client: str) -> None:
