@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "host_copy", "chunks_by_bytes",
+__all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "chunks_by_bytes",
            "round_trip", "update_ema"]
 
 PLACES = ("gpu", "host")
@@ -53,12 +53,42 @@ class MemoryConfig:
         return "host" in (self.idle_base, self.optimizer_states, self.ema)
 
 
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in host memory, page-locked when CUDA is there (so copies to and from the GPU are
-    asynchronous DMA)."""
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-    out.copy_(t.detach())
-    return out
+class PinnedArena:
+    """Host tensors carved out of page-locked blocks of ``block_bytes``. The CUDA host allocator rounds
+    every allocation up to a power of two, so one allocation per tensor would waste up to half of the
+    pinned memory (14B models' weights are of every size); here the waste is one block's tail. Without
+    CUDA the tensors are ordinary CPU tensors."""
+
+    ALIGN = 512
+
+    def __init__(self, block_bytes: int = 2**30):
+        self.block_bytes = int(block_bytes)
+        self._block: torch.Tensor | None = None
+        self._used = 0
+        self.reserved_bytes = 0
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        if not torch.cuda.is_available():
+            return torch.empty(tuple(shape), dtype=dtype)
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if n > self.block_bytes:
+            self.reserved_bytes += n
+            return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        if self._block is None or start + n > self.block_bytes:
+            self._block = torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=True)
+            self.reserved_bytes += self.block_bytes
+            start = 0
+        self._used = start + n
+        return self._block[start:start + n].view(dtype).view(tuple(shape))
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t.detach())
+        return out
+
+    def zeros_like(self, t: torch.Tensor) -> torch.Tensor:
+        return self.empty(t.shape, t.dtype).zero_()
 
 
 def chunks_by_bytes(sizes: Sequence[int], limit: int) -> list[range]:
@@ -120,6 +150,7 @@ class BaseResidency:
 
     def __init__(self, models: dict[str, nn.Module], enabled: bool = True):
         self.enabled, self.current = enabled, None
+        self.arena = PinnedArena()
         self._frozen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if not enabled:
             return
@@ -132,7 +163,7 @@ class BaseResidency:
                 if p.requires_grad or not whole or storage.data_ptr() in seen:
                     continue  # trainable, a view into a bigger storage, or already listed: stays resident
                 seen.add(storage.data_ptr())
-                pairs.append((p, host_copy(p)))
+                pairs.append((p, self.arena.copy(p)))
             self._frozen[name] = pairs
         self.current = "all"
 
@@ -156,10 +187,6 @@ class BaseResidency:
         self.current = name
 
 
-def _moment_like(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(p.shape, dtype=p.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-
-
 class HostAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` with ``exp_avg`` / ``exp_avg_sq`` in (page-locked) host memory between steps.
 
@@ -175,12 +202,13 @@ class HostAdamW(torch.optim.AdamW):
             raise ValueError("HostAdamW supports plain AdamW only (no amsgrad, fused or capturable)")
         super().__init__(params, **kwargs)
         self.chunk_bytes = int(chunk_bytes)
+        self.arena = PinnedArena()
 
     def zero_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state AdamW makes at a parameter's first update (step 0, zero moments), in host memory."""
         step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        return {"step": torch.tensor(0.0, dtype=step_dtype), "exp_avg": _moment_like(p),
-                "exp_avg_sq": _moment_like(p)}
+        return {"step": torch.tensor(0.0, dtype=step_dtype), "exp_avg": self.arena.zeros_like(p),
+                "exp_avg_sq": self.arena.zeros_like(p)}
 
     def states_to_host(self) -> None:
         """Moments that are elsewhere (after ``load_state_dict``, which puts them on the parameters'
@@ -188,7 +216,7 @@ class HostAdamW(torch.optim.AdamW):
         for st in self.state.values():
             for k in self.MOMENTS:
                 if k in st and (st[k].device.type != "cpu" or (torch.cuda.is_available() and not st[k].is_pinned())):
-                    st[k] = host_copy(st[k])
+                    st[k] = self.arena.copy(st[k])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -235,7 +263,8 @@ class HostEMA(dict):
     ``copy_`` / ``lerp_`` kernels as the resident EMA, so the same numbers)."""
 
     def __init__(self, named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = 512 * 2**20):
-        super().__init__((n, host_copy(p)) for n, p in named)
+        self.arena = PinnedArena()
+        super().__init__((n, self.arena.copy(p)) for n, p in named)
         self.chunk_bytes = int(chunk_bytes)
 
     @torch.no_grad()
