@@ -45,6 +45,7 @@ from .modeling import (
     trainable_named_parameters,
 )
 from .recipes import history_layout
+from .stage3.memory import HostAdamW, HostEMA, MemoryConfig, update_ema
 from .stages import Stage, StepContext, make_stage
 
 __all__ = ["train", "TrainResult", "lr_factor"]
@@ -114,7 +115,9 @@ def _zero_adamw_state(optimizer: torch.optim.Optimizer) -> None:
     step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.requires_grad and not optimizer.state[p]:
+            if p.requires_grad and not optimizer.state[p] and isinstance(optimizer, HostAdamW):
+                optimizer.state[p] = optimizer.zero_state(p)  # made in host memory, never on the device
+            elif p.requires_grad and not optimizer.state[p]:
                 optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
                                       "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
@@ -205,13 +208,19 @@ def train(cfg: dict[str, Any], resume: bool = False,
         # ---- 3. optimiser, LR schedule, EMA ------------------------------------------------
         o = cfg["optim"]
         groups = stage.param_groups(params)  # AdamW skips parameters without a gradient: a group not
-        optimizer = torch.optim.AdamW(groups, lr=float(o["lr"]), betas=tuple(o["betas"]),  # trained this step
-                                      eps=float(o["eps"]), weight_decay=float(o["weight_decay"]))  # stays as is
+        memory = getattr(stage, "memory", None) or MemoryConfig()  # stage 3: distill.memory
+        adamw = dict(lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
+                     weight_decay=float(o["weight_decay"]))  # a group not trained this step stays as is
+        optimizer = (HostAdamW(groups, chunk_bytes=memory.chunk_mib * 2**20, **adamw)
+                     if memory.optimizer_states == "host" else torch.optim.AdamW(groups, **adamw))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(o["lr_schedule"], int(o["warmup_steps"]), int(cfg["max_steps"])))
         if extra:  # some of them train only later (GAN heads, the generator 1 step in 5): give every
             _zero_adamw_state(optimizer)  # parameter its fresh AdamW state now, so each checkpoint holds all
-        ema = {n: p.detach().clone() for n, p in named} if cfg["ema"]["enabled"] else None
+        ema = None
+        if cfg["ema"]["enabled"]:
+            ema = (HostEMA(named, memory.chunk_mib * 2**20) if memory.ema == "host"
+                   else {n: p.detach().clone() for n, p in named})
         if rank == 0:
             per, accum = int(cfg["batch"]["per_gpu"]), int(cfg["batch"]["grad_accum"])
             n_extra = sum(p.numel() for g in groups[1:] for p in g["params"])
@@ -321,12 +330,7 @@ def train(cfg: dict[str, Any], resume: bool = False,
             step += 1
             decay = stage.ema_decay(step) if ema is not None else None
             if decay is not None:  # official: the EMA follows the weights until ema.start_step
-                with torch.no_grad():
-                    for n, p in named:
-                        if decay == 0.0:
-                            ema[n].copy_(p.detach())
-                        else:
-                            ema[n].lerp_(p.detach(), 1.0 - decay)
+                update_ema(ema, named, decay)
             metrics = _mean_over_ranks(metrics, device)
             if on_cuda:  # the largest rank's peak so far: what the run needs per GPU
                 metrics["peak_memory_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated(device) / 2**30, device)

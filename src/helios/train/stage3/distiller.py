@@ -17,6 +17,7 @@ from .config import DistillConfig
 from .critic import History, ScoreCritic
 from .losses import (SigmaTable, critic_flow_loss, discriminator_loss, dmd_loss, generator_gan_loss, sample_timesteps,
                      sigma_table)
+from .memory import BaseResidency
 from .rollout import RolloutResult, generator_rollout, history_is_empty
 
 __all__ = ["DistillBatch", "Distiller"]
@@ -49,8 +50,10 @@ class Distiller:
 
     def __init__(self, generator: nn.Module, critic: ScoreCritic, cfg: DistillConfig, scheduler: DMDScheduler,
                  timesteps: TimestepConfig, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 generator_params: Sequence[nn.Parameter] | None = None):
+                 generator_params: Sequence[nn.Parameter] | None = None, residency: BaseResidency | None = None):
         self.generator, self.critic, self.cfg, self.scheduler = generator, critic, cfg, scheduler
+        # the frozen bases take turns on the device (distill.memory.idle_base: host); None: both resident
+        self.residency = residency
         self.timestep_cfg, self.autocast = timesteps, autocast
         gp = list(generator_params) if generator_params is not None else [
             p for p in generator.parameters() if p.requires_grad]
@@ -67,6 +70,12 @@ class Distiller:
     def uses_gan(self, step: int) -> bool:
         return self.cfg.gan.enabled and self.critic.heads is not None and step >= self.cfg.gan.start_step
 
+    def use(self, model: str) -> None:
+        """Make ``"generator"`` or ``"critic"``'s frozen base resident before that model runs (no-op
+        when both stay resident)."""
+        if self.residency is not None:
+            self.residency.use(model)
+
     def table(self, shape: Sequence[int]) -> SigmaTable:
         key = tuple(shape[1:])
         if key not in self._tables:
@@ -77,6 +86,7 @@ class Distiller:
                 grad: bool, amplify: bool | None = None, exits: Sequence[int] | None = None) -> RolloutResult:
         if amplify is None:
             amplify = self.cfg.amplify_first_chunk and history_is_empty(batch.rollout_history)
+        self.use("generator")
         with self.autocast():
             return generator_rollout(self.generator, batch.text, batch.rollout_history, batch.shape, self.scheduler,
                                      self.cfg.rollout_steps, rng, shared, amplify=amplify, exits=exits, grad=grad)
@@ -91,6 +101,7 @@ class Distiller:
         table = self.table(x0.shape)
         B = x0.shape[0]
         t = sample_timesteps(B, table, cfg.generator_timesteps, cfg, step, rng)
+        self.use("critic")  # G's saved activations stay; its frozen weights return for the backward
         with self.autocast():
             loss, m = dmd_loss(self.critic, x0, t, noise_like(x0, rng), table, batch.text, batch.negative_text,
                                batch.history, cfg.real_guidance_scale, cfg.fake_guidance_scale)
@@ -100,6 +111,7 @@ class Distiller:
                                         cfg.gan.crop_scale, rng)
                 metrics["gan_g_loss"] = float(lg.detach())
                 loss = loss + cfg.gan.g_weight * lg
+        self.use("generator")  # the critic's part kept no graph (DMD: no_grad; GAN: its input gradient)
         backward(loss)
         metrics["generator_loss"] = float(loss.detach())
         return metrics
@@ -113,6 +125,7 @@ class Distiller:
         table = self.table(x0.shape)
         t = sample_timesteps(x0.shape[0], table, cfg.critic_timesteps, cfg, step, rng)
         noise = noise_like(x0, rng)
+        self.use("critic")
         with self.autocast():
             flow = critic_flow_loss(self.critic, x0, t, noise, table, batch.text, batch.history)
         backward(flow)  # first, on its own: its activations are freed before the GAN forward
@@ -126,4 +139,5 @@ class Distiller:
             metrics["critic_loss"] = float(flow.detach()) + float(ld.detach())
         else:
             metrics["critic_loss"] = float(flow.detach())
+        self.use("generator")  # what the next rollout, validation and export read
         return metrics

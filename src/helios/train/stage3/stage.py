@@ -36,6 +36,7 @@ from ..stages import Stage, StepContext, register_stage
 from .config import OFFICIAL_NEGATIVE_PROMPT, DistillConfig, distilled_scheduler_config, ema_decay_at
 from .critic import ScoreCritic
 from .distiller import DistillBatch, Distiller
+from .memory import BaseResidency, MemoryConfig
 from .rollout import history_is_empty, prepare_histories
 
 __all__ = ["FewStepStage", "DistillStage", "real_score_folder", "pyramid_scheduler_config",
@@ -112,10 +113,17 @@ class DistillStage(FewStepStage):
         self.critic: ScoreCritic | None = None
         self.distiller: Distiller | None = None
         self.negative: torch.Tensor | None = None
+        try:
+            self.memory = MemoryConfig.from_recipe(cfg)  # the trainer reads optimizer_states / ema too
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key 'distill.memory': {e}") from e
 
     # ---- trainer hooks ----
     def build(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
         """The critic: the real-score transformer (frozen, ``dtype``) + critic LoRA + GAN heads."""
+        if self.memory.any_host and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError("config key 'distill.memory': the host-memory options are for one process; "
+                              "sharded runs (FSDP) split the states over the GPUs instead: set them to gpu")
         cl = self.cfg["distill"]["critic_lora"]
         base = load_transformer(real_score_folder(self.cfg), dtype=dtype, device=device)
         base.enable_gradient_checkpointing(bool(self.cfg["model"]["gradient_checkpointing"]))
@@ -126,8 +134,12 @@ class DistillStage(FewStepStage):
             raise ConfigError(f"config key 'distill.gan': {e}") from e
         self.critic.train()
         params = [p for p in model.parameters() if p.requires_grad]
+        residency = None
+        if self.memory.idle_base == "host":  # one frozen base on the device at a time
+            residency = BaseResidency({"generator": model, "critic": base})
+            residency.use("generator")
         self.distiller = Distiller(model, self.critic, self.dcfg, self.scheduler, self.timesteps,
-                                   generator_params=params)
+                                   generator_params=params, residency=residency)
         return {"critic": self.critic}
 
     def shard(self, modules: dict[str, nn.Module], mesh, mp_policy) -> None:
