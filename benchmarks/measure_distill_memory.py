@@ -1,6 +1,6 @@
 """Measure GPU memory, host memory and time of stage-3 iterations at 14B (not a test).
 
-    python benchmarks/measure_distill_memory.py --out $OUT/distill_memory.json        # on an H200, ~6 min
+    python benchmarks/measure_distill_memory.py --out distill_memory.json        # on an H200, ~6 min
     python benchmarks/measure_distill_memory.py --smoke --out /tmp/smoke.json          # tiny model, CPU, seconds
 
 One process, three configurations in this order (docs/distillation.md, "Memory at 14B"):

@@ -111,3 +111,20 @@ def _clip(params: Sequence[torch.Tensor], clip: float | None) -> float:
     if clip is None:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
     return float(torch.nn.utils.clip_grad_norm_(grads, float(clip)))
+
+
+def tiny_teacher():
+    """The tiny transformer with its matrices scaled up 6x (seed 0, frozen): a teacher whose outputs move
+    enough for the distillation tests' losses and updates to be visible."""
+    import torch
+
+    from helios.model.config import named_config
+    from helios.model.transformer import build_transformer
+
+    torch.manual_seed(0)
+    model = build_transformer(named_config("tiny"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim >= 2 and "scale_shift" not in n:
+                p.mul_(6.0)
+    return model.requires_grad_(False)

@@ -72,3 +72,18 @@ def next_matching(ws, predicate) -> dict:
     while not predicate(message := next_json(ws)):
         pass
     return message
+
+
+def assert_wait_cancels_on_hang_up(client: httpx.Client, size: dict, connect_s: float, read_s: float,
+                                   settle_s: float) -> None:
+    """A `?wait=1` job whose client gives up waiting (read timeout after read_s) ends `cancelled` with
+    "the client disconnected" before its last chunk (within settle_s)."""
+    import pytest
+
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
+        client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33 * 40, **size},
+                    timeout=httpx.Timeout(connect_s, read=read_s))
+    [job] = client.get("/api/jobs").json()["jobs"]
+    status = wait_for(client, job["job"], timeout=settle_s)
+    assert status["state"] == "cancelled" and status["error"] == "the client disconnected", status
+    assert status["chunks_done"] < 40

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers.serving import SIZE, wait_for, wait_until
+from helpers.serving import SIZE, assert_wait_cancels_on_hang_up, wait_for, wait_until
 
 from helios.engine.video_io import video_info, write_video
 
@@ -142,16 +142,7 @@ def test_wait_mode_returns_the_mp4(server, tmp_path):
 
 
 def test_wait_mode_cancels_when_the_client_hangs_up(server):
-    import httpx
-
-    client = server.client()
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
-        client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33 * 40, **SIZE},
-                    timeout=httpx.Timeout(10, read=1.5))
-    [job] = client.get("/api/jobs").json()["jobs"]
-    status = wait_for(client, job["job"], timeout=30)
-    assert status["state"] == "cancelled" and status["error"] == "the client disconnected", status
-    assert status["chunks_done"] < 40
+    assert_wait_cancels_on_hang_up(server.client(), SIZE, connect_s=10, read_s=1.5, settle_s=30)
 
 
 def test_http_controls_cancel_and_stop(server, tmp_path):

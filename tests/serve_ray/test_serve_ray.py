@@ -16,7 +16,7 @@ import pytest
 
 from helios.engine.video_io import video_info
 from helpers.net import free_port
-from helpers.serving import SIZE, live, page_client, next_matching, wait_for  # the plain server's test helpers
+from helpers.serving import SIZE, assert_wait_cancels_on_hang_up, live, page_client, next_matching, wait_for  # the plain server's test helpers
 from serve.test_serve_browser import chromium  # noqa: F401  (the fixture)
 from serve.test_serve_ws import (  # noqa: F401  the same WebSocket client tests as for the plain server
     collect,
@@ -166,14 +166,7 @@ def test_wait_mode_returns_the_mp4_through_the_ingress(server, tmp_path):
 
 
 def test_wait_mode_cancels_when_the_client_hangs_up_on_the_ingress(server):
-    client = server.client()
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
-        client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33 * 40, **SIZE},
-                    timeout=httpx.Timeout(30, read=3))
-    [job] = client.get("/api/jobs").json()["jobs"]
-    status = wait_for(client, job["job"], timeout=60)
-    assert status["state"] == "cancelled" and status["error"] == "the client disconnected", status
-    assert status["chunks_done"] < 40
+    assert_wait_cancels_on_hang_up(server.client(), SIZE, connect_s=30, read_s=3, settle_s=60)
 
 
 def test_openai_api_through_the_ingress(server, tmp_path):

@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from helios.engine.history import HistoryLayout, split_history
-from helios.model.config import named_config
-from helios.model.transformer import build_transformer
 from helios.sampling.dmd import DMDScheduler
 from helios.sampling.sampler import SamplerSettings, denoise_chunk
 from helios.sampling.schedulers import FlowScheduler, SchedulerConfig
 from helios.train.corrupt import HistoryCorruptionConfig, TaskDropoutConfig
-from helpers.distill_loop import StandaloneDistiller as Distiller
+from helpers.distill_loop import StandaloneDistiller as Distiller, tiny_teacher
 from helpers.train_runs import checkpoint_tensors, stage3_user
 from helios.train.stage3 import (
     DistillBatch,
@@ -59,13 +57,7 @@ def _no_mkldnn():
 
 @pytest.fixture(scope="module")
 def teacher():
-    torch.manual_seed(0)
-    model = build_transformer(named_config("tiny"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim >= 2 and "scale_shift" not in n:
-                p.mul_(6.0)
-    return model.eval().requires_grad_(False)
+    return tiny_teacher().eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from helios.engine.history import HistoryLayout, split_history
-from helios.model.config import named_config
-from helios.model.transformer import build_transformer
 from helios.sampling.dmd import DMDScheduler
 from helios.train.stage3 import DistillBatch, DistillConfig, GANConfig, ScoreCritic, build_generator, scaled_head_blocks
 from helios.train.stage3.memory import (BaseResidency, HostAdamW, HostEMA, MemoryConfig, chunks_by_bytes,
                                         update_ema)
 from helios.train.timesteps import TimestepConfig
-from helpers.distill_loop import StandaloneDistiller
+from helpers.distill_loop import StandaloneDistiller, tiny_teacher
 from helpers.train_runs import checkpoint_tensors, stage3_user
 
 B, C, T, H, W = 1, 16, 9, 16, 16
@@ -112,16 +110,6 @@ def test_memory_config_refuses_unknown_places():
 # ---- the frozen bases taking turns, inside the stage-3 update ---------------------------------------
 
 
-def _teacher() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_transformer(named_config("tiny"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim >= 2 and "scale_shift" not in n:
-                p.mul_(6.0)
-    return model.requires_grad_(False)
-
-
 def _batch() -> DistillBatch:
     g = torch.Generator().manual_seed(1)
     text = torch.randn(B, 8, 32, generator=g)
@@ -147,7 +135,7 @@ def _distiller(teacher, offload: bool) -> tuple[StandaloneDistiller, BaseResiden
 
 
 def test_bases_taking_turns_give_the_same_parameters_as_both_resident():
-    teacher = _teacher()
+    teacher = tiny_teacher()
     batch = _batch()
     runs = {}
     for offload in (False, True):
@@ -180,7 +168,7 @@ def test_bases_taking_turns_give_the_same_parameters_as_both_resident():
 
 def test_an_offloaded_base_fails_loudly():
     """A frozen weight read while its model is out raises (a zero-size storage), never computes garbage."""
-    d, residency = _distiller(_teacher(), True)
+    d, residency = _distiller(tiny_teacher(), True)
     residency.use("critic")
     b = _batch()
     with pytest.raises(RuntimeError):
