@@ -148,6 +148,24 @@ def test_a_killed_replica_fails_its_job_and_the_others_carry_on(server, tmp_path
     assert wait_for(b, again["job"], timeout=240)["state"] == "done"
 
 
+def test_a_job_waiting_in_rays_queue_is_cancelled_and_never_runs(server):
+    a, b, c = server.client(), server.client(), server.client()
+    long_jobs = [x.post("/api/jobs", json={"prompt": "busy", "frames": 33 * 40, **SIZE}).json() for x in (a, b)]
+    for x, job in zip((a, b), long_jobs):  # both replicas busy
+        wait_for(x, job["job"], states=("running",), timeout=120)
+    waiting = c.post("/api/jobs", json={"prompt": "waits", "frames": 33, **SIZE}).json()
+    assert waiting["state"] == "queued" and waiting["queue_position"] == 2 and waiting["replica"] is None
+    cancelled = c.delete(f"/api/jobs/{waiting['job']}").json()
+    assert cancelled["state"] == "cancelled" and cancelled["error"] == "cancelled on request"
+    for x, job in zip((a, b), long_jobs):  # a running job's cancel reaches its replica
+        assert x.delete(f"/api/jobs/{job['job']}").status_code == 200
+        end = wait_for(x, job["job"], timeout=60)
+        assert end["state"] == "cancelled" and end["replica"] is not None and end["chunks_done"] < 40
+    again = c.post("/api/jobs", json={"prompt": "after", "frames": 33, **SIZE}).json()
+    assert wait_for(c, again["job"], timeout=120)["state"] == "done"
+    assert c.get(f"/api/jobs/{waiting['job']}").json()["chunks_done"] == 0  # it never ran
+
+
 def test_wait_mode_returns_the_mp4_through_the_ingress(server, tmp_path):
     client = server.client()
     r = client.post("/api/jobs?wait=1", json={"prompt": "a green dog", "frames": 33, **SIZE}, timeout=240)
