@@ -301,5 +301,7 @@ def test_serve_ray_refuses_bad_options_before_starting_anything():
 
     result = CliRunner().invoke(app, ["serve", "--ray", "--engines", "0"])
     assert result.exit_code == 2 and "--engines must be at least 1" in result.output
+    result = CliRunner().invoke(app, ["serve", "--ray", "--min-engines", "3", "--max-engines", "2"])
+    assert result.exit_code == 2 and "min_replicas <= max_replicas" in result.output
     result = CliRunner().invoke(app, ["serve", "--ray", "--model", "/nonexistent/model"])
     assert result.exit_code == 2 and "does not exist" in result.output

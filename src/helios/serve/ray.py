@@ -476,6 +476,7 @@ class Replicas:
             self._fail(tracked, type(e).__name__)
             log.warning("job %s: its stream failed (%s: %s)", job_id, type(e).__name__, str(e)[:300])
         finally:
+            tracked.call = None  # (what is left of the stream goes now, not with the record)
             partial.unlink(missing_ok=True)
             for answer in tracked.answers.values():
                 if not answer.done():
@@ -846,7 +847,7 @@ def build_app(model: str | Path | None = None, *, engines: int = 2, autoscaling:
     each replica on a node with K free GPUs)."""
     if engines < 1:
         raise ValueError(f"a Ray application needs at least one engine, got engines={engines}")
-    scaling = _replica_count(engines, autoscaling)
+    scaling = replica_count(engines, autoscaling)
     model = str(model or bundled_model())
     limits = limits or Limits()
     # Few malloc arenas: the frames of each job are allocated and freed across many threads.
@@ -862,7 +863,7 @@ def build_app(model: str | Path | None = None, *, engines: int = 2, autoscaling:
            client_secret=secrets.token_hex(32), workdir=workdir)
 
 
-def _replica_count(engines: int, autoscaling: dict | None) -> dict:
+def replica_count(engines: int, autoscaling: dict | None) -> dict:
     """The deployment's num_replicas, or its autoscaling_config (checked here, before anything starts)."""
     if not autoscaling:
         return {"num_replicas": engines}
