@@ -8,6 +8,8 @@ live session whose client hangs up after the first chunk; an HTTP job cancelled 
 video made through /v1/videos with the openai client. At the end: every job's final state, jobs
 "lost" (no final state, or a state that contradicts what the client did), finished videos that are
 not complete, and the replicas' memory (RSS and private/USS) when idle before and after the load.
+"Idle before" is measured after warm-up jobs (each kind of request, once per engine replica), so
+that model caches, thread pools, allocator pools and Ray's streaming buffers exist by then.
 """
 
 from __future__ import annotations

@@ -377,6 +377,10 @@ def serve(
     ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve: --engines replicas of --gpus-per-job GPUs "
                              "each, anywhere on the Ray cluster (docs/serving.md)."),
     engines: int = typer.Option(2, "--engines", help="With --ray: how many engine replicas."),
+    max_engines: Optional[int] = typer.Option(None, "--max-engines", help="With --ray: autoscale the engine "
+                                              "replicas from --min-engines up to this many, by jobs queued and "
+                                              "running (instead of a fixed --engines)."),
+    min_engines: int = typer.Option(1, "--min-engines", help="With --ray and --max-engines: the fewest replicas."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="With --ray: the cluster to join (default: start a local one)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
@@ -407,8 +411,9 @@ def serve(
     if ray and (memory is not None or decoder_kind != "full"):
         fail("--memory and --decoder are not supported with --ray yet; leave them out, or serve on one host")
     if ray:  # the engines' GPUs are the cluster's, not this machine's: Ray places them
-        _serve_ray(model, host, port, ray_address, engines, gpus_per_job, token, max_frames, max_upload_mb,
-                   jobs_per_client, dtype, workdir)
+        autoscaling = None if max_engines is None else {"min_replicas": min_engines, "max_replicas": max_engines}
+        _serve_ray(model, host, port, ray_address, engines, autoscaling, gpus_per_job, token, max_frames,
+                   max_upload_mb, jobs_per_client, dtype, workdir)
         return
     try:
         cuda_devices = torch.cuda.device_count() if gpus is not None and device in (None, "cuda") else 0
@@ -432,23 +437,27 @@ def serve(
         fail(str(e))
 
 
-def _serve_ray(model, host, port, address, engines, gpus_per_engine, token, max_frames, max_upload_mb,
-               jobs_per_client, dtype, workdir) -> None:
+def _serve_ray(model, host, port, address, engines, autoscaling, gpus_per_engine, token, max_frames,
+               max_upload_mb, jobs_per_client, dtype, workdir) -> None:
     """`helios serve --ray`: helios.serve.ray.run with the command's limits."""
     from helios.serve import Limits
 
     try:
-        from helios.serve.ray import run as run_ray
+        from helios.serve.ray import replica_count, run as run_ray
     except ImportError:
         fail("--ray needs Ray Serve: pip install 'helios-video[ray]'")
     if engines < 1:
         fail(f"--engines must be at least 1, got {engines}")
+    try:
+        replica_count(engines, autoscaling)
+    except ValueError as e:
+        fail(f"--min-engines/--max-engines: {e}")
     model = model or bundled_model()
     if not model.exists():  # (checked here; the engines must find it at the same path on their nodes)
         fail(f"model folder {model} does not exist")
     limits = Limits(max_frames=max_frames, max_upload_bytes=max_upload_mb * 2**20, max_jobs_per_client=jobs_per_client)
-    run_ray(model, host=host, port=port, address=address, engines=engines, gpus_per_engine=gpus_per_engine or 0,
-            token=token, limits=limits, dtype=dtype, workdir=str(workdir) if workdir else None)
+    run_ray(model, host=host, port=port, address=address, engines=engines, autoscaling=autoscaling,
+            gpus_per_engine=gpus_per_engine or 0, token=token, limits=limits, dtype=dtype, workdir=str(workdir) if workdir else None)
 
 
 @app.command("train")
