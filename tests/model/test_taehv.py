@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helios.model.taehv import (CONFIG_METADATA_KEY, TAEHV, DecodeStream, TAEHVConfig, TAEHVLoadError, load_taehv)
+from helios.model.taehv import (CONFIG_METADATA_KEY, TAEHV, DecodeStream, TAEHVConfig, TAEHVLoadError, load_taehv,
+                                run_sequence)
 
 REFERENCE_WHEEL = "streamdiffusionv2==0.1.1"
 REFERENCE_FILE = "models/wan/taehv_wrapper.py"
@@ -164,6 +165,22 @@ def test_chunk_by_chunk_decode_equals_the_whole_decode():
                 start = end
             torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-6)
     assert whole.shape == (2, 37, 3, 20, 20)
+
+
+@pytest.mark.parametrize("space", [(True, True, True), (False, True, True)])
+def test_the_reduced_decoder_equals_the_plain_layer_by_layer_decode_over_chunks(space):
+    # decode_video moves TGrow before the upsampling, runs upsample + conv3 as four phases and skips
+    # the startup frames; the plain stack (the published layer order, all frames) must give the same.
+    model = randomize_(TAEHV(small_config(space_upscale=space)), seed=7)
+    z = torch.randn(2, 6, 16, 4, 5)
+    with torch.no_grad():
+        stream, memory, ours, plain = DecodeStream(), {}, [], []
+        for start, end in ((0, 1), (1, 4), (4, 6)):
+            ours.append(model.decode_video(z[:, start:end], stream))
+            plain.append(run_sequence(model.decoder, z[:, start:end], memory).clamp(0, 1))
+    plain[0] = plain[0][:, model.frames_to_trim:]
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_a_fresh_decode_forgets_the_previous_chunk():

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helios.model.wan_vae import phase_weights, shuffle_phases
+
 CONFIG_METADATA_KEY = "helios_taehv"  # safetensors metadata: the TAEHVConfig of a file we wrote
 _PREFIXES = ("module.", "model.", "taehv.", "vae.")  # wrappers some re-savings put around the keys
 
@@ -155,17 +157,79 @@ def run_sequence(seq: nn.Sequential, x: torch.Tensor, memory: dict[int, torch.Te
     x = x.flatten(0, 1)
     for i, block in enumerate(seq):
         if isinstance(block, MemBlock):
-            frames = x.unflatten(0, (n, -1))
-            before = memory.get(i) if memory is not None else None
-            if before is None:
-                before = torch.zeros_like(frames[:, :1])
-            past = torch.cat([before, frames[:, :-1]], 1).flatten(0, 1)
-            if memory is not None:
-                memory[i] = frames[:, -1:].detach().clone()
-            x = block(x, past)
+            x = _memblock_step(block, i, x, n, memory)
         else:
             x = block(x)
     return x.unflatten(0, (n, -1))
+
+
+def _nchw_or_nhwc(x: torch.Tensor) -> torch.memory_format:
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _phase_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The 2x2 four-phase form of a 3x3 conv's weight, cached while the weight is unchanged and frozen."""
+    w = conv.weight
+    if torch.is_grad_enabled() and w.requires_grad:
+        return phase_weights(w)  # training: keep the graph back to the 3x3 weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    cached = getattr(conv, "_helios_phase", None)
+    if cached is None or cached[0] != key:
+        cached = (key, phase_weights(w.detach()))
+        conv._helios_phase = cached
+    return cached[1]
+
+
+def _grow_upsample_conv(x: torch.Tensor, n: int, up: nn.Upsample, grow: TGrow, conv: nn.Conv2d,
+                        drop: int) -> torch.Tensor:
+    """Upsample -> TGrow -> conv3 as TGrow at low resolution (a 1x1 conv commutes with nearest upsampling)
+    and, for 2x, one four-phase 2x2 conv of the low-resolution frames (no upsampled copy); the first
+    `drop` frames per sample after TGrow are not computed further."""
+    x = grow(x)
+    if drop:
+        x = x.unflatten(0, (n, -1))[:, drop:].flatten(0, 1)
+    if up.scale_factor in (1, 1.0):
+        return conv(x)
+    y = F.conv2d(x, _phase_weight(conv), None, padding=1)
+    return shuffle_phases(y, conv.bias, _nchw_or_nhwc(x))
+
+
+def run_decoder(seq: nn.Sequential, x: torch.Tensor, memory: dict[int, torch.Tensor] | None = None,
+                drop: int = 0) -> torch.Tensor:
+    """run_sequence for a build_decoder stack, with less work and the same frames, minus the first `drop`.
+
+    The dropped frames come from the last TGrow, after every MemBlock, so they feed nothing that is kept.
+    """
+    grows = [i for i, b in enumerate(seq) if isinstance(b, TGrow)]
+    n, i = x.shape[0], 0
+    x = x.flatten(0, 1)
+    while i < len(seq):
+        block = seq[i]
+        if isinstance(block, nn.Upsample) and i + 1 in grows:
+            last = i + 1 == grows[-1]
+            x = _grow_upsample_conv(x, n, block, seq[i + 1], seq[i + 2], drop if last else 0)
+            i += 3
+            continue
+        if isinstance(block, MemBlock):
+            x = _memblock_step(block, i, x, n, memory)
+        else:
+            x = block(x)
+        i += 1
+    return x.unflatten(0, (n, -1))
+
+
+def _memblock_step(block: MemBlock, i: int, x: torch.Tensor, n: int,
+                   memory: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """One MemBlock over flattened frames, its previous-frame input from `memory` (updated) or zeros."""
+    frames = x.unflatten(0, (n, -1))
+    before = memory.get(i) if memory is not None else None
+    if before is None:
+        before = torch.zeros_like(frames[:, :1])
+    past = torch.cat([before, frames[:, :-1]], 1).flatten(0, 1)
+    if memory is not None:
+        memory[i] = frames[:, -1:].detach().clone()
+    return block(x, past)
 
 
 @dataclass
@@ -197,11 +261,10 @@ class TAEHV(nn.Module):
         """
         if latents.dim() != 5 or latents.shape[2] != self.cfg.latent_channels:
             raise ValueError(f"expected latents (N, T, {self.cfg.latent_channels}, h, w), got {tuple(latents.shape)}")
-        x = run_sequence(self.decoder, latents, stream.memory if stream is not None else None)
+        drop = self.frames_to_trim if stream is None or not stream.started else 0
+        x = run_decoder(self.decoder, latents, stream.memory if stream is not None else None, drop)
         if self.cfg.patch_size > 1:
             x = F.pixel_shuffle(x.flatten(0, 1), self.cfg.patch_size).unflatten(0, x.shape[:2])
-        if stream is None or not stream.started:
-            x = x[:, self.frames_to_trim:]
         if stream is not None:
             stream.started = True
         return x.clamp(0, 1) if clamp else x
