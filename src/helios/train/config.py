@@ -59,6 +59,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "synthetic": {  # -> helios.train.synthetic.SyntheticConfig + dataset size and clip length
         "height": 64, "width": 64, "num_frames": 1440, "fps": 24, "min_objects": 1, "max_objects": 3,
         "max_groups": 2, "seed": 0, "num_videos": 64, "clip_frames": 132,
+        "grammar": "classic",  # caption grammar (helios.scenes): classic | wide (+ triangles, more wordings)
+        "shapes": None,  # None: the grammar's shapes
     },
     "pyramid": {
         "enabled": False, "num_stages": 3, "stage_range": [0.0, 1 / 3, 2 / 3, 1.0], "gamma": 1 / 3,
