@@ -151,3 +151,17 @@ def test_tokenizer_keeps_the_bundled_ids_and_reads_the_new_words():
         "triangle", "triangles", "moving", "floating", "drifting", "over", "with"}
     index = json.loads((default_model() / "model_index.json").read_text())
     assert index["helios_vocabulary"] == caption_vocabulary()  # the bundle's declared words stay the classic ones
+
+
+def test_a_training_config_picks_the_grammar_and_refuses_an_unknown_one(tmp_path):
+    from helios.train.config import ConfigError, load_config
+
+    base = {"recipe": "tiny", "output_dir": str(tmp_path / "o"), "model": {"init_from": str(tmp_path)},
+            "data": {"source": "synthetic"}}
+    cfg = load_config(base, ["synthetic.grammar=wide"], check_paths=False)
+    fields = {k: v for k, v in cfg["synthetic"].items() if k in SyntheticConfig.__dataclass_fields__}
+    assert SyntheticConfig.from_dict(fields).shape_names() == ("circle", "square", "triangle")
+    with pytest.raises(ConfigError, match="synthetic.grammar"):
+        load_config(base, ["synthetic.grammar=poetic"], check_paths=False)
+    with pytest.raises(ConfigError, match="synthetic.shapes"):
+        load_config(base, ["synthetic.shapes=[circle, hexagon]"], check_paths=False)

@@ -225,6 +225,12 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     n(cfg["finetune"] in ("lora", "full"), "finetune", "must be lora or full", cfg)
     n(cfg["max_steps"] >= 1, "max_steps", "must be >= 1", cfg)
     n(isinstance(cfg["seed"], int), "seed", "must be an integer", cfg)
+    from helios.scenes import GRAMMARS, SHAPES
+
+    n(cfg["synthetic"]["grammar"] in GRAMMARS, "synthetic.grammar", f"must be one of {', '.join(GRAMMARS)}", cfg)
+    shapes = cfg["synthetic"]["shapes"]
+    n(shapes is None or (bool(shapes) and set(shapes) <= set(SHAPES)), "synthetic.shapes",
+      f"must be null (the grammar's) or a list of {', '.join(SHAPES)}", cfg)
 
     m = cfg["model"]
     n(isinstance(m["init_from"], str) and bool(m["init_from"]), "model.init_from",
