@@ -7,7 +7,7 @@ against the caption with helios.eval (no learned weights), and a contact sheet.
 Per video (all its frames), helios.eval.metrics.caption_adherence: the background colour error (RGB
 distance of the median colour from the caption's), whether the nearest palette colour to that median
 is the caption's background, the fraction of captioned object colours that appear as at least one
-blob, and whether every object count matches. The loss of a training run does not show whether a model follows its prompts; this does.
+blob, whether every object count matches, and the fraction of detected objects of the captioned shape. The loss of a training run does not show whether a model follows its prompts; this does.
 Writes OUT/adherence.json and OUT/adherence.png (rows: captions, columns: frames of each seed).
 """
 
@@ -66,9 +66,9 @@ def main() -> None:
             r = results[-1]
             print(f"[{i + 1}/{args.captions} seed {seed}] bg err {r['background_error']:5.1f} "
                   f"bg right {r['background_right']:.2f} objects {r['objects_present']:.2f} "
-                  f"counts {r['count_match']:.2f}  {caption!r} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                  f"counts {r['count_match']:.2f} shapes {r['shape_right']:.2f}  {caption!r} ({time.perf_counter() - t0:.0f}s)", flush=True)
         sheet.append(row)
-    keys = ("background_error", "background_right", "objects_present", "count_match")
+    keys = ("background_error", "background_right", "objects_present", "count_match", "shape_right")
     summary = {k: float(np.nanmean([r[k] for r in results])) for k in keys}
     print("mean: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     (args.out / "adherence.json").write_text(json.dumps(

@@ -270,14 +270,15 @@ def chunk_boundary_stats(diffs: np.ndarray, chunk: int = CHUNK_FRAMES) -> dict[s
 PALETTE_TOL = 60.0  # RGB distance counted as "that colour"; < half the palette's min spacing (127)
 
 
-def component_areas(mask: np.ndarray) -> np.ndarray:
-    """Areas of the 4-connected components of a (H,W) bool mask (run-length union-find, numpy only)."""
+def _component_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The horizontal runs of a (H,W) bool mask, (row, start, end) with end exclusive, and for each run
+    the root run of its 4-connected component (run-length union-find, numpy only)."""
     h, w = mask.shape
     edges = np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)
     row, start = np.nonzero(edges == 1)  # runs [start, end) per row, in row-major order
     _, end = np.nonzero(edges == -1)
     if row.size == 0:
-        return np.zeros(0, np.int64)
+        return row, start, end, np.zeros(0, np.int64)
     # runs in row r-1 that overlap run k of row r form a contiguous range in the sorted run list
     stride = w + 2
     start_key, end_key = row * stride + start, row * stride + end
@@ -297,9 +298,71 @@ def component_areas(mask: np.ndarray) -> np.ndarray:
             a, b = find(k), find(j)
             if a != b:
                 parent[max(a, b)] = min(a, b)
-    roots = np.array([find(i) for i in range(row.size)])
+    roots = np.array([find(i) for i in range(row.size)], dtype=np.int64)
+    return row, start, end, roots
+
+
+def component_areas(mask: np.ndarray) -> np.ndarray:
+    """Areas of the 4-connected components of a (H,W) bool mask."""
+    _, start, end, roots = _component_runs(mask)
+    if roots.size == 0:
+        return np.zeros(0, np.int64)
     areas = np.bincount(roots, weights=end - start)
     return areas[areas > 0].astype(np.int64)
+
+
+def component_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(labels, n): the 4-connected components of a (H,W) bool mask numbered 1..n (0: outside), in
+    row-major order of their first pixel."""
+    row, start, end, roots = _component_runs(mask)
+    labels = np.zeros(mask.shape, np.int32)
+    if roots.size == 0:
+        return labels, 0
+    _, number = np.unique(roots, return_inverse=True)  # roots are their components' first runs
+    for r, a, b, k in zip(row, start, end, number):
+        labels[r, a:b] = k + 1
+    return labels, int(number.max()) + 1
+
+
+# -----------------------------------------------------------------------------
+# shape of an object's mask: circle, square or triangle
+
+
+def shape_scores(mask: np.ndarray) -> dict[str, float]:
+    """How well one object's (H,W) bool mask matches each shape of the synthetic renderer: the IoU with
+    the ideal shape of the same area, drawn by helios.scenes.shape_coverage at the mask's centroid (a
+    triangle's centroid lies a third of its half height below its box centre). Area and centroid are
+    the moments least disturbed by the ragged edges of a small object, where a fill ratio or corner count
+    on a 6-pixel radius is not; the best of a few sub-pixel offsets absorbs the rounding of its edge."""
+    from helios.scenes import SHAPES, shape_coverage
+
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("shape_scores needs a mask with at least one pixel")
+    area, cx, cy = float(ys.size), float(xs.mean()), float(ys.mean())
+    size = {"circle": math.sqrt(area / math.pi), "square": math.sqrt(area) / 2, "triangle": math.sqrt(area / 2)}
+    pad = int(math.ceil(max(size.values()))) + 2  # window around the object that every template fits in
+    y0, x0 = max(0, int(cy) - 2 * pad), max(0, int(cx) - 2 * pad)
+    win = mask[y0:int(cy) + 2 * pad + 1, x0:int(cx) + 2 * pad + 1]
+    gy = np.arange(win.shape[0], dtype=np.float64)[:, None] + y0
+    gx = np.arange(win.shape[1], dtype=np.float64)[None, :] + x0
+    scores = {}
+    for shape in SHAPES:
+        r = size[shape]
+        centre_y = cy - r / 3 if shape == "triangle" else cy
+        best = 0.0
+        for oy in (-0.5, 0.0, 0.5):
+            for ox in (-0.5, 0.0, 0.5):
+                ideal = shape_coverage(shape, gx - cx - ox, gy - centre_y - oy, r)
+                best = max(best, float((ideal & win).sum()) / float((ideal | win).sum()))
+        scores[shape] = best
+    return scores
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """circle, square or triangle: the shape whose ideal mask overlaps one object's mask best."""
+    scores = shape_scores(mask)
+    return max(scores, key=scores.get)
 
 
 def _color_distance(frame: np.ndarray, rgb) -> np.ndarray:
@@ -315,11 +378,20 @@ def expected_counts(scene) -> dict[str, int | None]:
     return out
 
 
+def expected_shapes(scene) -> dict[str, set[str]]:
+    """The shapes a caption gives each object colour."""
+    out: dict[str, set[str]] = {}
+    for o in scene.objects:
+        out.setdefault(o.color, set()).add(o.shape)
+    return out
+
+
 def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_area: int | None = None,
-                        max_area: float | None = None) -> dict[str, float]:
+                        max_area: float | None = None, shapes: bool = False) -> dict[str, float]:
     """Background error/fraction, estimated background RGB, and per named colour: pixel fraction and object
     count; with `max_area`, also `<colour>_objects`: the blobs no larger than it (an object, not a region
-    painted over)."""
+    painted over), and with `shapes` too, `shape_objects` (how many such blobs of the captioned colours)
+    and `shape_right` (how many of them `classify_shape` names a shape the caption gives their colour)."""
     from helios.scenes import COLORS
 
     h, w, _ = frame.shape
@@ -331,14 +403,22 @@ def palette_frame_stats(frame: np.ndarray, scene, tol: float = PALETTE_TOL, min_
         out["background_error"] = float(np.linalg.norm(bg_est - ref))
         out["background_fraction"] = float((_color_distance(frame, ref) <= tol).mean())
     matches = []
+    want_shapes = expected_shapes(scene)
+    if shapes and max_area is not None:
+        out["shape_objects"], out["shape_right"] = 0.0, 0.0
     for color, want in expected_counts(scene).items():
         mask = _color_distance(frame, COLORS[color]) <= tol
-        areas = component_areas(mask)
+        labels, n = component_labels(mask)
+        areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         count = int((areas >= min_area).sum())
         out[f"{color}_fraction"] = float(mask.mean())
         out[f"{color}_count"] = float(count)
         if max_area is not None:
-            out[f"{color}_objects"] = float(((areas >= min_area) & (areas <= max_area)).sum())
+            objects = np.nonzero((areas >= min_area) & (areas <= max_area))[0] + 1
+            out[f"{color}_objects"] = float(objects.size)
+            if shapes:
+                out["shape_objects"] += objects.size
+                out["shape_right"] += sum(classify_shape(labels == k) in want_shapes[color] for k in objects)
         if want is not None:
             matches.append(count == want)
     if matches:
@@ -422,26 +502,53 @@ def nearest_palette_colour(rgb) -> str:
     return min(COLORS, key=lambda c: float(np.linalg.norm(rgb - np.asarray(COLORS[c], np.float64))))
 
 
-def caption_adherence(frames, caption: str) -> dict[str, float]:
-    """How far a short synthetic-style video draws what its caption says, averaged over its frames:
-    background_error (RGB distance of the median colour from the caption's background),
-    background_right (fraction of frames whose median colour is nearest the caption's background),
-    objects_present (fraction of (frame, captioned object colour) pairs with at least one blob of that
-    colour of an object's size: at most a quarter of the frame) and
-    count_match (fraction of frames where every captioned count is right)."""
+def adherence_frame(frame: np.ndarray, scene) -> dict[str, float]:
+    """What one frame of a synthetic-style video gets right of its caption's scene (a Scene with a
+    background): background_error (RGB distance of the median colour from the captioned background),
+    background_right (1 when the palette colour nearest that median is it), colours (captioned object
+    colours) and colours_present (those with at least one blob of an object's size: at most a quarter of
+    the frame), count_match (1 when every captioned count is right; NaN when no count is captioned),
+    shape_objects and shape_right (blobs of captioned colours, and how many have their captioned shape)."""
+    h, w = frame.shape[:2]
+    r = palette_frame_stats(frame, scene, max_area=0.25 * h * w, shapes=True)
+    colours = sorted({o.color for o in scene.objects})
+    return {"background_error": r["background_error"],
+            "background_right": float(nearest_palette_colour((r["bg_r"], r["bg_g"], r["bg_b"])) == scene.background),
+            "colours": float(len(colours)), "colours_present": float(sum(r[f"{c}_objects"] > 0 for c in colours)),
+            "count_match": r.get("count_match", math.nan),
+            "shape_objects": r["shape_objects"], "shape_right": r["shape_right"]}
+
+
+def adherence_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """`adherence_frame` rows of a video (or a window of one) -> background_error (mean), background_right
+    (fraction of frames), objects_present (fraction of (frame, captioned colour) pairs with that colour's
+    blob), count_match (fraction of frames with every count right) and shape_right (fraction of detected
+    objects with their captioned shape); NaN where nothing was there to score."""
+    def ratio(num: str, den: str) -> float:
+        total = sum(r[den] for r in rows)
+        return float(sum(r[num] for r in rows) / total) if total else math.nan
+
+    counts = [r["count_match"] for r in rows if math.isfinite(r["count_match"])]
+    return {"background_error": float(np.mean([r["background_error"] for r in rows])) if rows else math.nan,
+            "background_right": float(np.mean([r["background_right"] for r in rows])) if rows else math.nan,
+            "objects_present": ratio("colours_present", "colours"),
+            "count_match": float(np.mean(counts)) if counts else math.nan,
+            "shape_right": ratio("shape_right", "shape_objects")}
+
+
+def caption_scene(caption: str):
+    """The Scene of a caption that names a background, or a clear error."""
     from helios.scenes import parse_caption
 
     scene = parse_caption(caption)
     if scene.background is None:
         raise ValueError(f"caption {caption!r} names no background; expected e.g. "
                          "'two red circles bouncing on a blue background'")
-    frames = as_uint8_numpy(frames)
-    h, w = frames.shape[1:3]
-    rows = [palette_frame_stats(f, scene, max_area=0.25 * h * w) for f in frames]
-    present = [r[f"{c}_objects"] > 0 for r in rows for c in sorted({o.color for o in scene.objects})]
-    return {"background_error": float(np.mean([r["background_error"] for r in rows])),
-            "background_right": float(np.mean([nearest_palette_colour((r["bg_r"], r["bg_g"], r["bg_b"]))
-                                                == scene.background for r in rows])),
-            "objects_present": float(np.mean(present)) if present else float("nan"),
-            "count_match": float(np.nanmean([r.get("count_match", np.nan) for r in rows]))}
+    return scene
 
+
+def caption_adherence(frames, caption: str) -> dict[str, float]:
+    """How far a short synthetic-style video draws what its caption says, over all its frames: the
+    `adherence_summary` of its `adherence_frame` rows."""
+    scene = caption_scene(caption)
+    return adherence_summary([adherence_frame(f, scene) for f in as_uint8_numpy(frames)])

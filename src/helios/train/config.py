@@ -59,6 +59,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "synthetic": {  # -> helios.train.synthetic.SyntheticConfig + dataset size and clip length
         "height": 64, "width": 64, "num_frames": 1440, "fps": 24, "min_objects": 1, "max_objects": 3,
         "max_groups": 2, "seed": 0, "num_videos": 64, "clip_frames": 132,
+        "grammar": "classic",  # caption grammar (helios.scenes): classic | wide (+ triangles, more wordings)
+        "shapes": None,  # None: the grammar's shapes
     },
     "pyramid": {
         "enabled": False, "num_stages": 3, "stage_range": [0.0, 1 / 3, 2 / 3, 1.0], "gamma": 1 / 3,
@@ -223,6 +225,12 @@ def check_config(cfg: dict[str, Any], check_paths: bool = True) -> None:
     n(cfg["finetune"] in ("lora", "full"), "finetune", "must be lora or full", cfg)
     n(cfg["max_steps"] >= 1, "max_steps", "must be >= 1", cfg)
     n(isinstance(cfg["seed"], int), "seed", "must be an integer", cfg)
+    from helios.scenes import GRAMMARS, SHAPES
+
+    n(cfg["synthetic"]["grammar"] in GRAMMARS, "synthetic.grammar", f"must be one of {', '.join(GRAMMARS)}", cfg)
+    shapes = cfg["synthetic"]["shapes"]
+    n(shapes is None or (bool(shapes) and set(shapes) <= set(SHAPES)), "synthetic.shapes",
+      f"must be null (the grammar's) or a list of {', '.join(SHAPES)}", cfg)
 
     m = cfg["model"]
     n(isinstance(m["init_from"], str) and bool(m["init_from"]), "model.init_from",

@@ -1,4 +1,4 @@
-"""Procedural long videos with captions: coloured circles / squares bouncing on a solid background.
+"""Procedural long videos with captions: coloured circles / squares / triangles bouncing on a solid background.
 
 Every video is a pure function of ``(cfg.seed, index)``: the scene (background, objects, sizes,
 start positions, velocities) is drawn once from a numpy ``SeedSequence([seed, index])`` and the
@@ -8,7 +8,13 @@ without simulating the frames before it. Rendering is vectorised over frames and
 
 The caption comes from the shared colour/shape vocabulary in :mod:`helios.scenes`::
 
-    "two red circles and a green square bouncing on a blue background"
+    "two red circles and a green square bouncing on a blue background"      (grammar "classic")
+    "on a blue background, two red circles and a green triangle drifting"  (grammar "wide")
+
+The classic grammar (the default, the bundled model's data) draws circles and squares and words every
+caption one way. The wide one draws triangles too, and words each caption in one of the forms of
+:data:`helios.scenes.WIDE_FORMS`, chosen from a stream of its own: the scene of an index is the same
+under both grammars as long as the shapes are.
 
 Objects of a caption group share colour and shape; different groups have different colours,
 and no object has the background colour. Objects may overlap while moving (the later object is
@@ -28,7 +34,8 @@ from torch.utils.data import Dataset
 
 from helios.engine.video_io import write_video
 from helios.model_folder import CHUNK_FRAMES
-from helios.scenes import COLORS, SHAPES, ObjectSpec, Scene, describe_scene
+from helios.scenes import (CLASSIC_FORM, COLORS, WIDE_FORMS, CaptionForm, ObjectSpec, Scene, check_grammar,
+                           describe_scene, grammar_shapes, shape_coverage)
 
 from .video_data import collate_samples
 
@@ -54,11 +61,21 @@ class SyntheticConfig:
     min_objects: int = 1
     max_objects: int = 3
     max_groups: int = 2  # distinct (colour, shape) groups per video
-    shapes: tuple[str, ...] = SHAPES
+    shapes: tuple[str, ...] | None = None  # None: the grammar's (classic: circle, square; wide: + triangle)
     colors: tuple[str, ...] | None = None  # None: every palette colour
     size_range: tuple[float, float] = (0.07, 0.14)  # radius / half side as a fraction of min(H, W)
     speed_range: tuple[float, float] = (0.004, 0.02)  # pixels per frame as a fraction of min(H, W)
     seed: int = 0
+    grammar: str = "classic"  # caption wording: "classic" (one form) or "wide" (helios.scenes.WIDE_FORMS)
+
+    def __post_init__(self):
+        check_grammar(self.grammar)
+        if self.shapes is not None:
+            for shape in self.shapes:
+                shape_coverage(shape, np.zeros(1), np.zeros(1), 1.0)  # a clear error for an unknown shape
+
+    def shape_names(self) -> tuple[str, ...]:
+        return tuple(self.shapes) if self.shapes else grammar_shapes(self.grammar)
 
     def palette(self) -> tuple[str, ...]:
         names = tuple(self.colors) if self.colors else tuple(COLORS)
@@ -80,7 +97,7 @@ class SyntheticConfig:
 class ObjectTrack:
     shape: str
     color: str
-    radius: int  # circle radius / square half side, pixels
+    radius: int  # circle radius / square half side / triangle half base and half height, pixels
     x0: float  # centre at frame 0 (pixel coordinates, pixel centres at integers)
     y0: float
     vx: float  # pixels per frame
@@ -106,6 +123,7 @@ class SyntheticVideo:
     cfg: SyntheticConfig
     background: str
     objects: list[ObjectTrack] = field(default_factory=list)
+    form: CaptionForm = CLASSIC_FORM
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -123,7 +141,7 @@ class SyntheticVideo:
         cuts = sorted(rng.choice(np.arange(1, n), size=n_groups - 1, replace=False).tolist()) if n_groups > 1 else []
         sizes = np.diff([0, *cuts, n]).tolist()
         colors = rng.choice(obj_colors, size=n_groups, replace=False).tolist()
-        shapes = [str(rng.choice(cfg.shapes)) for _ in range(n_groups)]
+        shapes = [str(rng.choice(cfg.shape_names())) for _ in range(n_groups)]
         m = min(H, W)
         objects: list[ObjectTrack] = []
         for g in range(n_groups):
@@ -143,7 +161,7 @@ class SyntheticVideo:
                 objects.append(
                     ObjectTrack(str(shapes[g]), str(colors[g]), r, x, y, speed * math.cos(ang), speed * math.sin(ang))
                 )
-        return cls(index=index, cfg=cfg, background=background, objects=objects)
+        return cls(index=index, cfg=cfg, background=background, objects=objects, form=caption_form(index, cfg))
 
     # ---------------------------------------------------------------- text / metadata
     @property
@@ -160,7 +178,7 @@ class SyntheticVideo:
 
     @property
     def caption(self) -> str:
-        return describe_scene(self.scene)
+        return describe_scene(self.scene, form=self.form)
 
     @property
     def num_frames(self) -> int:
@@ -204,10 +222,7 @@ class SyntheticVideo:
         for i, o in enumerate(self.objects):
             dx = xs - c[:, i, 0][:, None, None]  # (T, 1, W)
             dy = ys - c[:, i, 1][:, None, None]  # (T, H, 1)
-            if o.shape == "circle":
-                masks[:, i] = dx * dx + dy * dy <= o.radius * o.radius
-            else:
-                masks[:, i] = (np.abs(dx) <= o.radius) & (np.abs(dy) <= o.radius)
+            masks[:, i] = shape_coverage(o.shape, dx, dy, o.radius)
         return masks
 
     # ---------------------------------------------------------------- rendering
@@ -234,6 +249,15 @@ class SyntheticVideo:
         if output == "float":
             return to_model_tensor(fr)
         raise ValueError(f"unknown output {output!r}")
+
+
+def caption_form(index: int, cfg: SyntheticConfig) -> CaptionForm:
+    """The wording of video `index`'s caption: the classic form, or (wide grammar) one of WIDE_FORMS drawn
+    from a stream apart from the scene's, so the wording never changes what is drawn."""
+    if cfg.grammar == "classic":
+        return CLASSIC_FORM
+    rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed) & 0xFFFFFFFF, int(index), 1]))
+    return WIDE_FORMS[int(rng.integers(len(WIDE_FORMS)))]
 
 
 def to_model_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -20,18 +20,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from helios import model_folder as helios_model_folder
-from helios.scenes import COLORS, COUNT_WORDS, SHAPES
+from helios.scenes import CLASSIC_SHAPES, COLORS, COUNT_WORDS, SHAPES
 from helios.model.config import named_config
 from helios.model.loading import save_transformer
 from helios.model.transformer import build_transformer
 from helios.model_folder import CHUNK_FRAMES
+
+if TYPE_CHECKING:
+    from helios.train.synthetic import SyntheticConfig
 
 FRAME_SIZE = (64, 64)  # height, width of the shipped model's videos (small enough to train on a CPU)
 TEXT_DIM = 64
@@ -65,30 +68,37 @@ BASE_SAMPLING = {"steps": 20, "guidance_scale": 1.5}
 MID_SAMPLING = {"guidance_scale": 1.5}
 
 
-def scene_config(seed: int = 0, num_frames: int = 24 * 60) -> "SyntheticConfig":
-    """The synthetic scenes of the small model: its frame size and object sizes."""
+def scene_config(seed: int = 0, num_frames: int = 24 * 60, grammar: str = "classic") -> "SyntheticConfig":
+    """The synthetic scenes of the small model: its frame size and object sizes (and caption grammar)."""
     from helios.train.synthetic import SyntheticConfig
 
     return SyntheticConfig(height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_frames=num_frames,
-                           size_range=OBJECT_SIZE, seed=seed)
+                           size_range=OBJECT_SIZE, seed=seed, grammar=grammar)
 
 
 README_PROMPT = "two red circles bouncing on a blue background"
 
 
-def held_out_captions(n: int, seed: int = 2000) -> list[str]:
+def held_out_captions(n: int, seed: int = 2000, grammar: str = "classic") -> list[str]:
     """The README's prompt, then the captions of synthetic scenes of a seed no training set uses: what
     the prompt-adherence benchmark and the bundled model's test generate from."""
     from helios.train.synthetic import SyntheticConfig, SyntheticVideo
 
-    return [README_PROMPT, *(SyntheticVideo.from_index(i, SyntheticConfig(seed=seed)).caption for i in range(n - 1))]
+    cfg = SyntheticConfig(seed=seed, grammar=grammar)
+    return [README_PROMPT, *(SyntheticVideo.from_index(i, cfg).caption for i in range(n - 1))]
+
+
+# Tokens of the wide caption grammar (helios.scenes) that the first vocabulary lacked, in the order they
+# were added: appended after it, so every older token keeps its id and the bundled model's tokenizer reads
+# the classic captions exactly as before. A new word goes at the end of this list, never in the middle.
+ADDED_TOKENS = ("triangle", "triangles", "floating", "drifting", "over", ",")
 
 
 def vocabulary() -> list[str]:
-    """Every word a synthetic caption uses, plus the specials a T5 tokenizer needs."""
-    words = set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNT_WORDS)
+    """Every word a synthetic caption uses (both grammars), plus the specials a T5 tokenizer needs."""
+    words = set(COLORS) | set(CLASSIC_SHAPES) | {s + "s" for s in CLASSIC_SHAPES} | set(COUNT_WORDS)
     words |= {"bouncing", "on", "background", "and", "moving", "with"}
-    return ["<pad>", "</s>", "<unk>", *sorted(words)]
+    return ["<pad>", "</s>", "<unk>", *sorted(words), *ADDED_TOKENS]
 
 
 def build_tokenizer():
@@ -104,7 +114,7 @@ def build_tokenizer():
                                    model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS):
+def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS, grammar: str = "classic"):
     """The tiny T5 encoder, pretrained on synthetic captions (`pretrain_text_encoder`) unless
     `pretrain_steps` is 0. A random encoder was not enough: with it the GPU-trained transformers ignored
     their prompts (docs/tiny-model.md), as a Wan model would with an untrained umT5."""
@@ -115,7 +125,7 @@ def build_text_encoder(seed: int = 0, pretrain_steps: int = TEXT_PRETRAIN_STEPS)
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
     encoder = T5EncoderModel(cfg)
     if pretrain_steps > 0:
-        pretrain_text_encoder(encoder, build_tokenizer(), steps=pretrain_steps, seed=seed)
+        pretrain_text_encoder(encoder, build_tokenizer(), steps=pretrain_steps, seed=seed, grammar=grammar)
     return encoder.eval()
 
 
@@ -133,14 +143,14 @@ def caption_targets(caption: str) -> tuple[int, list[int]]:
 
 
 def pretrain_text_encoder(encoder, tokenizer, steps: int = TEXT_PRETRAIN_STEPS, batch: int = 64, lr: float = 2e-3,
-                          seed: int = 0, captions: int = 4096) -> list[float]:
+                          seed: int = 0, captions: int = 4096, grammar: str = "classic") -> list[float]:
     """Teach the tiny T5 to read the synthetic captions: linear heads on every token's output must
     name the caption's background colour and the count of every (colour, shape) pair. Every token then
     carries the whole scene, so any attention pattern of the transformer's cross-attention can read it.
     Captions come from synthetic videos of another seed than the training data's. A few seconds on a CPU."""
     from helios.train.synthetic import SyntheticConfig, SyntheticVideo
 
-    cfg = SyntheticConfig(seed=10_000 + seed)
+    cfg = SyntheticConfig(seed=10_000 + seed, grammar=grammar)
     texts = [SyntheticVideo.from_index(i, cfg).caption for i in range(captions)]
     bg, counts = zip(*(caption_targets(t) for t in texts))
     bg, counts = torch.tensor(bg), torch.tensor(counts)
@@ -341,11 +351,11 @@ def reconstruction_error_per_latent_frame(vae, device: str = "cpu", clips: int =
     return reconstruction_errors_per_latent_frame(vae, device, clips, seed)[region]
 
 
-def _prompt_help() -> dict:
+def _prompt_help(grammar: str = "classic") -> dict:
     """model_index.json keys that tell a user which prompts the model knows (its training captions' words)."""
     from helios.scenes import EXAMPLE_CAPTION, caption_vocabulary
 
-    return {"helios_vocabulary": caption_vocabulary(), "helios_example_prompt": EXAMPLE_CAPTION}
+    return {"helios_vocabulary": caption_vocabulary(grammar), "helios_example_prompt": EXAMPLE_CAPTION}
 
 
 def scheduler_for(kind: str):
@@ -365,18 +375,19 @@ def _kind_flags(kind: str) -> dict[str, Any]:
 
 
 def write_model_folder(folder: Path, vae, transformer, kind: str = "mid",
-                       text_pretrain_steps: int = TEXT_PRETRAIN_STEPS) -> Path:
+                       text_pretrain_steps: int = TEXT_PRETRAIN_STEPS, grammar: str = "classic") -> Path:
     """Assemble a model folder in the official layout (kind: 'base', 'mid' or 'distilled')."""
     sched = scheduler_for(kind)
     index = {"_class_name": _kind_flags(kind)["_class_name"], "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", type(sched).__name__], "text_encoder": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "HeliosTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"],
-             "helios_default_size": list(FRAME_SIZE), **_prompt_help()}
+             "helios_default_size": list(FRAME_SIZE), **_prompt_help(grammar)}
     if kind != "base":
         index.update(_kind_flags(kind))
     parts = {"tokenizer": lambda p: build_tokenizer().save_pretrained(p),
-             "text_encoder": lambda p: build_text_encoder(pretrain_steps=text_pretrain_steps).save_pretrained(
+             "text_encoder": lambda p: build_text_encoder(pretrain_steps=text_pretrain_steps,
+                                                          grammar=grammar).save_pretrained(
                  p, safe_serialization=True),
              "vae": lambda p: vae.save_pretrained(p, safe_serialization=True),
              "transformer": lambda p: save_transformer(transformer, p, dtype=torch.bfloat16),  # halves the size
@@ -401,7 +412,7 @@ class _RenderedVideos(torch.utils.data.Dataset):
 
 
 def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_frames: int = 4 * CHUNK_FRAMES,
-                batch: int = 32, section_frames: int = CHUNK_FRAMES) -> None:
+                batch: int = 32, section_frames: int = CHUNK_FRAMES, grammar: str = "classic") -> None:
     """Render synthetic videos in memory and VAE-encode them on ``device`` per 33-frame section, a batch
     of videos per call, into a training latent cache (the entries ``build_latent_cache`` writes from mp4
     files). Resumable: entries already there are kept. Thousands of videos take a minute on a GPU."""
@@ -412,7 +423,7 @@ def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_fr
     from helios.train.synthetic import SyntheticVideo
     from helios.train.video_data import entry_key, is_valid_entry, write_cache_entry
 
-    cfg = scene_config(num_frames=clip_frames)
+    cfg = scene_config(num_frames=clip_frames, grammar=grammar)
     out.mkdir(parents=True, exist_ok=True)
     sections = clip_frames // section_frames
 
@@ -440,7 +451,7 @@ def build_cache(model_folder: Path, out: Path, videos: int, device: str, clip_fr
     print(f"latent cache: {len(todo)} built, {videos - len(todo)} already cached, 0 skipped")
 
 
-def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
+def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0, grammar: str = "classic") -> Path:
     """Copy a trained model folder as the shippable bundle: transformer in bf16, flags for `kind` (and, for a
     base or mid bundle, its own sampling defaults, BASE_SAMPLING or MID_SAMPLING)."""
     from helios.model.loading import load_transformer
@@ -448,7 +459,7 @@ def bundle(src: Path, dst: Path, kind: str, max_mb: float = 30.0) -> Path:
     index = helios_model_folder.read_model_index(src)
     index.update(_kind_flags(kind))
     index.pop("helios_default_sampling", None)
-    index.update(_prompt_help())
+    index.update(_prompt_help(grammar))
     own = {"base": BASE_SAMPLING, "mid": MID_SAMPLING}.get(kind)  # a distilled bundle samples without CFG
     if own:
         index["helios_default_sampling"] = own
@@ -486,12 +497,15 @@ def main() -> None:
                     help="vae: train only the decoder of --init-vae; its latents, and models trained on them, stay valid")
     ap.add_argument("--text-pretrain-steps", type=int, default=TEXT_PRETRAIN_STEPS,
                     help="vae: steps of the text encoder's caption pretraining (0: a random frozen encoder)")
+    ap.add_argument("--grammar", default="classic", choices=["classic", "wide"],
+                    help="caption grammar of the training captions (helios.scenes): what the text encoder is "
+                         "pretrained on (vae) and the vocabulary the folder declares (vae, bundle)")
     args = ap.parse_args()
     if args.command == "cache":
-        build_cache(args.src, args.dst, args.videos, args.device)
+        build_cache(args.src, args.dst, args.videos, args.device, grammar=args.grammar)
         return
     if args.command == "bundle":
-        bundle(args.src, args.dst, args.kind)
+        bundle(args.src, args.dst, args.kind, grammar=args.grammar)
         return
     if args.decoder_only and args.init_vae is None:
         ap.error("--decoder-only trains the decoder of a trained VAE: give it with --init-vae")
@@ -515,7 +529,8 @@ def main() -> None:
     vae.to("cpu")
     torch.manual_seed(0)  # the same fresh transformer whatever the VAE training drew: runs can share an init
     transformer = build_transformer(transformer_config())
-    write_model_folder(args.src, vae, transformer, kind=args.kind, text_pretrain_steps=args.text_pretrain_steps)
+    write_model_folder(args.src, vae, transformer, kind=args.kind, text_pretrain_steps=args.text_pretrain_steps,
+                       grammar=args.grammar)
     (args.src / "vae_train_log.json").write_text(json.dumps({"losses": losses, "steps": len(losses),
                                                              "batch": args.batch, "frames": args.frames,
                                                              "object_weight": args.object_weight,
