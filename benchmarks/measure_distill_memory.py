@@ -80,7 +80,7 @@ def measure(name: str, preset: str, rank: int, head_dim: int, height: int, width
                            "text_len": text_len, "device": torch.cuda.get_device_name(dev) if cuda else "cpu"}
     if cuda:
         total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, dev.index or 0)
         res["device_total_gib"] = round(total / GIB, 2)
         torch.cuda.reset_peak_memory_stats(dev)
     res["host_peak_reset"] = _reset_host_peak()
