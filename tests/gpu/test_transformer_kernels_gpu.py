@@ -70,6 +70,29 @@ def test_fp8_rope_attention_on_cuda_matches_its_cpu_emulation():
     assert rel(out, emulated) < 0.05
 
 
+def test_attention_from_the_noisy_queries_only_equals_those_rows_of_the_full_attention():
+    """The last block's form (queries_from): bf16 and cuDNN FP8 attention, no fallback for Lq != Lk."""
+    from helios.model.attention import cudnn_frontend_available
+    from helios.model.transformer_kernels import _FP8_UNSUPPORTED, rope_attention, rope_attention_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    b, length, heads, hd, nh = 1, 2940, 40, 128, 2400
+    d = heads * hd
+    qkv = torch.randn(b, length, 3 * d, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16()
+    angles = torch.rand(b, length, hd // 2, device="cuda", generator=g) * 6.3
+    args = (qkv, w, w, angles.cos(), angles.sin(), 1e-6, heads, nh, None)
+    full, lean = rope_attention(*args), rope_attention(*args, nh)
+    assert lean.shape == (b, length - nh, d)
+    assert rel(lean, full[:, nh:]) < 1e-3
+    if cudnn_frontend_available() is not None:
+        pytest.skip(f"no cuDNN frontend: {cudnn_frontend_available()}")
+    (fv, fs), (lv, ls) = rope_attention_fp8(*args, 16), rope_attention_fp8(*args, 16, nh)
+    assert not _FP8_UNSUPPORTED, _FP8_UNSUPPORTED
+    assert lv.shape == (length - nh, d)
+    assert rel(lv.float() * ls, (fv.float() * fs)[nh:length]) < 1e-2
+
+
 def test_cudnn_fp8_attention_matches_its_emulation():
     from helios.model.attention import (CudnnFp8Attention, attention, cudnn_frontend_available,
                                         fp8_attention_emulated, quantize_tensor)

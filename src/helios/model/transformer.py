@@ -179,16 +179,19 @@ class Attention(nn.Module):
     def history_gain(self) -> torch.Tensor:
         return 1.0 + torch.sigmoid(self.history_key_scale) * (self.max_scale - 1.0)
 
-    def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def self_attention(self, x: torch.Tensor, layout: TokenLayout, queries_from: int = 0) -> torch.Tensor:
+        """Attention of the tokens from `queries_from` on over all tokens of x: (B, L - queries_from, D)."""
         if self.fused_kernels and hasattr(self, "to_qkv") and layout.parallel is None:
             gain = self.history_gain() if self.amplify_history and layout.num_history > 0 else None
             args = (self.to_qkv(x), self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin, self.norm_q.eps,
                     self.heads, layout.num_history, gain)
             out_proj = self.to_out[0]
+            queries = x[:, queries_from:]
             if self.fp8_attention and isinstance(out_proj, Fp8Linear):  # e4m3 output straight into to_out
-                values, scales = rope_attention_fp8(*args, ROW_MULTIPLE if x.is_cuda else 1)
-                return out_proj.forward_quantized(values, scales, x.shape[0] * x.shape[1], x.shape[:2], x.dtype)
-            return out_proj(rope_attention(*args))
+                values, scales = rope_attention_fp8(*args, ROW_MULTIPLE if x.is_cuda else 1, queries_from)
+                return out_proj.forward_quantized(values, scales, queries.shape[0] * queries.shape[1],
+                                                  queries.shape[:2], x.dtype)
+            return out_proj(rope_attention(*args, queries_from))
         if hasattr(self, "to_qkv"):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
             q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
@@ -201,6 +204,7 @@ class Attention(nn.Module):
             gain = self.history_gain()
             nh = layout.num_history
             k = torch.cat([(k[:, :nh] * gain.view(1, 1, -1, 1)).to(k.dtype), k[:, nh:]], dim=1)
+        q = q[:, queries_from:]
         out = attention(q, k, v) if layout.parallel is None else layout.parallel.attention(q, k, v)
         return self.to_out[0](out.flatten(2))
 
@@ -263,13 +267,20 @@ class Block(nn.Module):
         return F.layer_norm(x.float(), x.shape[-1:], n.weight.float(), n.bias.float(), self.eps).to(x.dtype)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mod: torch.Tensor,
-                layout: TokenLayout) -> torch.Tensor:
+                layout: TokenLayout, keep_history: bool = True) -> torch.Tensor:
+        """keep_history=False (the last block): the history tokens serve only as keys and values, and the
+        result holds the noisy tokens alone, (B, L - num_history, D): the head never reads the rest."""
         # mod: (B, 2, 6, D) time projections for [history, noisy]; the table is added in float32.
         nh = layout.num_history
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table[:, None] + mod.float()).unbind(2)
 
         h = modulate(self.layer_norm(x), shift, scale, nh).to(x.dtype)
-        x = gated_add(x, self.attn1.self_attention(h, layout), gate, nh)
+        if not keep_history and nh:
+            update = self.attn1.self_attention(h, layout, queries_from=nh)
+            x, nh = x[:, nh:], 0
+        else:
+            update = self.attn1.self_attention(h, layout)
+        x = gated_add(x, update, gate, nh)
 
         if self.guidance_cross_attn:  # history tokens already carry the prompt: only noisy tokens read text
             noisy = x[:, nh:]
@@ -447,13 +458,18 @@ class HeliosTransformer(nn.Module):
         else:
             mod = torch.stack([proj, proj], dim=1)
 
-        for blk, kv in zip(self.iter_blocks(), text.kv):
+        last = len(self.blocks) - 1
+        for i, (blk, kv) in enumerate(zip(self.iter_blocks(), text.kv)):
+            # The last block works out the noisy tokens only: nothing reads the history's final states.
+            keep = i < last or cp is not None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, kv, mod, layout, use_reentrant=False)
+                x = checkpoint(blk, x, kv, mod, layout, keep, use_reentrant=False)
             else:
-                x = blk(x, kv, mod, layout)
+                x = blk(x, kv, mod, layout, keep)
 
-        x = self.proj_out(self.norm_out(x[:, layout.num_history:], temb))
+        if cp is not None:  # every block kept this rank's slice of the history
+            x = x[:, layout.num_history:]
+        x = self.proj_out(self.norm_out(x, temb))
         if cp is not None:
             x = cp.gather_noisy(x)
         out = self.unpatchify(x, layout.noisy_grid)

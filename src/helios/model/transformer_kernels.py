@@ -165,26 +165,27 @@ if triton is not None:
 @torch.library.custom_op("helios::rope_attention", mutates_args=())
 def rope_attention(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, eps: float, heads: int, num_history: int,
-                   key_gain: torch.Tensor | None) -> torch.Tensor:
-    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L, D), before to_out."""
+                   key_gain: torch.Tensor | None, queries_from: int = 0) -> torch.Tensor:
+    """Self-attention of the tokens whose fused projection is `qkv` (B, L, 3D) -> (B, L - queries_from, D),
+    before to_out: every token is a key, the queries are the tokens from `queries_from` on."""
     q, k = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
     v = qkv[..., 2 * q.shape[2] * q.shape[3]:].unflatten(-1, (heads, -1))
-    return attention(q, k, v).reshape(qkv.shape[0], qkv.shape[1], -1)
+    return attention(q[:, queries_from:], k, v).reshape(qkv.shape[0], qkv.shape[1] - queries_from, -1)
 
 
 @rope_attention.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain):
-    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, queries_from=0):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1] - queries_from, qkv.shape[2] // 3)
 
 
 @torch.library.custom_op("helios::rope_attention_fp8", mutates_args=())
 def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, eps: float, heads: int, num_history: int, key_gain: torch.Tensor | None,
-                       row_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       row_multiple: int, queries_from: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_attention` with q, k, v, the probabilities and the output in e4m3 (cuDNN's FP8 attention on CUDA,
     its numbers emulated elsewhere). Returns the output as the rows of an FP8 matmul's input: e4m3 (M', D) and
-    float32 scales (M', 1), M = B * L tokens padded to row_multiple with zero rows, so that an Fp8Linear
-    (`forward_quantized`) reads it without another pass. q and k are scaled by `fp8_bound` (no pass over the
+    float32 scales (M', 1), M = B * (L - queries_from) query tokens padded to row_multiple with zero rows, so
+    that an Fp8Linear (`forward_quantized`) reads it without another pass. q and k are scaled by `fp8_bound` (no pass over the
     data), v by its max, which also bounds the output."""
     b, length, three_d = qkv.shape
     d = three_d // 3
@@ -195,7 +196,8 @@ def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
     q8, k8, v8 = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
                               scales=(FP8_MAX / bq, FP8_MAX / bk, FP8_MAX / amax))
     dq, dk, dv = ((x / FP8_MAX).reshape(1, 1, 1, 1) for x in (bq, bk, amax))
-    m = b * length
+    q8 = q8[:, queries_from:] if q8.shape[0] == 1 else q8[:, queries_from:].contiguous()
+    m = b * (length - queries_from)
     rows = m + (-m) % row_multiple
     if qkv.is_cuda and (tuple(q8.shape), q8.device) not in _FP8_UNSUPPORTED:
         out = torch.empty(rows, d, dtype=FP8, device=qkv.device)
@@ -208,10 +210,10 @@ def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
             log.warning("no cuDNN FP8 attention for %s (%s): bf16 attention there", tuple(q8.shape),
                         _FP8_UNSUPPORTED[(tuple(q8.shape), q8.device)])
             return _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
-                                             row_multiple)
+                                             row_multiple, queries_from)
     elif qkv.is_cuda:
         return _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain,
-                                         row_multiple)
+                                         row_multiple, queries_from)
     else:
         out = (fp8_attention_emulated(q8, k8, v8, dq, dk, dv) / dv.reshape(())).to(FP8).reshape(m, d)
         out = torch.cat([out, out.new_zeros(rows - m, d)]) if rows > m else out
@@ -221,16 +223,17 @@ def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
 _FP8_UNSUPPORTED: dict[tuple, str] = {}  # (shape, device) -> why cuDNN refused it
 
 
-def _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple):
-    out = rope_attention(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain)
+def _bf16_attention_quantized(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple,
+                              queries_from):
+    out = rope_attention(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, queries_from)
     rows = out.reshape(-1, out.shape[-1])
     pad = (-rows.shape[0]) % row_multiple
     return quantize_rows(F.pad(rows, (0, 0, 0, pad)) if pad else rows)
 
 
 @rope_attention_fp8.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple):
-    m = qkv.shape[0] * qkv.shape[1]
+def _(qkv, q_weight, k_weight, cos, sin, eps, heads, num_history, key_gain, row_multiple, queries_from=0):
+    m = qkv.shape[0] * (qkv.shape[1] - queries_from)
     rows = m + (-m) % row_multiple
     return qkv.new_empty(rows, qkv.shape[2] // 3, dtype=FP8), qkv.new_empty(rows, 1, dtype=torch.float32)
 
