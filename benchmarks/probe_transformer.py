@@ -241,6 +241,14 @@ def glue_probe(args) -> None:
             torch.cuda.synchronize()
             row = {"warmup_s": time.perf_counter() - t0}
             row["graphed_s"] = cuda_time(lambda: graphs(x, t500, text, layout, hist), warmup=1, iters=5)
+            if args.last_block_ab:  # the same forward with a last block that also computes the history
+                model.last_block_noisy_only = False
+                every = GraphedForward(model)
+                every(x, t500, text, layout, hist)
+                row["graphed_last_block_all_tokens_s"] = cuda_time(lambda: every(x, t500, text, layout, hist),
+                                                                   warmup=1, iters=5)
+                model.last_block_noisy_only = True
+                del every
             row["compiled_s"] = cuda_time(lambda: model(x, t500, text, layout=layout, **hist), warmup=1, iters=3)
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -254,6 +262,9 @@ def glue_probe(args) -> None:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=2)
     res["chunk_111_graphed_s"] = sum(r["graphed_s"] for r in stages.values())
+    if args.last_block_ab:
+        res["chunk_111_graphed_last_block_all_tokens_s"] = sum(r["graphed_last_block_all_tokens_s"]
+                                                               for r in stages.values())
     res["graph_capture_failures"] = {str(k[0]): v for k, v in graphs.failed.items()}
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     with open(args.out, "w") as f:
@@ -271,6 +282,8 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="--glue: without transformer_kernels' fused ops")
     ap.add_argument("--no-fp8-attention", action="store_true", help="--glue --fp8: bf16 attention")
     ap.add_argument("--skip-attention", action="store_true", help="--glue: skip the attention/GEMM timings")
+    ap.add_argument("--last-block-ab", action="store_true",
+                    help="--glue: also time each forward with a last block that computes every token")
     args = ap.parse_args()
     if args.glue:
         glue_probe(args)

@@ -330,6 +330,7 @@ class HeliosTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.context_parallel: ContextParallel | None = None  # see enable_context_parallel
         self.block_stream = None  # a helios.model.offload.BlockRing: blocks streamed from host memory
+        self.last_block_noisy_only = True  # False: the last block computes the history's final states too
 
     @property
     def dtype(self) -> torch.dtype:
@@ -458,16 +459,18 @@ class HeliosTransformer(nn.Module):
         else:
             mod = torch.stack([proj, proj], dim=1)
 
+        # The last block computes the noisy tokens alone (nothing reads the history's final states), except
+        # under context parallelism, where each rank holds a slice of both.
+        keep_last = cp is not None or not self.last_block_noisy_only or not self.blocks
         last = len(self.blocks) - 1
         for i, (blk, kv) in enumerate(zip(self.iter_blocks(), text.kv)):
-            # The last block works out the noisy tokens only: nothing reads the history's final states.
-            keep = i < last or cp is not None
+            keep = keep_last or i < last
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, kv, mod, layout, keep, use_reentrant=False)
             else:
                 x = blk(x, kv, mod, layout, keep)
 
-        if cp is not None:  # every block kept this rank's slice of the history
+        if keep_last:
             x = x[:, layout.num_history:]
         x = self.proj_out(self.norm_out(x, temb))
         if cp is not None:
