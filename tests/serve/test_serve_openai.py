@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers.serving import SIZE, Spy
+from helpers.serving import SIZE, Exploding, Spy
 
 from helios.engine.video_io import read_video, video_info, write_video
 
@@ -100,6 +100,20 @@ def test_schedule_and_image_reference(api):
     extra = done.model_extra["helios"]
     assert extra["chunks_total"] == 2
     assert extra["prompt"] == "a blue square"  # the newest chunk's prompt: the schedule applied
+
+
+def test_a_failed_video_says_why(pipe, serve):
+    server = serve(token=TOKEN, pipeline=Exploding(pipe))
+    client = api_client(server)
+    video = poll(client, client.videos.create(prompt="please explode", seconds="3", size=SMALL, extra_body=FAST).id)
+    assert video.status == "failed" and video.completed_at is None and video.progress == 33  # 1 of 3 chunks
+    assert video.error.code == "generation_failed"
+    assert video.error.message == "generation failed: RuntimeError: the device caught fire"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.videos.download_content(video.id)
+    assert e.value.status_code == 410 and e.value.body["code"] == "video_unavailable"
+    assert "the device caught fire" in e.value.body["message"]
+    client.close()
 
 
 def test_video_to_video_from_an_upload_and_from_an_earlier_video(pipe, serve, tmp_path):
