@@ -1,5 +1,5 @@
-"""Helpers for the server tests (tests/serve, tests/serve_ray): a tiny job size, polling a job,
-a live WebSocket session, reading its messages."""
+"""Helpers for the server tests (tests/serve, tests/serve_ray): a tiny job size, pipelines that
+record their inputs or fail on request, polling a job, a live WebSocket session, reading its messages."""
 
 from __future__ import annotations
 
@@ -10,6 +10,43 @@ from contextlib import contextmanager
 import httpx
 
 SIZE = {"height": 64, "width": 64, "steps": 1}
+
+
+class Spy:
+    """The real pipeline, recording what the server hands to `stream` (the tiny random model's frames are
+    near-grey whatever the input, so the inputs themselves are what shows the upload was used)."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, prompt, **kwargs):
+        self.calls.append(kwargs)
+        return self._pipe.stream(prompt, **kwargs)
+
+
+class Exploding:
+    """The real pipeline, except that a prompt containing 'explode' raises inside the engine's second chunk."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, prompt, on_step=None, **kwargs):
+        text = prompt.schedule.entries[0][1]
+
+        def step(chunk, stage, i):
+            if "explode" in text and chunk == 1:
+                raise RuntimeError("the device caught fire")
+            if on_step is not None:
+                on_step(chunk, stage, i)
+
+        return self._pipe.stream(prompt, on_step=step, **kwargs)
 
 
 def page_client(url: str, **headers) -> httpx.Client:

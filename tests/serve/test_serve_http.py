@@ -8,25 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers.serving import SIZE, assert_wait_cancels_on_hang_up, wait_for, wait_until
+from helpers.serving import SIZE, Spy, assert_wait_cancels_on_hang_up, wait_for, wait_until
 
 from helios.engine.video_io import video_info, write_video
-
-
-class Spy:
-    """The real pipeline, recording what the server hands to `stream` (the tiny random model's frames are
-    near-grey whatever the input, so the inputs themselves are what shows the upload was used)."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-        self.calls: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def stream(self, prompt, **kwargs):
-        self.calls.append(kwargs)
-        return self._pipe.stream(prompt, **kwargs)
 
 
 def png(color: tuple[int, int, int], size=(100, 80)) -> bytes:

@@ -11,32 +11,11 @@ import weakref
 from pathlib import Path
 
 import pytest
-from helpers.serving import SIZE, live, wait_for
+from helpers.serving import SIZE, Exploding, live, wait_for
 from websockets.exceptions import ConnectionClosed
 
 from helios.engine.video_io import video_info
 from helios.serve import Limits
-
-
-class Exploding:
-    """The real pipeline, except that a prompt containing 'explode' raises inside the engine's second chunk."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def stream(self, prompt, on_step=None, **kwargs):
-        text = prompt.schedule.entries[0][1]
-
-        def step(chunk, stage, i):
-            if "explode" in text and chunk == 1:
-                raise RuntimeError("the device caught fire")
-            if on_step is not None:
-                on_step(chunk, stage, i)
-
-        return self._pipe.stream(prompt, on_step=step, **kwargs)
 
 
 def test_a_crashing_job_fails_alone(pipe, serve, tmp_path):

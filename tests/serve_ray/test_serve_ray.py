@@ -188,15 +188,27 @@ def test_openai_api_through_the_ingress(server, tmp_path):
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    video = client.videos.create(prompt="a red circle", seconds="1", size="64x64", extra_body={"steps": 1})
-    deadline = time.monotonic() + 120
-    while (video := client.videos.retrieve(video.id)).status not in ("completed", "failed"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    assert video.status == "completed"
+
+    def finished(video_id: str):
+        deadline = time.monotonic() + 120
+        while (video := client.videos.retrieve(video_id)).status not in ("completed", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        return video
+
+    video = finished(client.videos.create(prompt="a red circle", seconds="1", size="64x64",
+                                          extra_body={"steps": 1}).id)
+    assert video.status == "completed" and video.model_extra["helios"]["replica"] in server.replicas()
+    content = client.videos.download_content(video.id).read()
     path = tmp_path / "v.mp4"
-    path.write_bytes(client.videos.download_content(video.id).read())
+    path.write_bytes(content)
     assert video_info(path).frames == 33
+    part = httpx.get(f"{server.url}/v1/videos/{video.id}/content", headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == content[10:100]  # range requests from the ingress's cache
+    # Video-to-video from that video, by its id: the ingress decodes its cached mp4 and sends the frames.
+    continued = client.videos.create(prompt="a blue square", seconds="1", size="64x64",
+                                     extra_body={"steps": 1, "video": video.id})
+    assert continued.model_extra["helios"]["mode"] == "v2v" and finished(continued.id).status == "completed"
     with pytest.raises(openai.BadRequestError) as e:
         client.videos.create(prompt="a red circle", seconds="100", size="64x64")
     assert e.value.body["param"] == "seconds"

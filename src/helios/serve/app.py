@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from helios.model_folder import CHUNK_FRAMES
 from helios.serve.auth import ClientIds, authorized, same_origin
-from helios.serve.bodies import FORM_SLACK, LimitedReceive, json_body
+from helios.serve.bodies import FORM_SLACK, LimitedReceive, check_length, json_body
 from helios.serve.engines import Engine
 from helios.serve.jobs import FINAL, Job, State, Worker
-from helios.serve.limits import Limits, RequestError, check_known_fields, check_prompt, human_bytes
+from helios.serve.limits import Limits, RequestError, check_known_fields, check_prompt
 from helios.serve.params import attach_upload, parse_params
 from helios.serve.protocol import CLIENT_COOKIE, status_url
 from helios.serve.session import live_session
@@ -248,10 +248,7 @@ async def _housekeeping(worker: Worker) -> None:
 
 async def _job_from_request(request: Request, server: Server, client: str) -> Job:
     limits = server.limits
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_upload_bytes + FORM_SLACK:  # refuse before reading
-        raise RequestError(f"the request is {human_bytes(int(length))}; uploads may be at most "
-                           f"{human_bytes(limits.max_upload_bytes)}", status=413)
+    check_length(request, limits)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
     if kind == "application/json":

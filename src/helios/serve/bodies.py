@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from helios.serve.limits import RequestError, human_bytes, parse_json_object
+from helios.serve.limits import Limits, RequestError, human_bytes, parse_json_object
 
 FORM_SLACK = 64 << 10  # room for the text fields of a multipart request beside the file
 
@@ -24,6 +24,14 @@ class LimitedReceive:
                 raise RequestError(f"the request is larger than the upload limit "
                                    f"({human_bytes(self.limit - FORM_SLACK)})", status=413)
         return message
+
+
+def check_length(request: Request, limits: Limits) -> None:
+    """Refuse a body whose Content-Length is past the upload limit, before reading any of it."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limits.max_upload_bytes + FORM_SLACK:
+        raise RequestError(f"the request is {human_bytes(int(length))}; uploads may be at most "
+                           f"{human_bytes(limits.max_upload_bytes)}", status=413)
 
 
 async def json_body(request: Request, limit: int) -> dict:

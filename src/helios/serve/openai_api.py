@@ -8,7 +8,8 @@
 
 A video is one of our jobs: `seconds` and `size` become frames and height/width, `input_reference`
 an image (I2V) or a video (V2V) upload, our own fields ride along (`extra_body` in the client):
-preset, steps, guidance, seed, negative, fast_start, schedule ("CHUNK:prompt" strings). The same
+preset, steps, guidance, seed, negative, fast_start, schedule ("CHUNK:prompt" strings), and video
+(the id of one of the caller's finished videos, continued as video-to-video). The same
 checks and messages as /api apply, in OpenAI's error shape {"error": {"message", "type", "param",
 "code"}}. Nothing here touches a device: requests become `JobRequest`s, and a backend (this
 server's worker, or the Ray Serve replicas of serve.ray) runs them.
@@ -20,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -31,7 +33,7 @@ from helios.engine.prompts import LivePrompt, PromptSchedule, PromptScheduleErro
 from helios.serve.auth import ClientIds, authorized
 from helios.serve.jobs import FINAL, Job, Worker
 from helios.serve.limits import Limits, RequestError, check_prompt
-from helios.serve.params import JobRequest, attach_upload, parse_params
+from helios.serve.params import JobRequest, attach_upload, attach_video_file, parse_params
 from helios.serve.protocol import CLIENT_HEADER
 
 log = logging.getLogger("helios.serve")
@@ -103,18 +105,33 @@ def flatten_fields(fields: Mapping[str, object]) -> dict:
     return out
 
 
-def job_from_fields(fields: Mapping[str, object], spec, limits: Limits, fps: int
-                    ) -> tuple[JobRequest, PromptSchedule | None, str | None]:
-    """(request, prompt schedule or None, requested model) from /v1/videos fields; ApiError if refused."""
+@dataclass(frozen=True)
+class VideoOrder:
+    """A checked /v1/videos create request: the job, its prompt schedule, the model asked for, and
+    the id of the caller's finished video to continue (video-to-video), if any."""
+
+    request: JobRequest
+    schedule: PromptSchedule | None
+    model: str | None
+    source: str | None
+
+
+def job_from_fields(fields: Mapping[str, object], spec, limits: Limits, fps: int) -> VideoOrder:
+    """The order of a /v1/videos create request's fields (uploads aside); ApiError if refused."""
     fields = flatten_fields(fields)
-    known = {"prompt", "model", "seconds", "size", "schedule", *EXTRA_FIELDS}
+    if "input_reference" in fields:  # a URL, a file id or a path: never fetched nor opened
+        raise ApiError("input_reference must be an uploaded file (an image, or a video for video-to-video); this "
+                       "server fetches no URLs and opens no file ids or paths", param="input_reference")
+    known = {"prompt", "model", "seconds", "size", "schedule", "video", *EXTRA_FIELDS}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ApiError(f"unknown parameter {unknown[0]!r}: this server takes prompt, model, seconds, size, "
-                       f"input_reference and (extra_body) {', '.join(EXTRA_FIELDS)}, schedule", param=unknown[0])
+                       f"input_reference and (extra_body) {', '.join(EXTRA_FIELDS)}, schedule, video",
+                       param=unknown[0])
     model = fields.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(f"model must be a name, got {model!r}", param="model")
+    source = check_video_id(fields.get("video"))
     frames = seconds_to_frames(fields.get("seconds"), fps)
     height, width = parse_size(fields.get("size"), spec)
     ours = {k: fields[k] for k in EXTRA_FIELDS if k in fields}
@@ -128,7 +145,17 @@ def job_from_fields(fields: Mapping[str, object], spec, limits: Limits, fps: int
                            e.status, "seconds") from None
         raise ApiError(e.message, e.status, param) from None
     schedule = parse_schedule(fields.get("schedule"), request, limits)
-    return request, schedule, model
+    return VideoOrder(request, schedule, model, source)
+
+
+def check_video_id(value: object) -> str | None:
+    """extra_body `video`: the id of one of the caller's videos on this server (never a path or URL)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 64 or not value.replace("-", "").replace("_", "").isalnum():
+        raise ApiError(f"video must be the id of one of your finished videos on this server (upload a file as "
+                       f"input_reference instead), got {str(value)[:80]!r}", param="video")
+    return value
 
 
 def _param_of(message: str) -> str | None:
@@ -340,15 +367,10 @@ def openai_app(videos: Videos, token: str | None, clients: ClientIds) -> FastAPI
     async def create(request: Request) -> dict:
         owner = caller(request)
         fields, upload = await _read_create(request, videos.limits)
-        job, schedule, model = job_from_fields(fields, videos.spec, videos.limits, videos.fps)
-        if upload is not None:
-            kind, data, filename = upload
-            try:
-                job = await asyncio.to_thread(attach_upload, job, kind, data, filename, videos.limits, videos.scratch)
-            except RequestError as e:
-                raise ApiError(e.message, e.status, "input_reference") from None
-        record = await videos.create(job, schedule, owner)
-        return video_object({**record, "model": model}, model or model_of(record), videos.limits)
+        order = job_from_fields(fields, videos.spec, videos.limits, videos.fps)
+        job = await _with_media(order, upload, videos, owner)
+        record = await videos.create(job, order.schedule, owner)
+        return video_object({**record, "model": order.model}, order.model or model_of(record), videos.limits)
 
     @app.get("/videos")
     async def list_videos(request: Request) -> dict:
@@ -400,14 +422,40 @@ def openai_app(videos: Videos, token: str | None, clients: ClientIds) -> FastAPI
     return app
 
 
+async def _with_media(order: VideoOrder, upload: tuple | None, videos: Videos, owner: str) -> JobRequest:
+    """The order's job with its image or video: the upload, or the caller's own finished video."""
+    if upload is not None and order.source is not None:
+        raise ApiError("give one input: an input_reference upload or (extra_body) video, not both", param="video")
+    try:
+        if upload is not None:
+            kind, data, filename = upload
+            return await asyncio.to_thread(attach_upload, order.request, kind, data, filename, videos.limits,
+                                           videos.scratch)
+        if order.source is not None:
+            path = await _source_video(videos, order.source, owner)
+            return await asyncio.to_thread(attach_video_file, order.request, path, order.source, videos.limits)
+    except ApiError:
+        raise
+    except RequestError as e:
+        raise ApiError(e.message, e.status, "input_reference" if upload is not None else "video") from None
+    return order.request
+
+
+async def _source_video(videos: Videos, video_id: str, owner: str) -> Path:
+    try:
+        return await videos.video_file(video_id, owner)
+    except ApiError as e:
+        raise ApiError(f"video {video_id!r} cannot be continued: {e.message}", e.status, "video") from None
+
+
 async def _read_create(request: Request, limits: Limits):
     """(fields, upload or None) of a create request; upload = (kind, bytes, filename)."""
-    from helios.serve.bodies import FORM_SLACK as slack, LimitedReceive as limited_receive, json_body
+    from helios.serve.bodies import FORM_SLACK as slack, LimitedReceive as limited_receive, check_length, json_body
 
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_upload_bytes + slack:
-        raise ApiError(f"the request is {int(length) >> 20} MiB; uploads may be at most "
-                       f"{limits.max_upload_bytes >> 20} MiB", status=413, param="input_reference")
+    try:
+        check_length(request, limits)
+    except RequestError as e:
+        raise ApiError(e.message, e.status, "input_reference") from None
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         return await json_body(request, limit=slack), None

@@ -161,6 +161,12 @@ def attach_upload(request: JobRequest, kind: str, data: bytes, filename: str, li
         path.unlink(missing_ok=True)
 
 
+def attach_video_file(request: JobRequest, path: Path, name: str, limits: Limits) -> JobRequest:
+    """Decode a video this server made (a caller's finished job) as the input of a video-to-video
+    job, under the same checks as an uploaded one. Blocking: call it in a thread."""
+    return replace(request, video=_read_video(path, name, request, limits, what="video"))
+
+
 def _read_image(path: Path, name: str, request: JobRequest, limits: Limits) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
@@ -184,7 +190,8 @@ def _read_image(path: Path, name: str, request: JobRequest, limits: Limits) -> t
         raise RequestError(f"the uploaded image {name!r} could not be decoded: the file is damaged") from None
 
 
-def _read_video(path: Path, name: str, request: JobRequest, limits: Limits) -> torch.Tensor:
+def _read_video(path: Path, name: str, request: JobRequest, limits: Limits, what: str = "uploaded video"
+                ) -> torch.Tensor:
     import av
 
     from helios.engine.video_io import read_video
@@ -194,20 +201,20 @@ def _read_video(path: Path, name: str, request: JobRequest, limits: Limits) -> t
             ctx = container.streams.video[0].codec_context
             w, h = ctx.width, ctx.height
     except (av.error.FFmpegError, IndexError, UnicodeDecodeError, ValueError, OSError):
-        raise RequestError(f"the uploaded video {name!r} could not be read: send an MP4, WebM or MKV file") \
+        raise RequestError(f"the {what} {name!r} could not be read: send an MP4, WebM or MKV file") \
             from None
     if w * h > limits.max_upload_pixels:
-        raise RequestError(f"the uploaded video is {w}x{h}; videos may have at most {limits.max_upload_pixels} "
+        raise RequestError(f"the {what} is {w}x{h}; videos may have at most {limits.max_upload_pixels} "
                            "pixels per frame", status=413)
     try:
         video = read_video(path, max_frames=limits.max_video_frames + 1, size=(request.height, request.width))
     except (ValueError, OSError, EOFError):
-        raise RequestError(f"the uploaded video {name!r} could not be read: send an MP4, WebM or MKV file") \
+        raise RequestError(f"the {what} {name!r} could not be read: send an MP4, WebM or MKV file") \
             from None
     if video.shape[0] > limits.max_video_frames:
-        raise RequestError(f"the uploaded video has more than {limits.max_video_frames} frames; trim it (the "
+        raise RequestError(f"the {what} has more than {limits.max_video_frames} frames; trim it (the "
                            "model continues from its last few seconds)", status=413)
     if video.shape[0] < WINDOW:
-        raise RequestError(f"the uploaded video has {video.shape[0]} frames; video-to-video needs at least "
+        raise RequestError(f"the {what} has {video.shape[0]} frames; video-to-video needs at least "
                            f"{WINDOW}")
     return video
