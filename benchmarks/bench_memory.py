@@ -1,27 +1,36 @@
 """Helios under memory budgets on one large GPU: the 24 GB and 12 GB plans, capped to the budget.
 
-Writes a real model folder with random weights first (the 14B transformer as ~5 GB bf16 safetensors shards
-with an index, the default Wan VAE, a umT5-XXL-sized text encoder (5.7 B parameters, bf16 shards) and a small
-word-level tokenizer padding to umT5's 512 tokens; reused when present), then in one process:
+One command, several parts, each in a fresh process (a fresh process is what a user runs: its peak host
+RSS, its GPU memory cap and its compiled code are its own), in this order, within a time budget:
 
-1. `fp8`: the unconstrained FP8 engine (`load_pipeline(fp8=True)`, everything on the GPU), the reference.
-2. each plan (`--plans 24gb,12gb`): the process capped with `torch.cuda.set_per_process_memory_fraction` to
-   the budget, `load_pipeline(memory_budget=...)`, then generation.
+- `folder`: a real model folder with random weights, written once and reused (the 14B transformer as ~5 GB
+  bf16 safetensors shards with an index; a umT5-XXL-sized text encoder, 5.7 B parameters in bf16 shards;
+  the default Wan VAE; a small word-level tokenizer padding to umT5's 512 tokens). Written straight from a
+  small pool of random bytes by 8 threads, into /dev/shm when it has room, else the temporary folder.
+- `bandwidth`: host-to-device copies from pinned and from pageable memory.
+- `fp8`: the unconstrained FP8 engine (`load_pipeline(fp8=True)`, everything on the GPU): the reference.
+- `24gb`, `12gb`: the process capped with `torch.cuda.set_per_process_memory_fraction` to the budget,
+  `load_pipeline(memory_budget=...)`, then generation.
+- `attention`: the attention each compute capability gets (forced) against float32.
+- `text-cpu`: the text encoder on the host CPU, against the GPU's embeddings.
+- `sm86`: the 12 GB plan as an sm86 card gets it (forced): bf16 blocks streamed, FlashAttention-2.
 
-For each: load time, peak GPU memory allocated/reserved during load and generation, peak host RSS (the
-kernel's high-water mark, reset before each load), frames/s at 14B distilled 1/1/1 and 384x640 (prompt
-embeddings random, of umT5's shape), the peak of each chunk over a long run (first vs last), the latents
-and frames against the reference (latents: max difference, 0 expected: the plans move weights, not
-numbers; frames: max difference and PSNR, since the plans decode in slices). Also: pinned and pageable
-host-to-device bandwidth and what the 12 GB plan's streaming predicts on a PCIe 4 card (25 GB/s), the
-attention backends each compute capability gets (forced) against the math kernel; where the text encoder
-could run (resident on the GPU, streamed layer by layer from pinned memory as the plans do, or on the CPU):
-seconds per 512-token prompt and the embeddings' difference; image- and video-to-video under each plan (the
-VAE encode's peak); and (`--ampere`, on by default) the 12 GB plan as an sm86 card gets it, forced: bf16 blocks
-streamed, FlashAttention-2.
+Every generation part measures: load time; peak GPU memory allocated/reserved in each phase (load, text
+encoder, warm-up, generation); peak host RSS (the kernel's high-water mark of the process, and a 10 Hz
+sample with its anonymous/file/shared split) and the pinned host memory PyTorch holds; frames/s at 14B
+distilled 1/1/1 and 384x640 (prompt embeddings random, of umT5's shape, the same for every part) from
+the chunk arrival times of a long run; every chunk's peak over that run (first against last); the
+latents and frames against the reference; the text encoder as the plan places it (seconds per 512-token
+prompt, embeddings against the resident encoder's); the weights streamed per chunk and what that
+predicts on a PCIe 4 card (25 GB/s). The long run asks for a 60-second video (1,452 frames) and stops
+at the part's deadline (at least 3 chunks), so a short budget gives a shorter video, said in the JSON.
 
-    python benchmarks/bench_memory.py --folder /tmp/helios-14b-random --out memory.json
-    python benchmarks/bench_memory.py --plans 12gb --long-frames 1452     # a 60-second video
+Each part writes its results into `--out` as soon as it has them, so a run cut short keeps what it did;
+the parent ends with a table of the issue's targets (also `--summarize FILE`).
+
+    python benchmarks/bench_memory.py --out memory.json                        # all parts, 540 s budget
+    python benchmarks/bench_memory.py --parts folder,fp8,12gb --out m.json     # a subset
+    python benchmarks/bench_memory.py --smoke --folder /tmp/smoke --out s.json # CPU: the plumbing
 """
 
 from __future__ import annotations
@@ -31,108 +40,150 @@ import datetime
 import gc
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from bench_e2e import EMB_SHAPE, FixedPrompt  # same folder
+
+if TYPE_CHECKING:
+    from helios.engine.pipeline import HeliosVideoPipeline
 
 GiB = 2**30
 SIZE = {"height": 384, "width": 640}  # --smoke: 64x64
 STEPS = (1, 1, 1)
 SHARD_BYTES = 5 * 10**9
 PCIE4_BYTES_PER_S = 25e9
+LONG_FRAMES = 1452  # 60 s at 24 frames/s
+CHUNK = 33  # frames a chunk adds
+PROMPT = "two red circles bouncing on a blue background"
+CUDA = torch.cuda.is_available()
+
+# part: (most seconds it may take, fewest worth starting it with); generation parts size their long run
+# to the time they are given. Core parts keep their minimum reserved while earlier parts run.
+PARTS: dict[str, tuple[int, int]] = {
+    "bandwidth": (45, 15), "fp8": (150, 75), "24gb": (170, 80), "12gb": (180, 90),
+    "attention": (45, 20), "text-cpu": (90, 45), "sm86": (160, 100)}
+CORE = ("bandwidth", "fp8", "24gb", "12gb")
+DEFAULT_PARTS = "folder,bandwidth,fp8,24gb,12gb,attention,text-cpu,sm86"
+
+
+# ----------------------------------------------------------------------------------------------
+# results: one JSON file, updated by whichever process is running
+
+
+def read_results(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def put_result(path: Path, key: str, value: Any) -> None:
+    """Set one top-level key of the results file, atomically (the parent and a part never write at once)."""
+    res = read_results(path)
+    res[key] = value
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
 # the random model folder
 
 
-def _random_bytes(numel: int, std: float, device: str) -> torch.Tensor:
-    return (torch.randn(numel, device=device) * std).to(torch.bfloat16).cpu().view(torch.uint8)
+class BytePool:
+    """Random bf16 values (and ones, zeros) as bytes, repeated to fill any tensor: fast to write."""
+
+    def __init__(self, numel: int, dim: int):
+        g = torch.Generator().manual_seed(0)
+        self.pools = {"random": (torch.randn(numel, generator=g) * 0.02).to(torch.bfloat16),
+                      "table": (torch.randn(numel, generator=g) * dim ** -0.5).to(torch.bfloat16),
+                      "ones": torch.ones(numel, dtype=torch.bfloat16),
+                      "zeros": torch.zeros(numel, dtype=torch.bfloat16)}
+        self.views = {k: memoryview(v.view(torch.uint8).numpy()) for k, v in self.pools.items()}
+
+    def write(self, f, source: str, nbytes: int) -> None:
+        view = self.views[source]
+        while nbytes > 0:
+            n = min(nbytes, len(view))
+            f.write(view[:n])
+            nbytes -= n
 
 
-def write_transformer(folder: Path, device: str, cfg=None, shard_bytes: int = SHARD_BYTES) -> dict:
-    """The transformer's tensors (default: 14B) as bf16 shards, values from one random buffer reused (fast)."""
-    from helios.model.config import HeliosConfig
+def tensor_source(name: str, shape: tuple[int, ...]) -> str:
+    """Which pool a checkpoint tensor's values come from: modulation tables, biases, norm weights, the rest."""
+    if "scale_shift_table" in name:
+        return "table"
+    if name.rsplit(".", 1)[-1] == "bias":
+        return "zeros"
+    return "ones" if len(shape) == 1 else "random"
+
+
+Tensors = list[tuple[str, tuple[int, ...]]]
+
+
+def split_shards(tensors: Tensors, shard_bytes: int) -> list[Tensors]:
+    shards: list[Tensors] = [[]]
+    size = 0
+    for name, shape in tensors:
+        n = math.prod(shape) * 2
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    return shards
+
+
+def write_shard(path: Path, tensors: Tensors, pool: BytePool) -> None:
+    """One bf16 safetensors file, written directly (header, then each tensor's bytes from the pool)."""
+    header, offset = {}, 0
+    for name, shape in tensors:
+        n = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in tensors:
+            pool.write(f, tensor_source(name, shape), math.prod(shape) * 2)
+    tmp.replace(path)
+
+
+def sharded_jobs(folder: Path, stem: str, tensors: Tensors, shard_bytes: int) -> list[tuple[Path, Tensors]]:
+    """(file, tensors) of each shard, and the index file written now (the shards are written later)."""
     from helios.model.loading import write_text_atomic
+
+    shards = split_shards(tensors, shard_bytes)
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {k: name for name, shard in zip(names, shards) for k, _ in shard}
+    total = sum(math.prod(s) * 2 for _, s in tensors)
+    write_text_atomic(folder / f"{stem}.safetensors.index.json",
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return [(folder / name, shard) for name, shard in zip(names, shards)]
+
+
+def transformer_tensors(cfg) -> Tensors:
     from helios.model.transformer import build_transformer
 
-    cfg = cfg or HeliosConfig()
     model = build_transformer(cfg, device="meta")
-    tensors = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
-    biggest = max(math.prod(s) for _, s in tensors)
-    pool = {"random": _random_bytes(biggest, 0.02, device),
-            "table": _random_bytes(biggest, cfg.dim ** -0.5, device),
-            "ones": torch.ones(biggest, dtype=torch.bfloat16).view(torch.uint8),
-            "zeros": torch.zeros(biggest * 2, dtype=torch.uint8)}
-
-    def source(name: str, shape) -> str:
-        leaf = name.rsplit(".", 1)[-1]
-        if "scale_shift_table" in name:
-            return "table"
-        if leaf == "bias":
-            return "zeros"
-        return "ones" if len(shape) == 1 else "random"
-
-    shards, current, size = [], [], 0
-    for k, s in tensors:
-        n = math.prod(s) * 2
-        if current and size + n > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((k, s))
-        size += n
-    shards.append(current)
-    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    folder.mkdir(parents=True, exist_ok=True)
-    def write_shard(name: str, shard: list) -> None:
-        header, offset = {}, 0
-        for k, s in shard:
-            n = math.prod(s) * 2
-            header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * ((-len(raw)) % 8)
-        tmp = folder / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for k, s in shard:
-                f.write(memoryview(pool[source(k, s)][:math.prod(s) * 2].numpy()))
-        tmp.replace(folder / name)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as ex:  # file writes release the GIL: the shards go to the page cache in parallel
-        list(ex.map(write_shard, names, shards))
-    for name, shard in zip(names, shards):
-        weight_map.update({k: name for k, _ in shard})
-    total = sum(math.prod(s) * 2 for _, s in tensors)
-    write_text_atomic(folder / "diffusion_pytorch_model.safetensors.index.json",
-                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    write_text_atomic(folder / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    return {"transformer_bytes": total, "shards": len(shards)}
-
-
-def write_small_text_encoder(folder: Path, max_length: int = 64) -> None:
-    """A two-block T5 encoder and a word-level tokenizer (the folder layout needs both parts)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "two", "red", "circles", "bouncing", "on", "a", "blue", "background"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                            model_max_length=max_length).save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                            dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-                   ).eval().save_pretrained(folder / "text_encoder")
+    return [(k, tuple(p.shape)) for k, p in model.named_parameters()]
 
 
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -141,104 +192,200 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 decoder_start_token_id=0, tie_word_embeddings=False)  # google/umt5-xxl, as Wan2.1 uses it
 
 
-def write_xxl_text_encoder(folder: Path, device: str) -> int:
-    """A umT5-XXL-sized encoder (5.7 B parameters, bf16, 5 GB shards) with random weights, so that the plans
-    carry, stream and hold in host memory what a real folder has; the small word-level tokenizer stays."""
+def umt5_tensors(folder: Path, config: dict | None = None) -> Tensors:
+    """A umT5 encoder's tensors (default: umT5-XXL's; the token embedding once: the encoder's copy is tied
+    to it), and its config.json written into `folder`."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        enc = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16).eval()
-    enc.save_pretrained(folder / "text_encoder", max_shard_size="5GB")
-    n = sum(p.numel() for p in enc.parameters())
-    del enc
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return n
+    cfg = UMT5Config(**(config or UMT5_XXL))
+    cfg.architectures = ["UMT5EncoderModel"]
+    with torch.device("meta"):
+        enc = UMT5EncoderModel(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.to_json_file(str(folder / "config.json"))
+    return [(k, tuple(p.shape)) for k, p in enc.named_parameters()]
 
 
-def write_folder(folder: Path, device: str, smoke: bool = False) -> dict:
+def write_small_text_encoder(folder: Path, max_length: int, encoder: bool) -> None:
+    """A word-level tokenizer padding to `max_length` and (if `encoder`) a two-block T5 encoder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", *PROMPT.split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                            model_max_length=max_length).save_pretrained(folder / "tokenizer")
+    if encoder:
+        torch.manual_seed(0)
+        T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                       ).eval().save_pretrained(folder / "text_encoder")
+
+
+def folder_bytes(smoke: bool, text: str) -> int:
+    """Bytes the folder takes on disk (to choose where it fits)."""
+    if smoke:
+        return 64 * 2**20
+    from helios.model.config import HeliosConfig
+
+    transformer = sum(math.prod(s) * 2 for _, s in transformer_tensors(HeliosConfig()))
+    return transformer + (11_362_000_000 if text == "xxl" else 0) + 300 * 2**20
+
+
+def choose_folder(requested: str, smoke: bool) -> tuple[Path, str]:
+    """(folder, text encoder "xxl" | "small"): `requested`, or for "auto" the first of /dev/shm and the
+    temporary folder that holds a finished folder or has room for one (the umT5-XXL encoder if it fits)."""
+    name = "helios-smoke-random" if smoke else "helios-14b-random"
+    bases = [Path("/dev/shm"), Path(tempfile.gettempdir())]
+    if requested != "auto":
+        bases, name = [Path(requested).parent], Path(requested).name
+    for base in bases:
+        done = base / name / ".complete"
+        if done.exists():
+            return base / name, json.loads(done.read_text()).get("text_encoder", "xxl")
+    for text in ("xxl", "small"):
+        for base in bases:
+            if base.is_dir() and shutil.disk_usage(base).free >= folder_bytes(smoke, text) + 2 * GiB:
+                return base / name, text
+    return bases[-1] / name, "small"
+
+
+def write_folder(folder: Path, smoke: bool = False, text: str = "xxl") -> dict:
     """A Helios-Distilled-shaped model folder with random weights (kept: a second run reuses it).
-    smoke: a tiny transformer and the bundled small VAE, to run this script through on the CPU."""
+    smoke: a tiny transformer, a small VAE and a two-block T5 encoder. text "small": the tokenizer with a
+    two-block encoder instead of umT5-XXL (where the disk has no room for it)."""
     done = folder / ".complete"
     if done.exists():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "reused": True}
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
+
+    from helios.model.config import HeliosConfig, named_config
 
     t0 = time.perf_counter()
     if folder.exists():
         shutil.rmtree(folder)
-    if smoke:
-        from helios.model.config import named_config
-
-        info = write_transformer(folder / "transformer", device, named_config("tiny", text_dim=EMB_SHAPE[-1]),
-                                 shard_bytes=200_000)
-        AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                         temperal_downsample=[False, True, True]).save_pretrained(folder / "vae")
-    else:
-        info = write_transformer(folder / "transformer", device)
-        torch.manual_seed(0)
-        AutoencoderKLWan().to(torch.bfloat16).save_pretrained(folder / "vae")
+    cfg = named_config("tiny", text_dim=EMB_SHAPE[-1]) if smoke else HeliosConfig()
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    tensors = transformer_tensors(cfg)
+    jobs = sharded_jobs(folder / "transformer", "diffusion_pytorch_model", tensors,
+                        200_000 if smoke else SHARD_BYTES)
+    info: dict[str, Any] = {"transformer_bytes": sum(math.prod(s) * 2 for _, s in tensors),
+                            "transformer_shards": len(jobs), "text_encoder": "small" if smoke else text}
+    write_small_text_encoder(folder, 64 if smoke else 512, encoder=smoke or text == "small")
+    if not smoke and text == "xxl":
+        enc = umt5_tensors(folder / "text_encoder")
+        enc_jobs = sharded_jobs(folder / "text_encoder", "model", enc, SHARD_BYTES)
+        jobs += enc_jobs
+        info.update(text_encoder_params=sum(math.prod(s) for _, s in enc), text_encoder_shards=len(enc_jobs))
+    pool = BytePool(2**16 if smoke else 2**25, cfg.dim)
+    with ThreadPoolExecutor(8) as ex:  # file writes release the GIL: the shards are written in parallel
+        list(ex.map(lambda job: write_shard(*job, pool), jobs))
+    torch.manual_seed(0)
+    vae = (AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]) if smoke else AutoencoderKLWan())
+    vae.to(torch.bfloat16).save_pretrained(folder / "vae")
     (folder / "scheduler").mkdir()
     sched = HeliosDMDScheduler(use_dynamic_shifting=True, time_shift_type="linear").config
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "HeliosDMDScheduler", **dict(sched)}))
-    write_small_text_encoder(folder, 64 if smoke else 512)  # the word-level tokenizer (and, for --smoke, its 2-block encoder)
-    if not smoke:  # the encoder at its real size: what the plans stream and what host memory holds
-        shutil.rmtree(folder / "text_encoder")
-        info["text_encoder_params"] = write_xxl_text_encoder(folder, device)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "HeliosPyramidPipeline", "is_distilled": True, "is_cfg_zero_star": False,
         "helios_default_size": [SIZE["height"], SIZE["width"]]}))
     info["write_s"] = time.perf_counter() - t0
+    info["bytes_on_disk"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     done.write_text(json.dumps(info))
     return info
 
 
 # ----------------------------------------------------------------------------------------------
-# measuring
+# measuring host and GPU memory
 
 
-def _proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+def proc_status() -> dict[str, int]:
+    """The memory fields of /proc/self/status, in bytes (those the kernel gives)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.startswith(("Vm", "Rss")) and value.strip().endswith("kB"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
 
 
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+class RssMeter:
+    """The process's resident memory sampled at 10 Hz on a thread: the peak since `reset()`, with the
+    anonymous / file-backed / shared split at that moment (file and shared pages: memory-mapped shards)."""
+
+    def __init__(self, period: float = 0.1):
+        self.period = period
+        self.peak: dict[str, int] = {}
+        self.lifetime = 0  # the largest VmRSS sampled since the start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def sample(self) -> None:
+        now = proc_status()
+        self.lifetime = max(self.lifetime, now.get("VmRSS", 0))
+        if now.get("VmRSS", 0) > self.peak.get("VmRSS", -1):
+            self.peak = now
+
+    def reset(self) -> None:
+        self.peak = {}
+        self.sample()
+
+    def report(self) -> dict[str, float]:
+        self.sample()
+        keys = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+        return {f"sampled_peak_{k}_gib": self.peak.get(k, 0) / GiB for k in keys}
 
 
-CUDA = torch.cuda.is_available()
+def host_memory(meter: RssMeter | None = None) -> dict[str, float]:
+    """Peak RSS of the process so far: the kernel's high-water mark (VmHWM) or, where it is higher or
+    missing, the largest sample; and the pinned host memory PyTorch's allocator holds (its caching
+    allocator rounds each block up to a power of two)."""
+    hwm = proc_status().get("VmHWM", 0)
+    sampled = meter.lifetime if meter is not None else 0
+    out = {"peak_rss_gib": max(hwm, sampled) / GiB, "vmhwm_gib": hwm / GiB, "sampled_peak_rss_gib": sampled / GiB}
+    if CUDA and hasattr(torch.cuda, "host_memory_stats"):
+        try:
+            stats = torch.cuda.host_memory_stats()
+        except RuntimeError:
+            stats = {}
+        for key, value in stats.items():
+            if "_bytes." in key and key.endswith((".current", ".peak")):
+                out[f"pinned_{key.replace('.', '_')}_gib"] = value / GiB
+            elif key in ("host_alloc_time.total", "num_host_alloc"):
+                out[f"pinned_{key.replace('.', '_')}"] = value
+    return out
 
 
-def gpu_peaks() -> dict:
+def system_memory() -> dict[str, float]:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "MemAvailable", "Shmem", "Cached"):
+                out[f"{key}_gib"] = int(value.split()[0]) * 1024 / GiB
+    except OSError:
+        pass
+    return out
+
+
+def gpu_peaks() -> dict[str, float]:
     if not CUDA:
         return {}
     return {"max_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
             "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
-
-
-def record_latents(pipe, store: list) -> None:
-    """Keep a copy of every chunk's latents as the VAE receives them."""
-    codec = pipe.codec
-    decode, parts = codec.decode, codec.decode_parts
-    codec.decode = lambda z: (store.append(z.detach().float().cpu()), decode(z))[1]
-    codec.decode_parts = lambda z: (store.append(z.detach().float().cpu()), parts(z))[1]
-
-
-def run(pipe, frames: int, seed: int = 0, per_chunk_peaks: list | None = None):
-    chunks = []
-    t0 = time.perf_counter()
-    for c in pipe.stream("benchmark", num_frames=frames, settings="distilled", steps=list(STEPS), seed=seed, **SIZE):
-        chunks.append(c)
-        if per_chunk_peaks is not None:
-            per_chunk_peaks.append(torch.cuda.max_memory_allocated() / GiB if CUDA else 1.0)
-            reset_gpu_peaks()
-    if CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cat([c.frames for c in chunks])
 
 
 def reset_gpu_peaks() -> None:
@@ -246,158 +393,283 @@ def reset_gpu_peaks() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def cap_memory(budget: str | None) -> float:
-    """Limit this process's GPU memory to the budget (1.0: the whole card); returns the fraction."""
-    if not CUDA:
-        return 1.0
-    torch.cuda.empty_cache()
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def cap_memory(budget: str | None) -> dict[str, float]:
+    """Limit this process's GPU memory (the caching allocator's) to the budget; None: the whole card."""
+    if not CUDA or budget is None:
+        return {"memory_fraction": 1.0}
     total = torch.cuda.get_device_properties(0).total_memory
-    fraction = 1.0 if budget is None else min(1.0, float(budget.rstrip("gb")) * GiB / total)
+    fraction = min(1.0, float(budget.rstrip("gb")) * GiB / total)
     torch.cuda.set_per_process_memory_fraction(fraction)
-    return fraction
+    return {"memory_fraction": fraction, "cap_gib": fraction * total / GiB, "card_gib": total / GiB}
 
 
-def measure(name: str, folder: Path, budget: str | None, long_frames: int, reference: dict | None) -> dict:
+# ----------------------------------------------------------------------------------------------
+# a generation part: one pipeline, loaded under a plan (or none), measured phase by phase
+
+
+class Part:
+    """A part's results, written to the results file after every phase; `left()` is the time to its deadline."""
+
+    def __init__(self, name: str, out: Path, deadline: float):
+        self.name, self.out, self.deadline = name, out, deadline
+        self.t0 = time.perf_counter()
+        self.res: dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds")}
+        self.rss = RssMeter()
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self) -> None:
+        put_result(self.out, self.name, self.res)
+
+    def phase(self, key: str, fn: Callable[[], dict]) -> dict | None:
+        """Run one phase with fresh GPU and RSS peaks; record its results, peaks and seconds (or its error)."""
+        reset_gpu_peaks()
+        self.rss.reset()
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            ok = True
+        except Exception as e:  # an out-of-memory under a cap is a result too: keep it and the peaks
+            out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
+                   "traceback": traceback.format_exc()[-2000:]}
+            ok = False
+        sync()
+        self.res[key] = {**out, "s": time.perf_counter() - t0, "gpu": gpu_peaks(),
+                         "host": {**host_memory(self.rss), **self.rss.report()}}
+        self.save()
+        print(self.name, key, json.dumps({k: v for k, v in self.res[key].items() if k != "traceback"},
+                                         default=str)[:1500], flush=True)
+        return out if ok else None
+
+
+def load_for(folder: Path, budget: str | None, smoke: bool) -> "HeliosVideoPipeline":
+    """The pipeline as a user gets it: `load_pipeline(fp8=True, memory_budget=budget)` on the GPU. On the
+    CPU (--smoke), a plan cannot be chosen (it plans GPU memory): the plan the budget takes on a card is
+    applied by hand, in float32, so that the rest of the script runs."""
     from helios.engine.pipeline import load_pipeline
 
-    fraction = cap_memory(budget)
-    reset_gpu_peaks()
-    reset_peak_rss()
-    out = {"budget": budget, "memory_fraction": fraction,
-           "gpu_in_use_before_gib": torch.cuda.memory_allocated() / GiB if CUDA else 0.0}
-    t0 = time.perf_counter()
-    pipe = load_pipeline(folder, dtype=torch.bfloat16, device="cuda" if CUDA else "cpu", fp8=CUDA,
-                         memory_budget=budget)
-    if CUDA:
-        torch.cuda.synchronize()
-    out["load_s"] = time.perf_counter() - t0
-    out["plan"] = pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"
-    out["load"] = {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}
-    print(name, out["plan"], flush=True)
-    reset_gpu_peaks()
-    text = text_encoder_check(pipe, reference) if pipe.c.text_encoder is not None else None
-    out["text_encode_gpu"] = gpu_peaks()
-    # (a prompt encoded once, as a user's first prompt is: part of the generation's peaks below)
-    pipe.prompts = FixedPrompt(pipe.device)
-    t0 = time.perf_counter()
-    run(pipe, 66)  # compiles each stage size, captures graphs where the plan has them
-    out["warmup_s"] = time.perf_counter() - t0
-    latents: list = []
-    record_latents(pipe, latents)
-    _, frames33 = run(pipe, 33, seed=3)
-    del pipe.codec.decode, pipe.codec.decode_parts  # the recording wrappers: the class's methods again
-    reset_gpu_peaks()
-    t33, _ = run(pipe, 33)
-    peaks: list = []
-    reset_gpu_peaks()
-    t_long, _ = run(pipe, long_frames, per_chunk_peaks=peaks)
-    chunks = len(peaks)
-    per_chunk = (t_long - t33) / max(chunks - 1, 1)
-    out.update({"t33_s": t33, "t_long_s": t_long, "long_frames": long_frames, "chunks": chunks,
-                "s_per_chunk": per_chunk, "fps": 33 / per_chunk, "chunk_peaks_gib": peaks,
-                "first_vs_last_chunk_peak": {"first": peaks[1] if chunks > 1 else peaks[0], "last": peaks[-1],
-                                             "rel_diff": abs(peaks[-1] - peaks[min(1, chunks - 1)])
-                                             / peaks[min(1, chunks - 1)]},
-                "generation": {**gpu_peaks(), "peak_rss_gib": _proc_status("VmHWM") / GiB}})
-    ring = pipe.model.block_stream
-    if ring is not None:
-        out["ring"] = {"size": ring.size, "slot_bytes": ring.slot_bytes, "max_resident": ring.max_resident,
-                       "bytes_per_chunk_1_1_1": 3 * ring.slot_bytes * len(ring.host)}
-    if reference is not None:
-        ref_lat, ref_frames = reference["latents"], reference["frames"]
-        lat_diff = max((a - b).abs().max().item() for a, b in zip(latents, ref_lat))
-        mse = ((frames33.float() - ref_frames.float()) ** 2).mean().item()
-        out["vs_fp8"] = {"latents_max_abs": lat_diff,
-                         "frames_max_abs": (frames33.int() - ref_frames.int()).abs().max().item(),
-                         "frames_psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf")}
-    if budget is not None:
-        out["conditioning"] = conditioning_peaks(pipe)
-    if text is not None:
-        out["text_encoder"] = {k: v for k, v in text.items() if k != "embedding"}
-    result = {"latents": latents, "frames": frames33, "text": text}
-    del pipe
-    gc.collect()
-    if CUDA and torch.cuda.memory_allocated() > GiB // 2:  # something still holds the weights: drop compiled code
-        out["reset_compiled_code_after"] = torch.cuda.memory_allocated() / GiB
-        torch._dynamo.reset()
-        gc.collect()
-    cap_memory(None)
-    print(name, json.dumps(out), flush=True)
-    return out, result
+    if CUDA or budget is None:
+        return load_pipeline(folder, dtype=torch.bfloat16 if CUDA else torch.float32,
+                             device="cuda" if CUDA else "cpu", fp8=CUDA, memory_budget=budget)
+    from helios.engine.components import load_components
+    from helios.engine.memory import MemoryPlan, ModelSizes, card_budget
+    from helios.engine.pipeline import HeliosVideoPipeline, MemoryState
+
+    streamed = budget == "12gb"
+    plan = MemoryPlan("streamed" if streamed else "fp8", fp8=False, stream_blocks=streamed,
+                      ring_size=2 if streamed else 0, text_encoder="layers", decode_slice=2, cuda_graphs=False)
+    comps = load_components(folder, blocks_on_host=streamed, text_device="cpu")
+    pipe = HeliosVideoPipeline(comps).optimize(compile=False, cuda_graphs=False)
+    pipe.apply_memory_plan(MemoryState(plan, card_budget(float(budget.rstrip("gb"))), ModelSizes.from_folder(folder),
+                                       f"(CPU smoke) {plan.describe()}"))
+    return pipe
 
 
-PROMPT = "two red circles bouncing on a blue background"
+def stream_args(frames: int, seed: int) -> dict:
+    return dict(num_frames=frames, settings="distilled", steps=list(STEPS), seed=seed, **SIZE)
 
 
-def encode_timed(enc) -> tuple[torch.Tensor, float]:
+def encode_timed(prompts) -> tuple[torch.Tensor, float]:
     """One prompt through the pipeline's own encoder (its cache bypassed), and the seconds it took."""
-    if CUDA:
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
-    emb = enc._encode(PROMPT)
-    if CUDA:
-        torch.cuda.synchronize()
+    emb = prompts._encode(PROMPT)
+    sync()
     return emb, time.perf_counter() - t0
 
 
-def text_encoder_check(pipe, reference: dict | None) -> dict:
-    """The plan's text encoder (streamed layer by layer from pinned host memory) against the unconstrained
-    one (resident on the GPU): seconds per prompt (the second call: the first pins and warms up) and the
-    largest difference of the embeddings (0 expected: same kernels, same weights, other residence)."""
+def text_encoder_check(pipe, scratch: Path, reference: bool) -> dict:
+    """The text encoder as the pipeline placed it (resident, or streamed layer by layer from pinned memory):
+    seconds per prompt (the second call: the first pins and warms up) and, for a plan, the largest
+    difference of its embeddings from the resident encoder's (0 expected: same kernels and weights)."""
+    if pipe.c.text_encoder is None:
+        return {"skipped": "no text encoder"}
     encode_timed(pipe.prompts)
     emb, seconds = encode_timed(pipe.prompts)
-    out = {"device": str(emb.device), "s_per_prompt": seconds, "embedding": emb.float().cpu()}
-    if reference is not None:
-        ref = reference["text"]["embedding"]
-        out["max_abs_vs_unconstrained"] = (out["embedding"] - ref).abs().max().item()
+    emb = emb.float().cpu()
+    out = {"device": str(emb.device), "s_per_prompt": seconds, "tokens": emb.shape[1]}
+    if reference:
+        torch.save(emb, scratch / "text_gpu.pt")
+    elif (scratch / "text_gpu.pt").exists():
+        ref = torch.load(scratch / "text_gpu.pt")
+        out["max_abs_vs_resident"] = (emb - ref).abs().max().item()
     return out
 
 
-def conditioning_peaks(pipe, video_frames: int = 81) -> dict:
-    """Image- and video-to-video under the plan: one chunk each, conditioned on a random image and on an
-    81-frame video (the VAE encodes them first); peak GPU memory of each, or the error if it did not fit."""
+def warm_up(pipe) -> dict:
+    """Two chunks: compiles each stage size and captures graphs where the plan has them."""
+    pipe.prompts = FixedPrompt(pipe.device)  # the same random umT5-shaped embeddings in every part
+    t0 = time.perf_counter()
+    for _ in pipe.stream(PROMPT, **stream_args(2 * CHUNK, 0)):
+        pass
+    return {"warmup_s": time.perf_counter() - t0}
+
+
+def compare_run(pipe, scratch: Path, name: str, reference: bool) -> dict:
+    """One chunk (seed 3) with its latents; saved by the reference (and the 24gb plan), compared by the
+    others: latents (0 expected: the plans move weights, not numbers) and frames (max difference and
+    PSNR: the plans decode in slices, the reference a chunk at once)."""
+    t0 = time.perf_counter()
+    chunks = list(pipe.stream(PROMPT, keep_latents=True, **stream_args(CHUNK, 3)))
+    out: dict[str, Any] = {"first_chunk_s": time.perf_counter() - t0,
+                           "decode_slice": pipe.codec.decode_slice}
+    mine = {"latents": torch.cat([c.latents for c in chunks], dim=2),
+            "frames": torch.cat([c.frames for c in chunks]), "decode_slice": pipe.codec.decode_slice}
+    if reference or name == "24gb":
+        torch.save(mine, scratch / f"run_{name}.pt")
+    for other in ("fp8", "24gb"):
+        path = scratch / f"run_{other}.pt"
+        if other != name and path.exists():
+            out[f"vs_{other}"] = compare(mine, torch.load(path))
+    return out
+
+
+def compare(a: dict, b: dict) -> dict:
+    mse = ((a["frames"].float() - b["frames"].float()) ** 2).mean().item()
+    return {"latents_max_abs": (a["latents"] - b["latents"]).abs().max().item(),
+            "frames_max_abs": (a["frames"].int() - b["frames"].int()).abs().max().item(),
+            "frames_psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf"),
+            "same_decode_slices": a["decode_slice"] == b["decode_slice"]}
+
+
+def long_run(pipe, frames: int, stop_at: float) -> dict:
+    """A long video, chunk by chunk: each chunk's arrival time and GPU peaks (allocated and reserved,
+    reset after every chunk), stopped at `stop_at` once 3 chunks are in. Frames/s over the steady
+    chunks: after the first (the distilled preset doubles its steps) and, for a run that completed,
+    before the last (its interval holds only its decode)."""
+    ring = getattr(pipe.model, "block_stream", None)
+    loads0 = ring.loads if ring is not None else 0
+    times, counts, alloc, reserved = [], [], [], []
+    complete = False
+    reset_gpu_peaks()
+    t0 = time.perf_counter()
+    gen = pipe.stream(PROMPT, **stream_args(frames, 0))
+    for c in gen:
+        times.append(time.perf_counter() - t0)
+        counts.append(c.frames.shape[0])
+        peaks = gpu_peaks()
+        alloc.append(peaks.get("max_allocated_gib", 0.0))
+        reserved.append(peaks.get("max_reserved_gib", 0.0))
+        reset_gpu_peaks()
+        complete = c.index == c.total_chunks - 1
+        if time.time() > stop_at and len(times) >= 3:
+            break
+    gen.close()
+    steady = list(range(1, len(times) - 1 if complete else len(times)))
+    out: dict[str, Any] = {
+        "frames_asked": frames, "frames": sum(counts), "video_s_at_24fps": sum(counts) / 24, "complete": complete,
+        "chunks": len(times), "steady_chunks": len(steady), "chunk_arrival_s": times,
+        "chunk_peaks_allocated_gib": alloc, "chunk_peaks_reserved_gib": reserved}
+    seconds = sum(times[i] - times[i - 1] for i in steady)
+    if steady and seconds > 0:
+        out.update(s_per_chunk=seconds / len(steady), fps=sum(counts[i] for i in steady) / seconds)
+    out["flat_memory"] = flatness(alloc, reserved, steady)
+    if ring is not None:
+        out["ring"] = {"size": ring.size, "slot_bytes": ring.slot_bytes, "max_resident": ring.max_resident,
+                       "blocks": len(ring.host), "loads": ring.loads - loads0,
+                       "loads_per_chunk_with_first": (ring.loads - loads0) / max(len(times), 1)}
+    return out
+
+
+def flatness(alloc: list[float], reserved: list[float], steady: list[int]) -> dict:
+    """First chunk's peak against the last steady chunk's (a complete run's very last interval holds only
+    its decode), and the spread over the steady chunks; allocated and reserved."""
+    out = {}
+    for key, peaks in (("allocated", alloc), ("reserved", reserved)):
+        body = [peaks[i] for i in steady] or peaks
+        if not body or not peaks[0]:
+            continue
+        last = body[-1]
+        out[key] = {"first_gib": peaks[0], "last_gib": last, "first_vs_last_rel": abs(last - peaks[0]) / peaks[0],
+                    "steady_min_gib": min(body), "steady_max_gib": max(body),
+                    "steady_spread_rel": (max(body) - min(body)) / max(body)}
+    return out
+
+
+def conditioning_peaks(pipe, video_frames: int) -> dict:
+    """Image- and video-to-video under the plan: one chunk each, conditioned on a random image and on a
+    random video (the VAE encodes them first); the peak GPU memory of each, or the error if it did not fit."""
     g = torch.Generator().manual_seed(5)
     h, w = SIZE["height"], SIZE["width"]
     inputs = {"image": {"image": torch.rand(3, h, w, generator=g) * 2 - 1},
               "video": {"video": torch.rand(3, video_frames, h, w, generator=g) * 2 - 1}}
-    out = {}
+    out: dict[str, Any] = {"video_frames": video_frames}
     for name, kwargs in inputs.items():
         reset_gpu_peaks()
         try:
-            for _ in pipe.stream("benchmark", num_frames=33, settings="distilled", steps=list(STEPS), seed=0,
-                                 **kwargs, **SIZE):
+            for _ in pipe.stream(PROMPT, **kwargs, **stream_args(CHUNK, 0)):
                 pass
             out[name] = gpu_peaks()
         except torch.OutOfMemoryError as e:
             out[name] = {"oom": str(e).splitlines()[0], **gpu_peaks()}
         gc.collect()
-        torch.cuda.empty_cache() if CUDA else None
-    out["video_frames"] = video_frames
+        if CUDA:
+            torch.cuda.empty_cache()
     return out
 
 
-def text_encoder_on_cpu(folder: Path, gpu_embedding: torch.Tensor) -> dict:
-    """The third place the text encoder could run: the host CPU (bf16, all its cores), timed on the same
-    512-token prompt, against the GPU's embeddings (a different kernel: small rounding differences)."""
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from helios.engine.text import PromptEncoder
-
-    t0 = time.perf_counter()
-    enc = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.bfloat16).eval()
-    load_s = time.perf_counter() - t0
-    prompts = PromptEncoder(AutoTokenizer.from_pretrained(folder / "tokenizer"), enc, max_length=gpu_embedding.shape[1])
-    emb, seconds = encode_timed(prompts)
-    diff = (emb.float() - gpu_embedding).abs()
-    return {"threads": torch.get_num_threads(), "load_s": load_s, "s_per_prompt": seconds,
-            "max_abs_vs_gpu": diff.max().item(), "mean_abs_vs_gpu": diff.mean().item(),
-            "rss_gib_after": _proc_status("VmRSS") / GiB}
+def streaming_prediction(run: dict, pinned_gib_s: float | None) -> dict:
+    """The weights a steady chunk streams (every block once per forward, one forward per step of 1/1/1),
+    the seconds that takes at the measured pinned rate and at PCIe 4's 25 GB/s, and the frames/s a PCIe 4
+    card would get if streaming stays hidden behind compute wherever it is shorter than the measured chunk."""
+    ring, per_chunk_s = run.get("ring"), run.get("s_per_chunk")
+    if not ring or not per_chunk_s:
+        return {}
+    nbytes = ring["slot_bytes"] * ring["blocks"] * sum(STEPS)
+    out = {"gb_per_chunk": nbytes / 1e9, "effective_gib_s": nbytes / per_chunk_s / GiB,
+           "s_at_pcie4": nbytes / PCIE4_BYTES_PER_S,
+           "predicted_fps_pcie4": CHUNK / max(per_chunk_s, nbytes / PCIE4_BYTES_PER_S)}
+    if pinned_gib_s:
+        out["s_at_measured_pinned"] = nbytes / (pinned_gib_s * GiB)
+    return out
 
 
-def bandwidth(nbytes: int = GiB) -> dict:
-    """Host-to-device copy rate from pinned and from pageable memory (median of 5)."""
+def generation_part(p: Part, args, budget: str | None, reference: bool) -> None:
+    """Load under `budget`, then measure: the text encoder, warm-up, a compared chunk, a long run, and
+    image/video conditioning while time is left."""
+    folder, scratch = Path(args.folder), Path(args.scratch)
+    p.res.update(budget=budget, **cap_memory(budget), size=f"{SIZE['width']}x{SIZE['height']}", steps=list(STEPS),
+                 system_before=system_memory())
+    holder: dict[str, Any] = {}
+
+    def load() -> dict:
+        holder["pipe"] = pipe = load_for(folder, budget, args.smoke)
+        sync()
+        return {"plan": pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"}
+
+    if p.phase("load", load) is None:
+        return
+    pipe = holder.pop("pipe")
+    p.phase("text_encoder", lambda: text_encoder_check(pipe, scratch, reference))
+    if p.phase("warmup", lambda: warm_up(pipe)) is None:
+        return
+    p.phase("compare", lambda: compare_run(pipe, scratch, p.name, reference))
+    reserve = 30 if p.left() > 90 else 5  # the conditioning runs after it, if it still has time
+    frames = min(args.long_frames, 5 * CHUNK) if reference else args.long_frames
+    run = p.phase("generation", lambda: long_run(pipe, frames, p.deadline - reserve))
+    bandwidth = read_results(p.out).get("bandwidth", {}).get("pinned_gib_s")
+    if run is not None:
+        p.res["streaming"] = streaming_prediction(run, bandwidth)
+    p.res["host"] = host_memory(p.rss)  # the process's peak RSS: load and generation
+    p.res["system_after"] = system_memory()
+    p.save()
+    if budget is not None and p.left() > 25:
+        p.phase("conditioning", lambda: conditioning_peaks(pipe, 81 if CUDA else 33))
+
+
+# ----------------------------------------------------------------------------------------------
+# the other parts
+
+
+def bandwidth_part(p: Part, nbytes: int = GiB) -> None:
+    """Host-to-device copy rate from pinned and from pageable memory (median of 5 after one warm-up)."""
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    res = {}
     for kind, src in (("pinned", torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)),
                       ("pageable", torch.empty(nbytes, dtype=torch.uint8))):
         src.fill_(1)
@@ -409,93 +681,279 @@ def bandwidth(nbytes: int = GiB) -> dict:
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1000)
-        res[f"{kind}_gib_s"] = nbytes / sorted(times[1:])[2] / GiB
-    del dst
-    torch.cuda.empty_cache()
-    return res
+        p.res[f"{kind}_gib_s"] = nbytes / sorted(times[1:])[2] / GiB
+    p.res["pcie4_gib_s"] = PCIE4_BYTES_PER_S / GiB
+    p.save()
 
 
-def attention_backends() -> dict:
+def attention_part(p: Part) -> None:
     """The attention each compute capability gets (forced on this card), at the 14B's largest forward."""
-    from helios.model.attention import _preferred, attention, set_attention_backends
+    from helios.model.attention import attention
     from helios.model.backends import configure_device
 
-    saved = list(_preferred)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 11040, 40, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     exact = torch.nn.functional.scaled_dot_product_attention(
         *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    res = {}
     for cap in ((9, 0), (8, 9), (8, 6), (8, 0), (7, 5)):
         chosen = configure_device("cuda", capability=cap)
         out = attention(q, k, v)
-        torch.cuda.synchronize()
-        t0 = torch.cuda.Event(enable_timing=True)
-        t1 = torch.cuda.Event(enable_timing=True)
+        sync()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0.record()
         for _ in range(5):
             attention(q, k, v)
         t1.record()
         t1.synchronize()
-        res[chosen["capability"]] = {"backends": chosen["attention"], "fp8_matmul": chosen["fp8_matmul"],
-                                     "ms": t0.elapsed_time(t1) / 5,
-                                     "rel_error_vs_float32": ((out.float() - exact).norm() / exact.norm()).item()}
-    set_attention_backends(saved)
+        p.res[chosen["capability"]] = {"backends": chosen["attention"], "fp8_matmul": chosen["fp8_matmul"],
+                                       "ms": t0.elapsed_time(t1) / 5,
+                                       "rel_error_vs_float32": ((out.float() - exact).norm() / exact.norm()).item()}
+        p.save()
+
+
+def text_cpu_part(p: Part, args) -> None:
+    """The third place the text encoder could run: the host CPU (bf16, all its cores), on the same 512-token
+    prompt, against the GPU's embeddings (other kernels: small rounding differences expected)."""
+    import transformers
+
+    from helios.engine.text import PromptEncoder
+
+    folder, ref_path = Path(args.folder), Path(args.scratch) / "text_gpu.pt"
+    arch = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
+    t0 = time.perf_counter()
+    enc = getattr(transformers, arch).from_pretrained(folder / "text_encoder", torch_dtype=torch.bfloat16).eval()
+    p.res.update(threads=torch.get_num_threads(), load_s=time.perf_counter() - t0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+    prompts = PromptEncoder(tokenizer, enc, max_length=int(getattr(tokenizer, "model_max_length", 512)))
+    with torch.no_grad():
+        emb, seconds = encode_timed(prompts)
+    p.res.update(s_per_prompt=seconds, host=host_memory(p.rss))
+    if ref_path.exists():
+        diff = (emb.float() - torch.load(ref_path)).abs()
+        p.res.update(max_abs_vs_gpu=diff.max().item(), mean_abs_vs_gpu=diff.mean().item())
+    p.save()
+
+
+def run_part(name: str, args) -> None:
+    """The body of one part, in this (child) process."""
+    p = Part(name, Path(args.out), args.deadline)
+    p.res["gpu"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    p.save()
+    if name == "bandwidth":
+        bandwidth_part(p)
+    elif name == "attention":
+        attention_part(p)
+    elif name == "text-cpu":
+        text_cpu_part(p, args)
+    elif name == "sm86":
+        from helios.model.backends import force_capability
+
+        force_capability((8, 6))  # an RTX 3090's: no FP8 matmuls, FlashAttention-2, bf16 blocks streamed
+        generation_part(p, args, "12gb", reference=False)
+    else:
+        generation_part(p, args, None if name == "fp8" else name, reference=name == "fp8")
+    p.res["part_s"] = time.perf_counter() - p.t0
+    p.res["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    p.save()
+
+
+# ----------------------------------------------------------------------------------------------
+# the parent: the folder, then each part in a fresh process within the time budget
+
+
+def part_timeout(name: str, later: list[str], left: float) -> float:
+    """Seconds part `name` may take: its most, less what the core parts after it need at least."""
+    most, _ = PARTS[name]
+    keep = sum(PARTS[n][1] for n in later if n in CORE)
+    return min(most, left - keep)
+
+
+def runnable(name: str, smoke: bool, text: str) -> str | None:
+    """Why a part cannot run here (None: it can)."""
+    if not CUDA and name in ("bandwidth", "attention", "sm86"):
+        return "needs a GPU"
+    if not CUDA and not smoke and name in ("fp8", "24gb", "12gb"):
+        return "needs a GPU (or --smoke)"
+    if name == "text-cpu" and text != "xxl" and not smoke:
+        return "the folder has no umT5-XXL encoder"
+    return None
+
+
+_child: subprocess.Popen | None = None
+
+
+def _stop_child(*_) -> None:
+    """On SIGTERM/SIGINT: end the running part's process group, then this process."""
+    if _child is not None and _child.poll() is None:
+        os.killpg(_child.pid, signal.SIGKILL)
+    raise SystemExit(124)
+
+
+def spawn(name: str, args, timeout: float) -> dict:
+    """Run one part in a fresh process (its own process group); kill it at `timeout`."""
+    global _child
+    cmd = [sys.executable, __file__, "--part", name, "--out", args.out, "--folder", args.folder,
+           "--scratch", args.scratch, "--long-frames", str(args.long_frames), "--deadline", str(time.time() + timeout)]
+    cmd += ["--smoke"] if args.smoke else []
+    t0 = time.perf_counter()
+    _child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        rc = _child.wait(timeout=timeout + 10)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(_child.pid, signal.SIGKILL)
+        rc, timed_out = _child.wait(), True
+    _child = None
+    return {"rc": rc, "timed_out": timed_out, "s": time.perf_counter() - t0, "timeout_s": timeout}
+
+
+def orchestrate(args) -> None:
+    t_start = time.time()
+    out = Path(args.out)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p != "folder" and p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown part(s) {unknown}; choose from folder, {', '.join(PARTS)}")
+    signal.signal(signal.SIGTERM, _stop_child)
+    signal.signal(signal.SIGINT, _stop_child)
+    out.write_text("{}")  # one run's results, compared within the run only
+    shutil.rmtree(args.scratch, ignore_errors=True)
+    # (no CUDA context here: the parts' processes have the GPU to themselves; each records its name)
+    put_result(out, "meta", {"cuda": CUDA, "torch": torch.__version__,
+                             "date": datetime.date.today().isoformat(), "budget_s": args.budget_s,
+                             "size": f"{SIZE['width']}x{SIZE['height']}", "steps": list(STEPS),
+                             "prompt_embeddings": list(EMB_SHAPE), "parts": parts, "smoke": args.smoke})
+    Path(args.scratch).mkdir(parents=True, exist_ok=True)
+    folder, text = choose_folder(args.folder, args.smoke)
+    args.folder = str(folder)
+    status: dict[str, Any] = {}
+    if "folder" in parts or not (folder / ".complete").exists():
+        t0 = time.perf_counter()
+        try:
+            info = write_folder(folder, args.smoke, text)
+        except OSError as e:
+            info = {"error": f"{type(e).__name__}: {e}"}
+        put_result(out, "folder", {**info, "path": str(folder), "s": time.perf_counter() - t0})
+        print("folder", json.dumps(read_results(out)["folder"]), flush=True)
+        if "error" in info:
+            parts = [p for p in parts if p in ("bandwidth", "attention")]
+    text = read_results(out).get("folder", {}).get("text_encoder", text)
+    todo = [p for p in parts if p != "folder"]
+    for i, name in enumerate(todo):
+        why = runnable(name, args.smoke, text)
+        left = args.budget_s - (time.time() - t_start) - 15  # the summary and the process's end
+        timeout = part_timeout(name, todo[i + 1:], left)
+        if why is None and timeout < PARTS[name][1]:
+            why = f"no time left ({left:.0f} s in the budget)"
+        if why is not None:
+            status[name] = {"skipped": why}
+        else:
+            print(f"== {name} (up to {timeout:.0f} s)", flush=True)
+            status[name] = spawn(name, args, timeout)
+        put_result(out, "parts", status)
+    res = read_results(out)
+    res["targets"] = targets(res)
+    put_result(out, "targets", res["targets"])
+    put_result(out, "total_s", time.time() - t_start)
+    print(summary_table(res), flush=True)
+    table = Path(args.out).with_name(Path(args.out).stem + "-summary.txt")
+    table.write_text(summary_table(res) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the issue's targets, from the results
+
+
+def _get(res: dict, *path: str) -> Any:
+    for key in path:
+        if not isinstance(res, dict) or key not in res:
+            return None
+        res = res[key]
     return res
+
+
+def peak_over_phases(part: dict, metric: str, phases=("load", "text_encoder", "warmup", "compare", "generation")
+                     ) -> float | None:
+    values = [_get(part, ph, "gpu", metric) for ph in phases]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _row(target: str, value: float | None, limit: float | None, at_most: bool, where: str, unit: str = "") -> dict:
+    met = None if value is None or limit is None else (value <= limit if at_most else value >= limit)
+    return {"target": target, "value": value, "limit": limit, "unit": unit, "met": met, "where": where}
+
+
+def targets(res: dict) -> list[dict]:
+    """Issue 23's targets, each with the measured value, the limit, whether it is met and its JSON path."""
+    rows = []
+    for plan, reserved, fps, rss in (("24gb", 22, 25, 24), ("12gb", 11, 20, 32)):
+        part = res.get(plan) or {}
+        rows += [
+            _row(f"{plan}: peak reserved GPU memory", peak_over_phases(part, "max_reserved_gib"), reserved, True,
+                 f"{plan}.<load|text_encoder|warmup|compare|generation>.gpu.max_reserved_gib", "GiB"),
+            _row(f"{plan}: frames/s end to end", _get(part, "generation", "fps"), fps, False,
+                 f"{plan}.generation.fps", "frames/s"),
+            _row(f"{plan}: peak host RSS, load and generation", _get(part, "host", "peak_rss_gib"), rss, True,
+                 f"{plan}.host.peak_rss_gib", "GiB"),
+            _row(f"{plan}: pinned host memory held, peak (no target)", _get(part, "host", "pinned_allocated_bytes_peak_gib"),
+                 None, True, f"{plan}.host.pinned_allocated_bytes_peak_gib", "GiB"),
+            _row(f"{plan}: latents vs unconstrained FP8 (max abs)", _get(part, "compare", "vs_fp8", "latents_max_abs"),
+                 0.0, True, f"{plan}.compare.vs_fp8.latents_max_abs"),
+            _row(f"{plan}: text encoder embeddings vs resident (max abs)",
+                 _get(part, "text_encoder", "max_abs_vs_resident"), 0.0, True,
+                 f"{plan}.text_encoder.max_abs_vs_resident"),
+            _row(f"{plan}: first vs last chunk peak (allocated)",
+                 _get(part, "generation", "flat_memory", "allocated", "first_vs_last_rel"), 0.01, True,
+                 f"{plan}.generation.flat_memory.allocated.first_vs_last_rel (over "
+                 f"{_get(part, 'generation', 'video_s_at_24fps') or 0:.0f} s of video)"),
+        ]
+    rows.append(_row("12gb: frames vs 24gb plan (max abs, same decode slices)",
+                     _get(res, "12gb", "compare", "vs_24gb", "frames_max_abs"), 0.0, True,
+                     "12gb.compare.vs_24gb.frames_max_abs"))
+    rows.append(_row("12gb: predicted frames/s on PCIe 4 (no target)", _get(res, "12gb", "streaming",
+                     "predicted_fps_pcie4"), None, False, "12gb.streaming.predicted_fps_pcie4", "frames/s"))
+    rows.append(_row("pinned host-to-device (no target)", _get(res, "bandwidth", "pinned_gib_s"), None, False,
+                     "bandwidth.pinned_gib_s", "GiB/s"))
+    return rows
+
+
+def summary_table(res: dict) -> str:
+    lines = [f"{'target':58} {'measured':>12} {'limit':>8}  met", "-" * 86]
+    for r in res.get("targets") or targets(res):
+        value = "-" if r["value"] is None else f"{r['value']:.4g}"
+        limit = "-" if r["limit"] is None else f"{r['limit']:g}"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        lines.append(f"{r['target'][:58]:58} {value:>12} {limit:>8}  {met}")
+    for name, st in (res.get("parts") or {}).items():
+        lines.append(f"part {name}: " + json.dumps(st))
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", default="/tmp/helios-14b-random")
-    ap.add_argument("--plans", default="24gb,12gb")
-    ap.add_argument("--long-frames", type=int, default=330, help="frames of the long run (1452: 60 s at 24 fps)")
+    ap.add_argument("--folder", default="auto", help="the random model folder (auto: /dev/shm if it has room)")
+    ap.add_argument("--parts", default=DEFAULT_PARTS)
+    ap.add_argument("--long-frames", type=int, default=LONG_FRAMES, help="frames the long run asks for "
+                    "(1452: 60 s at 24 fps); it stops at the part's deadline once 3 chunks are in")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="seconds for everything, the folder included")
     ap.add_argument("--out", default="bench-memory.json")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model at 64x64, unconstrained only: the script's "
-                    "own plumbing, on the CPU")
-    ap.add_argument("--ampere", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the 12 GB plan as an sm86 card gets it (forced): bf16 blocks streamed")
+    ap.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "helios-bench-memory"),
+                    help="the reference's latents, frames and embeddings, for the later parts")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model at 64x64 (on the CPU: the plans applied "
+                    "by hand in float32): the script's own plumbing")
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", help="print the targets table of a results file and exit")
     args = ap.parse_args()
     if args.smoke:
         SIZE.update(height=64, width=64)
-    res: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
-                 "date": datetime.date.today().isoformat(), "size": f"{SIZE['width']}x{SIZE['height']}",
-                 "steps": list(STEPS),
-                 "prompt_embeddings": list(EMB_SHAPE)}
-
-    def save():
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
-
-    folder = Path(args.folder)
-    res["folder"] = write_folder(folder, "cuda" if CUDA else "cpu", smoke=args.smoke)
-    print("folder", res["folder"], flush=True)
-    res["bandwidth"] = bandwidth() if CUDA else {}
-    save()
-    res["fp8"], reference = measure("fp8", folder, None, 165 if CUDA else 66, None)  # a short run suffices
-    save()
-    for plan in [p for p in args.plans.split(",") if p and CUDA]:
-        res[plan], _ = measure(plan, folder, plan, args.long_frames, reference)
-        ring = res[plan].get("ring")
-        if ring:  # the streaming alone at each link's rate, against the measured chunk time
-            per_chunk = ring["bytes_per_chunk_1_1_1"]
-            pinned = res["bandwidth"]["pinned_gib_s"] * GiB
-            res[plan]["streaming"] = {
-                "gb_per_chunk": per_chunk / 1e9, "s_at_measured_pinned": per_chunk / pinned,
-                "s_at_pcie4": per_chunk / PCIE4_BYTES_PER_S,
-                "predicted_fps_pcie4": 33 / max(res[plan]["s_per_chunk"], per_chunk / PCIE4_BYTES_PER_S)}
-        save()
-    if CUDA and reference.get("text") is not None:
-        res["text_encoder_cpu"] = text_encoder_on_cpu(folder, reference["text"]["embedding"])
-        save()
-    if CUDA and args.ampere:
-        from helios.model.backends import force_capability
-
-        force_capability((8, 6))  # an RTX 3090's: no FP8 matmuls, FlashAttention-2, bf16 blocks streamed
-        res["sm86-12gb"], _ = measure("sm86-12gb", folder, "12gb", 99, None)
-        force_capability(None)
-        save()
-    res["attention"] = attention_backends() if CUDA else {}
-    save()
-    print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str))
+    if args.summarize:
+        print(summary_table(read_results(Path(args.summarize))))
+    elif args.part:
+        run_part(args.part, args)
+    else:
+        orchestrate(args)
 
 
 if __name__ == "__main__":
