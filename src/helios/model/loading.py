@@ -140,7 +140,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
     pages of the tensor being read, not the checkpoint.
     """
     from helios.model.fp8 import quantize_blocks_, quantize_rows
-    from helios.model.offload import materialize_flat_
+    from helios.model.offload import PinnedArena, flat_layout, materialize_flat_
 
     folder = resolve_transformer_folder(path)
     config = HeliosConfig.from_file(folder / "config.json")
@@ -174,9 +174,10 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
         quantize_blocks_(model)
     targets = {k: _target_of(model, k, headers[k][1]) for k in headers}
     if blocks_on_host:
-        pin = device.type == "cuda"
+        arena = PinnedArena(expected_bytes=sum(flat_layout(blk)[1] for blk in model.blocks),
+                            pin=device.type == "cuda")
         for blk in model.blocks:
-            materialize_flat_(blk, "cpu", pin=pin)
+            materialize_flat_(blk, "cpu", arena)
         rest = [m for n, m in model.named_children() if n != "blocks"]
         for m in rest:
             m.to_empty(device=device)

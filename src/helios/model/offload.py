@@ -12,7 +12,9 @@ Two mechanisms, for the two large models of a pipeline:
   layer's weights to the device just before it runs and drop the device copy right after.
 
 Pinned memory: copies from page-locked buffers run at the link's bandwidth (51.7 GiB/s measured on an
-H200 against 7.9 from pageable memory) and can overlap compute; pageable ones cannot.
+H200 against 7.9 from pageable memory) and can overlap compute; pageable ones cannot. It comes from a
+`PinnedArena`, which packs many buffers into few page-locked blocks (the CUDA host allocator rounds each
+allocation up to a power of two: a 358 MB FP8 block alone would take 512 MB).
 """
 
 from __future__ import annotations
@@ -43,6 +45,59 @@ def flat_layout(module: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
     return layout, offset
 
 
+class PinnedArena:
+    """Host tensors carved out of page-locked blocks. The CUDA host allocator rounds every allocation up to a
+    power of two, so one allocation per tensor (or per streamed block) wastes up to half of the pinned memory;
+    here the waste is a block's tail. Without a hint each new block is `block_bytes` (or the next power of two
+    above a larger request). `expected_bytes`, what the caller will ask for in all, sizes each new block to the
+    largest power of two that the rest still fills, so the tails stay small (40 FP8 blocks of 358 MB: 14.5 GiB
+    pinned for 13.3 GiB, against 20 GiB one by one). Without CUDA (or with pin=False) the tensors are ordinary
+    host tensors."""
+
+    ALIGN = 512
+
+    def __init__(self, block_bytes: int = 2**30, expected_bytes: int = 0, pin: bool | None = None):
+        self.block_bytes = int(block_bytes)
+        self.expected = int(expected_bytes)
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._block: torch.Tensor | None = None
+        self._used = 0
+        self.reserved_bytes = 0
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        if not self.pin:
+            return torch.empty(tuple(shape), dtype=dtype)
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        if self._block is None or start + n > self._block.numel():
+            size = self.next_block_bytes(n)
+            self._block = self._new_block(size)
+            self.reserved_bytes += size
+            start = 0
+        self._used = start + n
+        self.expected = max(0, self.expected - n)
+        return self._block[start:start + n].view(dtype).view(tuple(shape))
+
+    @staticmethod
+    def _new_block(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def next_block_bytes(self, n: int) -> int:
+        """The size of the block opened for a request of n bytes that does not fit the current one."""
+        at_least = 1 << max(0, n - 1).bit_length()  # what the host allocator would take for n alone
+        if self.expected > 0:
+            return max(at_least, 1 << (self.expected.bit_length() - 1))
+        return max(at_least, self.block_bytes)
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t.detach())
+        return out
+
+    def zeros_like(self, t: torch.Tensor) -> torch.Tensor:
+        return self.empty(t.shape, t.dtype).zero_()
+
+
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -52,11 +107,13 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def materialize_flat_(module: nn.Module, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+def materialize_flat_(module: nn.Module, device: torch.device | str,
+                      arena: PinnedArena | None = None) -> torch.Tensor:
     """Give every tensor of `module` (e.g. on the meta device) storage in one new flat byte buffer on
-    `device` (page-locked if `pin`), uninitialised; returns the buffer. Shapes and dtypes are kept."""
+    `device` (on the host from `arena`, if given), uninitialised; returns the buffer. Shapes and dtypes are kept."""
     layout, total = flat_layout(module)
-    flat = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
+    flat = arena.empty((total,), torch.uint8) if arena is not None else \
+        torch.empty(total, dtype=torch.uint8, device=device)
     tensors = dict(module_tensors(module))
     for name, offset, nbytes in layout:
         t = tensors[name]
@@ -194,8 +251,11 @@ def stream_layers_(layers: Sequence[nn.Module], device: torch.device | str, pin:
     """
     device = torch.device(device)
     pin = pin and device.type == "cuda"
-    for layer in layers:
-        host = {name: (t.pin_memory() if pin and not t.is_pinned() else t) for name, t in module_tensors(layer)}
+    tensors = [module_tensors(layer) for layer in layers]
+    to_pin = [t for named in tensors for _, t in named if pin and not t.is_pinned()]
+    arena = PinnedArena(expected_bytes=sum(t.numel() * t.element_size() for t in to_pin), pin=True)
+    for layer, named in zip(layers, tensors):
+        host = {name: (arena.copy(t) if pin and not t.is_pinned() else t) for name, t in named}
         for name, t in host.items():
             _set_tensor(layer, name, t)
         layer.register_forward_pre_hook(_to_device_hook(host, device), with_kwargs=True)

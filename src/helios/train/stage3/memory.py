@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from helios.model.offload import PinnedArena
+
 __all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "chunks_by_bytes",
            "round_trip", "update_ema"]
 
@@ -51,44 +53,6 @@ class MemoryConfig:
     @property
     def any_host(self) -> bool:
         return "host" in (self.idle_base, self.optimizer_states, self.ema)
-
-
-class PinnedArena:
-    """Host tensors carved out of page-locked blocks of ``block_bytes``. The CUDA host allocator rounds
-    every allocation up to a power of two, so one allocation per tensor would waste up to half of the
-    pinned memory (14B models' weights are of every size); here the waste is one block's tail. Without
-    CUDA the tensors are ordinary CPU tensors."""
-
-    ALIGN = 512
-
-    def __init__(self, block_bytes: int = 2**30):
-        self.block_bytes = int(block_bytes)
-        self._block: torch.Tensor | None = None
-        self._used = 0
-        self.reserved_bytes = 0
-
-    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        if not torch.cuda.is_available():
-            return torch.empty(tuple(shape), dtype=dtype)
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if n > self.block_bytes:
-            self.reserved_bytes += n
-            return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
-        start = -(-self._used // self.ALIGN) * self.ALIGN
-        if self._block is None or start + n > self.block_bytes:
-            self._block = torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=True)
-            self.reserved_bytes += self.block_bytes
-            start = 0
-        self._used = start + n
-        return self._block[start:start + n].view(dtype).view(tuple(shape))
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        out = self.empty(t.shape, t.dtype)
-        out.copy_(t.detach())
-        return out
-
-    def zeros_like(self, t: torch.Tensor) -> torch.Tensor:
-        return self.empty(t.shape, t.dtype).zero_()
 
 
 def chunks_by_bytes(sizes: Sequence[int], limit: int) -> list[range]:
