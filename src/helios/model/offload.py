@@ -48,46 +48,49 @@ def flat_layout(module: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
 class PinnedArena:
     """Host tensors carved out of page-locked blocks. The CUDA host allocator rounds every allocation up to a
     power of two, so one allocation per tensor (or per streamed block) wastes up to half of the pinned memory;
-    here the waste is a block's tail. Without a hint each new block is `block_bytes` (or the next power of two
-    above a larger request). `expected_bytes`, what the caller will ask for in all, sizes each new block to the
+    here the waste is a block's tail. Without a hint each new block is `block_bytes`, and a larger request gets
+    a block of its own. `expected_bytes`, what the caller will ask for in all, sizes each new block to the
     largest power of two that the rest still fills, so the tails stay small (40 FP8 blocks of 358 MB: 14.5 GiB
-    pinned for 13.3 GiB, against 20 GiB one by one). Without CUDA (or with pin=False) the tensors are ordinary
-    host tensors."""
+    pinned for 13.3 GiB, against 20 GiB one by one). `reserved_bytes` counts what the host allocator takes.
+    pin=False (default: without CUDA) gives ordinary host tensors. Always on the CPU, also inside a
+    `torch.device` context."""
 
     ALIGN = 512
 
     def __init__(self, block_bytes: int = 2**30, expected_bytes: int = 0, pin: bool | None = None):
         self.block_bytes = int(block_bytes)
-        self.expected = int(expected_bytes)
-        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.expected = int(expected_bytes)  # still to be asked for, when hinted
+        self.hinted = self.expected > 0
+        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
         self._block: torch.Tensor | None = None
         self._used = 0
         self.reserved_bytes = 0
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         if not self.pin:
-            return torch.empty(tuple(shape), dtype=dtype)
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            return torch.empty(tuple(shape), dtype=dtype, device="cpu")
+        n = torch.Size(shape).numel() * dtype.itemsize
+        if n > self.block_bytes and not self.hinted:  # on its own; the current block stays open
+            lone = self._pinned(power_of_two_above(n))
+            self.reserved_bytes += lone.numel()
+            return lone[:n].view(dtype).view(tuple(shape))
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._block is None or start + n > self._block.numel():
-            size = self.next_block_bytes(n)
-            self._block = self._new_block(size)
-            self.reserved_bytes += size
+            self._block = self._pinned(self.next_block_bytes(n))
+            self.reserved_bytes += self._block.numel()
             start = 0
         self._used = start + n
         self.expected = max(0, self.expected - n)
         return self._block[start:start + n].view(dtype).view(tuple(shape))
 
-    @staticmethod
-    def _new_block(size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-
     def next_block_bytes(self, n: int) -> int:
         """The size of the block opened for a request of n bytes that does not fit the current one."""
-        at_least = 1 << max(0, n - 1).bit_length()  # what the host allocator would take for n alone
-        if self.expected > 0:
-            return max(at_least, 1 << (self.expected.bit_length() - 1))
-        return max(at_least, self.block_bytes)
+        if self.hinted:  # the largest power of two that the rest (this request included) fills
+            return max(power_of_two_above(n), 1 << max(self.expected, n).bit_length() - 1)
+        return max(power_of_two_above(n), self.block_bytes)
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         out = self.empty(t.shape, t.dtype)
@@ -96,6 +99,11 @@ class PinnedArena:
 
     def zeros_like(self, t: torch.Tensor) -> torch.Tensor:
         return self.empty(t.shape, t.dtype).zero_()
+
+
+def power_of_two_above(n: int) -> int:
+    """The smallest power of two >= n: what the CUDA host allocator takes for a request of n bytes."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:

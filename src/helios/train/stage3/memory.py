@@ -5,9 +5,9 @@
   idle one lives in page-locked host memory and comes back (one host-to-device copy) when its model
   runs next. Only frozen weights move; the values the GPU computes with are the same bytes.
 * :class:`HostAdamW` - ``torch.optim.AdamW`` whose moments live in page-locked host memory: each step
-  brings them to the device a chunk at a time (the next chunk's upload overlapping the current
-  chunk's update on a side stream), runs AdamW's own step on that chunk and copies them back. Same
-  kernels on the same device as the plain optimiser, so the same numbers.
+  brings them to the device a chunk at a time (:func:`round_trip`: uploads on one copy stream,
+  downloads on another, overlapping each other and the update), runs AdamW's own step on that chunk
+  and copies them back. Same kernels on the same device as the plain optimiser, so the same numbers.
 * :class:`HostEMA` - the generator's EMA in page-locked host memory, updated on the device the same way.
 
 :class:`MemoryConfig` holds the recipe switches (``distill.memory``).
@@ -17,15 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from helios.model.offload import PinnedArena
 
-__all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "chunks_by_bytes",
-           "round_trip", "update_ema"]
+__all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "CudaLink", "Link",
+           "chunks_by_bytes", "round_trip", "update_ema"]
 
 PLACES = ("gpu", "host")
 
@@ -68,39 +68,107 @@ def chunks_by_bytes(sizes: Sequence[int], limit: int) -> list[range]:
     return out
 
 
+class Link(Protocol):
+    """How :func:`round_trip` moves a chunk between host and device (:class:`CudaLink` on CUDA; tests
+    pass one that defers every copy, as an asynchronous device would)."""
+
+    def upload(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        """Device copies of ``host`` (maybe still in flight) and a token that says when they are complete."""
+
+    def begin(self, ready: Any) -> None:
+        """What the update runs after waits for the upload behind ``ready``."""
+
+    def download(self, host: list[torch.Tensor], dev: list[torch.Tensor]) -> None:
+        """Copy ``dev`` back into ``host`` after the update queued so far."""
+
+    def finish(self) -> None:
+        """Block until every download has reached the host."""
+
+
+_COPY_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+
+def _copy_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """One upload and one download stream per device, kept: the chunks' device memory, cached by the
+    allocator per stream, is reused by the next round trip instead of piling up on new streams."""
+    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _COPY_STREAMS[device]
+
+
+class CudaLink:
+    """Uploads on one stream and downloads on another (two copy engines: a chunk's download overlaps the
+    next chunk's upload), ordered against the compute stream (the current one) by events:
+
+    * an upload waits for the compute stream's work so far and for the last download queued: its device
+      memory is allocated on the upload stream and may be that of a chunk freed once its download was
+      queued (the allocator reuses a stream's freed blocks at once, in that stream's order);
+    * the update (on the compute stream) waits for its chunk's upload;
+    * a download waits for the compute stream, i.e. for its chunk's update.
+    ``round_trip`` frees a chunk only after queueing its download, so at most two chunks' memory is live."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.compute = torch.cuda.current_stream(device)
+        self.up, self.down = _copy_streams(device)
+        self.downloaded: torch.cuda.Event | None = None
+
+    def upload(self, host: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        self.up.wait_stream(self.compute)
+        if self.downloaded is not None:
+            self.up.wait_event(self.downloaded)
+        with torch.cuda.stream(self.up):
+            dev = [t.to(self.device, non_blocking=True) for t in host]
+        return dev, self.up.record_event()
+
+    def begin(self, ready: torch.cuda.Event) -> None:
+        self.compute.wait_event(ready)
+
+    def download(self, host: list[torch.Tensor], dev: list[torch.Tensor]) -> None:
+        self.down.wait_stream(self.compute)
+        with torch.cuda.stream(self.down):
+            for h, d in zip(host, dev):
+                h.copy_(d, non_blocking=True)
+        self.downloaded = self.down.record_event()
+
+    def finish(self) -> None:
+        self.down.synchronize()
+
+
 def round_trip(host: Sequence[Sequence[torch.Tensor]], device: torch.device, chunk_bytes: int,
-               update: Callable[[range, list[list[torch.Tensor]]], None]) -> None:
+               update: Callable[[range, list[list[torch.Tensor]]], None], link: Link | None = None) -> None:
     """Update host tensors on ``device``, a chunk of items at a time: item ``i``'s tensors ``host[i]`` are
     uploaded, ``update(indices, device_tensors)`` changes the device copies in place (on the current
-    stream) and they are copied back. On CUDA the next chunk's upload and the last chunk's download run
-    on a side stream, overlapping the update; the host tensors are complete when this returns. On the
-    CPU the update works on the host tensors themselves."""
-    if device.type != "cuda":
-        for r in chunks_by_bytes([sum(t.numel() * t.element_size() for t in ts) for ts in host], chunk_bytes):
+    stream) and they are copied back; the next chunk's upload is queued before the current chunk's
+    update (``link``: by default :class:`CudaLink` on CUDA). The host tensors are complete when this
+    returns, also when ``update`` raises. Without a link on the CPU the update works on the host
+    tensors themselves."""
+    ranges = chunks_by_bytes([sum(t.numel() * t.element_size() for t in ts) for ts in host], chunk_bytes)
+    if link is None and device.type != "cuda":
+        for r in ranges:
             update(r, [list(host[i]) for i in r])
         return
-    compute, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-    ranges = chunks_by_bytes([sum(t.numel() * t.element_size() for t in ts) for ts in host], chunk_bytes)
+    link = link if link is not None else CudaLink(device)
 
-    def upload(r: range) -> tuple[list[list[torch.Tensor]], torch.cuda.Event]:
-        side.wait_stream(compute)  # the device memory reused here was last read on the compute stream
-        with torch.cuda.stream(side):  # allocated on the side stream: reuse waits for its own downloads
-            dev = [[t.to(device, non_blocking=True) for t in host[i]] for i in r]
-            return dev, side.record_event()
+    def upload(k: int) -> tuple[list[torch.Tensor], Any] | None:
+        return link.upload([t for i in ranges[k] for t in host[i]]) if k < len(ranges) else None
 
-    nxt = upload(ranges[0]) if ranges else None
-    for k, r in enumerate(ranges):
-        dev, ready = nxt
-        nxt = upload(ranges[k + 1]) if k + 1 < len(ranges) else None
-        compute.wait_event(ready)
-        update(r, dev)
-        side.wait_stream(compute)
-        with torch.cuda.stream(side):
-            for i, ts in zip(r, dev):
-                for h, d in zip(host[i], ts):
-                    h.copy_(d, non_blocking=True)
-        del dev
-    side.synchronize()
+    try:
+        nxt = upload(0)
+        for k, r in enumerate(ranges):
+            flat, ready = nxt
+            nxt = upload(k + 1)  # queued before this chunk's update: it overlaps it
+            link.begin(ready)
+            dev, pos = [], 0
+            for i in r:
+                dev.append(flat[pos:pos + len(host[i])])
+                pos += len(host[i])
+            update(r, dev)
+            link.download([t for i in r for t in host[i]], flat)
+            del flat, dev  # only now may its memory go to a later upload
+    finally:
+        link.finish()
 
 
 class BaseResidency:
@@ -110,11 +178,15 @@ class BaseResidency:
     and frees the other models' frozen parameters (their storage resized to zero: every tensor that
     shares it, autograd's saved weights included, sees the bytes again after the next ``use``).
     Trainable parameters (LoRA, heads) never move. A frozen parameter read while its model is out
-    fails loudly (a zero-size storage). ``enabled=False``: everything stays resident, ``use`` does nothing."""
+    fails loudly (a zero-size storage). ``enabled=False``: everything stays resident, ``use`` does nothing.
 
-    def __init__(self, models: dict[str, nn.Module], enabled: bool = True):
+    The copies back run on the current stream (as the models' kernels do), so the storage freed here is
+    reused only by work queued after the kernels that read it. ``uploads`` / ``uploaded_bytes`` count them."""
+
+    def __init__(self, models: dict[str, nn.Module], enabled: bool = True, pin: bool | None = None):
         self.enabled, self.current = enabled, None
-        self.arena = PinnedArena()
+        self.arena = PinnedArena(pin=pin)
+        self.uploads, self.uploaded_bytes = 0, 0
         self._frozen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if not enabled:
             return
@@ -148,6 +220,8 @@ class BaseResidency:
                 for p, h in self._frozen[name]:
                     p.data.untyped_storage().resize_(h.numel() * h.element_size())
                     p.data.copy_(h, non_blocking=True)  # via .data: no version bump for saved tensors
+                self.uploads += 1
+                self.uploaded_bytes += self.frozen_bytes(name)
         self.current = name
 
 
@@ -161,17 +235,19 @@ class HostAdamW(torch.optim.AdamW):
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: Iterable, chunk_bytes: int = 512 * 2**20, **kwargs: Any):
+    def __init__(self, params: Iterable, chunk_bytes: int = 512 * 2**20, pin: bool | None = None,
+                 link: Callable[[torch.device], Link] | None = None, **kwargs: Any):
         if kwargs.get("amsgrad") or kwargs.get("fused") or kwargs.get("capturable"):
             raise ValueError("HostAdamW supports plain AdamW only (no amsgrad, fused or capturable)")
         super().__init__(params, **kwargs)
         self.chunk_bytes = int(chunk_bytes)
-        self.arena = PinnedArena()
+        self.arena = PinnedArena(pin=pin)
+        self.link = link  # round_trip's link per device (default: CudaLink on CUDA)
 
     def zero_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state AdamW makes at a parameter's first update (step 0, zero moments), in host memory."""
         step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        return {"step": torch.tensor(0.0, dtype=step_dtype), "exp_avg": self.arena.zeros_like(p),
+        return {"step": torch.tensor(0.0, dtype=step_dtype, device="cpu"), "exp_avg": self.arena.zeros_like(p),
                 "exp_avg_sq": self.arena.zeros_like(p)}
 
     def states_to_host(self) -> None:
@@ -179,7 +255,7 @@ class HostAdamW(torch.optim.AdamW):
         device) go to host memory."""
         for st in self.state.values():
             for k in self.MOMENTS:
-                if k in st and (st[k].device.type != "cpu" or (torch.cuda.is_available() and not st[k].is_pinned())):
+                if k in st and (st[k].device.type != "cpu" or (self.arena.pin and not st[k].is_pinned())):
                     st[k] = self.arena.copy(st[k])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -201,7 +277,9 @@ class HostAdamW(torch.optim.AdamW):
                 by_device.setdefault(p.device, []).append(p)
             for device, ps in by_device.items():
                 host = [[self.state[p][k] for k in self.MOMENTS] for p in ps]
-                round_trip(host, device, self.chunk_bytes, lambda r, dev, ps=ps, gi=gi: self._step_chunk(gi, ps, r, dev))
+                round_trip(host, device, self.chunk_bytes,
+                           lambda r, dev, ps=ps, gi=gi: self._step_chunk(gi, ps, r, dev),
+                           self.link(device) if self.link else None)
 
     def _step_chunk(self, gi: int, ps: list[torch.Tensor], r: range, dev: list[list[torch.Tensor]]) -> None:
         """AdamW's own step on ``ps[r]`` of group ``gi`` alone, with the device copies of their moments."""
@@ -226,10 +304,12 @@ class HostEMA(dict):
     in (page-locked) host memory and updated on the parameters' device a chunk at a time (same
     ``copy_`` / ``lerp_`` kernels as the resident EMA, so the same numbers)."""
 
-    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = 512 * 2**20):
-        self.arena = PinnedArena()
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = 512 * 2**20,
+                 pin: bool | None = None, link: Callable[[torch.device], Link] | None = None):
+        self.arena = PinnedArena(pin=pin)
         super().__init__((n, self.arena.copy(p)) for n, p in named)
         self.chunk_bytes = int(chunk_bytes)
+        self.link = link
 
     @torch.no_grad()
     def follow(self, named: Sequence[tuple[str, torch.Tensor]], decay: float) -> None:
@@ -242,7 +322,8 @@ class HostEMA(dict):
                 for i, (e,) in zip(r, dev):
                     p = items[i][1].detach()
                     e.copy_(p) if decay == 0.0 else e.lerp_(p, 1.0 - decay)
-            round_trip([[self[n]] for n, _ in items], device, self.chunk_bytes, step)
+            round_trip([[self[n]] for n, _ in items], device, self.chunk_bytes, step,
+                       self.link(device) if self.link else None)
 
 
 def update_ema(ema: dict[str, torch.Tensor], named: Sequence[tuple[str, torch.Tensor]], decay: float) -> None:
