@@ -65,6 +65,24 @@ def test_streamed_forward_equals_resident_forward_exactly(folder, request, size)
     assert ring.loads in (passes * LAYERS, passes * LAYERS + size)
 
 
+def test_blocks_carved_from_shared_page_locked_blocks_stream_exactly(folder, request, monkeypatch):
+    """As on a CUDA host: each block's flat buffer is a view into a few large page-locked blocks of a
+    PinnedArena (ordinary memory here), and the ring streams them exactly."""
+    from helios.model.offload import PinnedArena
+
+    init = PinnedArena.__init__
+    monkeypatch.setattr(PinnedArena, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "pin": True}))
+    monkeypatch.setattr(PinnedArena, "_pinned", lambda self, n: torch.zeros(n, dtype=torch.uint8))
+    streamed = helios.load_transformer(folder, dtype=torch.bfloat16, fp8=True, blocks_on_host=True)
+    buffers = [flat_buffer(b) for b in streamed.blocks]
+    assert all(b is not None for b in buffers)
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) < len(buffers)  # blocks share storage
+    resident = helios.load_transformer(folder, dtype=torch.bfloat16, fp8=True)
+    enable_block_streaming(streamed, 2, "cpu")
+    kw = random_inputs(generator_for(request.node.name), text_dim=24)
+    assert torch.equal(_forward(streamed, kw), _forward(resident, kw))
+
+
 def test_ring_holds_each_block_own_weights_in_order(folder):
     model = helios.load_transformer(folder, dtype=torch.bfloat16, blocks_on_host=True)
     ring = BlockRing(model.blocks, 2, "cpu")

@@ -131,15 +131,22 @@ def materialize_flat_(module: nn.Module, device: torch.device | str,
 
 
 def flat_buffer(module: nn.Module) -> torch.Tensor | None:
-    """The flat buffer `materialize_flat_` gave `module`, or None if its tensors are not packed in one."""
+    """The flat buffer `materialize_flat_` gave `module` (a view: it may lie inside a larger block of a
+    `PinnedArena`), or None if its tensors are not packed in one."""
     tensors = module_tensors(module)
     if not tensors:
         return None
-    base = tensors[0][1].untyped_storage()
     layout, total = flat_layout(module)
-    if base.nbytes() != total or any(t.untyped_storage().data_ptr() != base.data_ptr() for _, t in tensors):
+    first = tensors[0][1]
+    storage = first.untyped_storage()
+    start = first.storage_offset() * first.element_size()  # where the layout's byte 0 is
+    for (_, offset, _), (_, t) in zip(layout, tensors):
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous()
+                or t.storage_offset() * t.element_size() != start + offset):
+            return None
+    if start + total > storage.nbytes():
         return None
-    return torch.empty(0, dtype=torch.uint8, device=tensors[0][1].device).set_(base, 0, (total,), (1,))
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (total,), (1,))
 
 
 class BlockRing:
