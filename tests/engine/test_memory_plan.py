@@ -136,3 +136,15 @@ def test_serve_engines_take_the_budget_and_refuse_it_where_it_cannot_apply():
         load_engines(default_model(), [["cuda:0", "cuda:1"]], memory="24gb")
     with pytest.raises(MemoryBudgetError, match="device is cpu"):
         load_engines(default_model(), [["cpu"]], memory="12gb")
+
+
+def test_expandable_segments_keep_a_setting_the_user_made(monkeypatch):
+    from helios.engine import memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert memory.use_expandable_segments() is False and calls == []
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert memory.use_expandable_segments() is True and calls == ["expandable_segments:True"]
