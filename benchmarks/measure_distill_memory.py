@@ -54,6 +54,8 @@ from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from helios.runtime import use_expandable_segments  # noqa: E402
+
 GIB = 2**30
 CONFIGS = ("official_one_gpu", "official_resident", "r32_resident")
 LOSS_KEYS = ("dmd_loss", "gan_g_loss", "generator_loss", "critic_flow_loss", "gan_d_loss", "r1_loss", "critic_loss")
@@ -361,6 +363,13 @@ def measure(spec: Spec, setup: Setup, dev: torch.device, host: HostPeak) -> dict
                            "started_at_s": round(elapsed(), 1)}
     rec = Recorder(res, dev, host)
     if rec.cuda:
+        # as `helios train` does: expandable segments with the host-memory options, fixed ones without (the
+        # setting is per process; each configuration starts with every segment released)
+        if spec.options:
+            res["expandable_segments"] = use_expandable_segments()
+        elif "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+            res["expandable_segments"] = False
         _cap(dev, spec.cap_gib, res)
         torch.cuda.reset_peak_memory_stats(dev)
     host.reset()

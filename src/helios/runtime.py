@@ -7,11 +7,14 @@ for models.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("helios")
 
 __all__ = ["DTYPES", "broadcast_seed", "init_distributed", "launched_world_size", "local_device",
            "no_multicast_env", "resolve_dtype", "seeded_generator"]
@@ -91,3 +94,22 @@ def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
         t = t.cuda()
     dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return int(t.item())
+
+
+def use_expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow its segments in place rather than keep many fixed-size ones, so
+    that under a memory budget (the inference plans, stage 3's host-memory options) the reserved memory stays
+    near what is allocated: at 24 GB, fixed segments reserved 2.9 GiB over the 21.1 GiB allocated (an H100,
+    2026-12-06). A setting already in PYTORCH_CUDA_ALLOC_CONF is kept. Returns whether they are on."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" in conf:
+        return "expandable_segments:True" in conf.replace(" ", "")
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None or not torch.cuda.is_available():
+        return False
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError as e:  # a platform without them (e.g. no virtual memory management): fixed segments
+        log.warning("expandable CUDA memory segments unavailable (%s); reserved memory may exceed the budget", e)
+        return False
+    return True

@@ -139,12 +139,12 @@ def test_serve_engines_take_the_budget_and_refuse_it_where_it_cannot_apply():
 
 
 def test_expandable_segments_keep_a_setting_the_user_made(monkeypatch):
-    from helios.engine import memory
+    from helios import runtime
 
     calls = []
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert memory.use_expandable_segments() is False and calls == []
+    assert runtime.use_expandable_segments() is False and calls == []
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    assert memory.use_expandable_segments() is True and calls == ["expandable_segments:True"]
+    assert runtime.use_expandable_segments() is True and calls == ["expandable_segments:True"]

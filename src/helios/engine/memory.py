@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ import torch
 
 from helios.engine.history import HistoryLayout
 from helios.model.config import HeliosConfig
-
-log = logging.getLogger("helios")
 
 GiB = 2**30
 TEXT_LENGTH = 512
@@ -322,23 +319,3 @@ def plan_for(budget_text: str, folder: str | Path, height: int, width: int, guid
     return plan, est, budget
 
 
-
-def use_expandable_segments() -> bool:
-    """Let the CUDA caching allocator grow its segments in place rather than keep many fixed-size ones, so that
-    under a memory plan the reserved memory stays near what is allocated (at 24 GB, fixed segments reserved
-    2.9 GiB over the 21.1 GiB allocated, on an H100, 2026-12-06). A setting already in PYTORCH_CUDA_ALLOC_CONF
-    is kept. Returns whether expandable segments are on."""
-    import os
-
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "expandable_segments" in conf:
-        return "expandable_segments:True" in conf.replace(" ", "")
-    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
-    if setter is None or not torch.cuda.is_available():
-        return False
-    try:
-        setter("expandable_segments:True")
-    except RuntimeError as e:  # a platform without them (e.g. no virtual memory management): fixed segments
-        log.warning("expandable CUDA memory segments unavailable (%s); reserved memory may exceed the plan", e)
-        return False
-    return True

@@ -739,7 +739,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         memory = plan_memory(path, memory_budget, device, height, width, preset, guidance_scale, fp8)
         fp8 = memory.plan.fp8
         if torch.device(device).type == "cuda":  # before the weights arrive: they take the first segments
-            from helios.engine.memory import use_expandable_segments
+            from helios.runtime import use_expandable_segments
 
             use_expandable_segments()
     plan = memory.plan if memory else None

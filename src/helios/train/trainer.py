@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from helios.model_folder import vae_scale_factors
-from helios.runtime import launched_world_size, local_device
+from helios.runtime import launched_world_size, local_device, use_expandable_segments
 
 from . import stage3  # noqa: F401  (registers the stage-3 phases with make_stage)
 from .checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
@@ -45,7 +45,7 @@ from .modeling import (
     trainable_named_parameters,
 )
 from .recipes import history_layout
-from .stage3.memory import HostAdamW, HostEMA, MemoryConfig, update_ema
+from .stage3.memory import HostAdamW, HostEMA, MemoryConfig, memory_options_on, update_ema
 from .stages import Stage, StepContext, make_stage
 
 __all__ = ["train", "TrainResult", "lr_factor"]
@@ -172,6 +172,8 @@ def train(cfg: dict[str, Any], resume: bool = False,
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg["model"]["allow_tf32"])
         torch.backends.cudnn.allow_tf32 = bool(cfg["model"]["allow_tf32"])
+        if memory_options_on(cfg):  # before any weights arrive: they take the first segments
+            use_expandable_segments()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     layout = history_layout(cfg)

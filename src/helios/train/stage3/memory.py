@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from helios.model.offload import PinnedArena
 
-__all__ = ["MemoryConfig", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "CudaLink", "Link",
+__all__ = ["MemoryConfig", "memory_options_on", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "CudaLink", "Link",
            "chunks_by_bytes", "round_trip", "update_ema"]
 
 PLACES = ("gpu", "host")
@@ -53,6 +53,14 @@ class MemoryConfig:
     @property
     def any_host(self) -> bool:
         return "host" in (self.idle_base, self.optimizer_states, self.ema)
+
+
+def memory_options_on(cfg: dict[str, Any]) -> bool:
+    """Whether a training config moves anything to host memory (a bad value is left to the stage to report)."""
+    try:
+        return MemoryConfig.from_recipe(cfg).any_host
+    except (TypeError, ValueError):
+        return False
 
 
 def chunks_by_bytes(sizes: Sequence[int], limit: int) -> list[range]:
@@ -95,6 +103,14 @@ def _copy_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.S
     if device not in _COPY_STREAMS:
         _COPY_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
     return _COPY_STREAMS[device]
+
+
+def reserve_copy_streams(devices: Iterable[torch.device]) -> None:
+    """Make the copy streams of these CUDA devices now, while the device has memory to spare: a stream made
+    later, with the caching allocator holding the card, failed with out of memory (an 80 GB H100 at the
+    official stage-3 sizes, 2026-12-06)."""
+    for device in {d for d in devices if d.type == "cuda"}:
+        _copy_streams(device)
 
 
 class CudaLink:
@@ -243,6 +259,7 @@ class HostAdamW(torch.optim.AdamW):
         self.chunk_bytes = int(chunk_bytes)
         self.arena = PinnedArena(pin=pin)
         self.link = link  # round_trip's link per device (default: CudaLink on CUDA)
+        reserve_copy_streams(p.device for g in self.param_groups for p in g["params"])
 
     def zero_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state AdamW makes at a parameter's first update (step 0, zero moments), in host memory."""
@@ -307,9 +324,11 @@ class HostEMA(dict):
     def __init__(self, named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = 512 * 2**20,
                  pin: bool | None = None, link: Callable[[torch.device], Link] | None = None):
         self.arena = PinnedArena(pin=pin)
+        named = list(named)
         super().__init__((n, self.arena.copy(p)) for n, p in named)
         self.chunk_bytes = int(chunk_bytes)
         self.link = link
+        reserve_copy_streams(p.device for _, p in named)
 
     @torch.no_grad()
     def follow(self, named: Sequence[tuple[str, torch.Tensor]], decay: float) -> None:
