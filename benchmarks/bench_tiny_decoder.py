@@ -7,8 +7,9 @@ Parts (--parts, comma-separated):
            (the time does not depend on them).
   e2e      end-to-end frames/s of the 14B distilled engine (random weights, as bench_e2e.py), 1/1/1 bf16 and
            FP8, full decoder and tiny decoder in the same run, and the time to the first frame with fast start.
-  quality  the bundled model's shipped preview decoder against its full VAE on held-out clips (procedural
-           and real, as `helios train-decoder` makes them): PSNR / SSIM, and both decoders' time per chunk
+  quality  the bundled model's shipped preview decoder (or --decoder FILE, repeatable) against its full VAE
+           on held-out clips (procedural and real, as `helios train-decoder` makes them): PSNR / SSIM per clip
+           and per frame of a chunk (--frames-plot PNG draws the curves), and both decoders' time per chunk
            on this machine's CPU (and GPU when there is one).
 
     python benchmarks/bench_tiny_decoder.py --parts speed,e2e --out tiny.json            # on the GPU
@@ -191,41 +192,56 @@ def part_e2e(res: dict) -> None:
     res["e2e"] = out
 
 
-def part_quality(res: dict, model: Path) -> None:
+def part_quality(res: dict, model: Path, decoders: list[Path] | None = None, frames_plot: Path | None = None) -> None:
+    """Held-out PSNR / SSIM (per clip, and per frame of a chunk) of the shipped preview decoder, or of each file
+    in `decoders` (the first one's result is res["quality"], the others' res["quality_more"]), on the held-out
+    clips that its training made (the test clips' count, seed and real share come from its metadata)."""
     from helios.engine.conditioning import LatentCodec
     from helios.engine.preview import PREVIEW_FILE, PREVIEW_FOLDER, TinyDecoder
-    from helios.train.decoder import (CHUNK_LATENTS, DecoderTrainConfig, frames_01, load_vae, make_clips, psnr,
-                                      ssim, summarize, teacher_pairs)
+    from helios.train.decoder import (CHUNK_LATENTS, DecoderTrainConfig, evaluate, latent_stats, load_vae, make_clips,
+                                      plot_frame_psnr, summarize, teacher_pairs)
 
-    path = model / PREVIEW_FOLDER / PREVIEW_FILE
     vae = load_vae(model)
     codec = LatentCodec(vae)
-    tiny = TinyDecoder.from_file(path, vae.config)
     index = json.loads((model / "model_index.json").read_text())
     size = tuple(index.get("helios_default_size", (HEIGHT, WIDTH)))
-    trained = json.loads(_metadata(path).get("helios_train_config", "{}") or "{}")
-    cfg = DecoderTrainConfig(model=model, out=Path("."), train_videos=1, test_videos=int(trained.get("test_videos", 12)),
-                             seed=int(trained.get("seed", 0)), real_fraction=float(trained.get("real_fraction", 0.5)))
-    frames = (CHUNK_LATENTS - 1) * codec.temporal + 1
-    clips = make_clips(cfg, size, {"train": frames, "test": frames})["test"]
-    pairs = teacher_pairs(codec, clips, lambda: None, cfg.seed)
-    rows = []
-    for i, (kind, source, _) in enumerate(clips):
-        pred = tiny.decode(pairs["latents"][i:i + 1]).float()
-        a, b = frames_01(pred), frames_01(pairs["targets"][i:i + 1])
-        rows.append({"kind": kind, "source": source, "psnr": psnr(a, b), "ssim": ssim(a, b)})
-    z = pairs["latents"][:1]
-    out = {"decoder": str(path), "bytes": path.stat().st_size, "size": list(size), "summary": summarize(rows),
-           "clips": rows, "cpu_threads": torch.get_num_threads(),
-           "cpu_full_ms": cpu_ms(lambda: codec.decode(z)), "cpu_tiny_ms": cpu_ms(lambda: tiny.decode(z))}
-    if torch.cuda.is_available():
-        codec_gpu = LatentCodec(vae.to("cuda"))
-        tiny.to("cuda")
-        zg = z.to("cuda")
-        out["gpu_full_ms"] = cuda_ms(lambda: codec_gpu.decode(zg), iters=10)
-        out["gpu_tiny_ms"] = cuda_ms(lambda: tiny.decode(zg))
-    res["quality"] = out
-    print("quality", json.dumps(out["summary"]), flush=True)
+    mean, std = latent_stats(vae.config)
+    results, curves = [], {}
+    for path in decoders or [model / PREVIEW_FOLDER / PREVIEW_FILE]:
+        tiny = TinyDecoder.from_file(path, vae.config)
+        meta = _metadata(path)
+        trained = json.loads(meta.get("helios_train_config", "{}") or "{}")
+        cfg = DecoderTrainConfig(model=model, out=Path("."), train_videos=1,
+                                 test_videos=int(trained.get("test_videos", 12)), seed=int(trained.get("seed", 0)),
+                                 real_fraction=float(trained.get("real_fraction", 0.5)))
+        frames = (CHUNK_LATENTS - 1) * codec.temporal + 1
+        clips = make_clips(cfg, size, {"train": frames, "test": frames})["test"]
+        pairs = teacher_pairs(codec, clips, lambda: None, cfg.seed)
+        rows = evaluate(tiny.taehv, pairs, mean, std, clips)
+        z = pairs["latents"][:1]
+        out = {"decoder": str(path), "bytes": path.stat().st_size, "size": list(size), "summary": summarize(rows),
+               "clips": rows, "train_latents": trained.get("train_latents"), "steps": meta.get("helios_steps"),
+               "cpu_threads": torch.get_num_threads(),
+               "cpu_full_ms": cpu_ms(lambda: codec.decode(z)), "cpu_tiny_ms": cpu_ms(lambda: tiny.decode(z))}
+        if torch.cuda.is_available():
+            codec_gpu = LatentCodec(vae.to("cuda"))
+            tiny.to("cuda")
+            zg = z.to("cuda")
+            out["gpu_full_ms"] = cuda_ms(lambda: codec_gpu.decode(zg), iters=10)
+            out["gpu_tiny_ms"] = cuda_ms(lambda: tiny.decode(zg))
+            vae.to("cpu")
+        results.append(out)
+        label = f"{path.parent.name}/{path.name}"
+        if out["train_latents"] and out["steps"]:
+            label += f" ({out['train_latents']}-latent clips, {out['steps']} steps)"
+        curves[label] = out["summary"]["all"]["psnr_frames"]
+        summary = {k: {m: v for m, v in s.items() if m != "psnr_frames"} for k, s in out["summary"].items()}
+        print("quality", path, json.dumps(summary), flush=True)
+    res["quality"] = results[0]
+    if len(results) > 1:
+        res["quality_more"] = results[1:]
+    if frames_plot is not None:
+        plot_frame_psnr(curves, frames_plot, target=28.0)
 
 
 def _metadata(path: Path) -> dict:
@@ -239,6 +255,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="speed,e2e")
     ap.add_argument("--model", default=None, help="model folder for the quality part (default: the bundled one)")
+    ap.add_argument("--decoder", action="append", type=Path, default=None,
+                    help="quality part: a decoder file to score (repeatable; default: the model's own)")
+    ap.add_argument("--frames-plot", type=Path, default=None,
+                    help="quality part: plot the held-out PSNR per frame of a chunk of each decoder here")
     ap.add_argument("--out", default="tiny_decoder.json")
     ap.add_argument("--height", type=int, default=HEIGHT, help="frame size for the tiny part")
     ap.add_argument("--width", type=int, default=WIDTH)
@@ -260,7 +280,7 @@ def main() -> None:
             elif part == "quality":
                 from helios.cli import default_model
 
-                part_quality(res, Path(args.model) if args.model else default_model())
+                part_quality(res, Path(args.model) if args.model else default_model(), args.decoder, args.frames_plot)
             else:
                 raise SystemExit(f"unknown part {part!r}: speed, tiny, e2e or quality")
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

