@@ -542,6 +542,8 @@ def train_decoder_(
     seed: int = typer.Option(0, "--seed"),
     save_every: int = typer.Option(100, "--save-every", help="Evaluate and checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this decoder's weights (same --widths "
+                                        "and --blocks), e.g. a shipped preview_decoder/taehv.safetensors."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (checkpointed, resumable) "
                                                 "after this much training time."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
@@ -557,7 +559,7 @@ def train_decoder_(
                              train_videos=train_videos, test_videos=test_videos, videos=videos,
                              real_fraction=real_fraction, widths=width_list, blocks=blocks, crop=crop,
                              train_latents=train_latents, seed=seed,
-                             save_every=save_every, resume=resume, max_minutes=max_minutes,
+                             save_every=save_every, resume=resume, init=init, max_minutes=max_minutes,
                              device=pick_device(device))
     try:
         result = train_decoder(cfg, log=lambda m: typer.echo(m, err=True))

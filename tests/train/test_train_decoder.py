@@ -79,6 +79,23 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file(tiny_model, tmp_path
     assert path.read_bytes() == before and no_temporary_files(out)
 
 
+def test_a_run_started_from_a_decoder_continues_from_its_weights(tiny_model, tmp_path):
+    """--init: step 0 of the new run is the given decoder (its held-out score, not a fresh start's); a decoder
+    of another architecture is refused, naming the file."""
+    first = train_decoder(config(tiny_model, tmp_path / "a", steps=40, save_every=40), log=lambda m: None)
+    start = tmp_path / "a" / "taehv.safetensors"
+    fresh = train_decoder(config(tiny_model, tmp_path / "b", steps=1, save_every=1, lr=1e-9), log=lambda m: None)
+    went_on = train_decoder(config(tiny_model, tmp_path / "c", steps=1, save_every=1, lr=1e-9, init=start),
+                            log=lambda m: None)
+    score = lambda r: r.metrics["summary"]["all"]["psnr"]  # noqa: E731
+    assert abs(score(went_on) - score(first)) < 0.05 and score(went_on) > score(fresh) + 1.0
+    with pytest.raises(DecoderTrainError, match="another architecture"):
+        train_decoder(config(tiny_model, tmp_path / "d", widths=(8, 8, 8, 8), init=start), log=lambda m: None)
+    assert not (tmp_path / "d" / "clips.pt").exists()  # refused before the clips were made
+    with pytest.raises(DecoderTrainError, match="--init"):
+        train_decoder(config(tiny_model, tmp_path / "e", init=tmp_path / "missing.safetensors"))
+
+
 def test_bad_settings_are_refused_before_any_work(tiny_model, tmp_path):
     with pytest.raises(DecoderTrainError, match="vae/config.json"):
         train_decoder(config(tmp_path, tmp_path / "out"))

@@ -64,6 +64,7 @@ class DecoderTrainConfig:
     stop_after: int | None = None  # end this run at this step (the schedule still spans `steps`); resume later
     max_minutes: float | None = None  # end this run after this much training time (checkpointed; resume later)
     linear_init: bool = True  # start from a least-squares latent -> RGB map (see linear_start_)
+    init: Path | None = None  # start from this decoder's weights instead (same widths/blocks), e.g. the shipped one
     device: str = "cpu"  # where the teacher and the student run ("cuda" on a GPU)
 
     def check(self) -> None:
@@ -81,6 +82,8 @@ class DecoderTrainConfig:
             raise DecoderTrainError(f"--crop must be a multiple of 8 (at least 8), got {self.crop}")
         if self.videos is not None and not self.videos.is_dir():
             raise DecoderTrainError(f"--videos {self.videos}: not a folder of videos")
+        if self.init is not None and not self.init.is_file():
+            raise DecoderTrainError(f"--init {self.init}: no such weight file")
 
 
 # ---- clips ---------------------------------------------------------------------------------------
@@ -368,6 +371,13 @@ def linear_start_(student: TAEHV, fit: torch.Tensor, spare: float = 1e-2) -> Non
 
 
 # ---- files ---------------------------------------------------------------------------------------
+def _same_architecture(decoder: TAEHV, expected: TAEHVConfig, path: Path) -> TAEHV:
+    if decoder.cfg != expected:
+        raise DecoderTrainError(f"{path} holds a decoder of another architecture ({decoder.cfg}); expected "
+                                f"{expected}: use the same --widths/--blocks (or another --out / --init)")
+    return decoder
+
+
 def save_decoder(student: TAEHV, path: Path, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> None:
     """The decoder's weights as safetensors with its architecture in the metadata, written atomically."""
     from helios.train.video_data import save_safetensors_atomic
@@ -538,11 +548,15 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
     if size[0] % codec.spatial or size[1] % codec.spatial:
         raise DecoderTrainError(f"--size {size[0]}x{size[1]}: both sides must be multiples of {codec.spatial}")
     scfg = student_config(vae.config, cfg.widths, cfg.blocks)
+    initial = None if cfg.init is None else \
+        _same_architecture(load_taehv(cfg.init, temporal_factor=codec.temporal), scfg, cfg.init)  # before the clips
     data = prepare_pairs(cfg, codec, size, log)
     mean, std = latent_stats(vae.config)
 
     student = TAEHV(scfg)
-    if cfg.linear_init:  # from a linear latent -> RGB map: a first picture at step 0, not a grey field
+    if initial is not None:  # continue from a decoder of the same architecture (a new schedule and optimiser)
+        student.load_state_dict(initial.state_dict())
+    elif cfg.linear_init:  # from a linear latent -> RGB map: a first picture at step 0, not a grey field
         linear_start_(student, latent_rgb_fit(data["train"]["latents"], data["train"]["targets"], mean, std,
                                               codec.spatial, codec.temporal, seed=cfg.seed))
     else:
@@ -554,11 +568,8 @@ def train_decoder(cfg: DecoderTrainConfig, log: Callable[[str], None] = print) -
     step, losses, evals = 0, [], []
     state_path, ckpt_path = cfg.out / "state.pt", cfg.out / "checkpoint.safetensors"
     if cfg.resume and state_path.is_file() and ckpt_path.is_file():
-        resumed = load_taehv(ckpt_path, temporal_factor=codec.temporal)
-        if resumed.cfg != scfg:
-            raise DecoderTrainError(f"{ckpt_path} holds a decoder of another architecture ({resumed.cfg}); "
-                                    "train into another --out or use the same --widths/--blocks")
-        student.load_state_dict(resumed.state_dict())
+        student.load_state_dict(_same_architecture(load_taehv(ckpt_path, temporal_factor=codec.temporal), scfg,
+                                                   ckpt_path).state_dict())
         state = torch.load(state_path, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
