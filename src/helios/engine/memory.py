@@ -317,5 +317,3 @@ def plan_for(budget_text: str, folder: str | Path, height: int, width: int, guid
     fp8_ok = fp8_matmul_supported(cap) if cap is not None else True
     plan, est = choose_plan(budget, sizes, height, width, guidance, fp8_ok, fp8_requested)
     return plan, est, budget
-
-
