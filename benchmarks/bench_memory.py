@@ -46,7 +46,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from bench_e2e import EMB_SHAPE, FixedPrompt  # same folder
+from host_memory import RssMeter, proc_kib, proc_status
 
 if TYPE_CHECKING:
     from helios.engine.pipeline import HeliosVideoPipeline
@@ -304,51 +304,6 @@ def write_folder(folder: Path, smoke: bool = False, text: str = "xxl") -> dict:
 # measuring host and GPU memory
 
 
-def proc_status() -> dict[str, int]:
-    """The memory fields of /proc/self/status, in bytes (those the kernel gives)."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.startswith(("Vm", "Rss")) and value.strip().endswith("kB"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-class RssMeter:
-    """The process's resident memory sampled at 10 Hz on a thread: the peak since `reset()`, with the
-    anonymous / file-backed / shared split at that moment (file and shared pages: memory-mapped shards)."""
-
-    def __init__(self, period: float = 0.1):
-        self.period = period
-        self.peak: dict[str, int] = {}
-        self.lifetime = 0  # the largest VmRSS sampled since the start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            self.sample()
-
-    def sample(self) -> None:
-        now = proc_status()
-        self.lifetime = max(self.lifetime, now.get("VmRSS", 0))
-        if now.get("VmRSS", 0) > self.peak.get("VmRSS", -1):
-            self.peak = now
-
-    def reset(self) -> None:
-        self.peak = {}
-        self.sample()
-
-    def report(self) -> dict[str, float]:
-        self.sample()
-        keys = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
-        return {f"sampled_peak_{k}_gib": self.peak.get(k, 0) / GiB for k in keys}
-
-
 def host_memory(meter: RssMeter | None = None) -> dict[str, float]:
     """Peak RSS of the process so far: the kernel's high-water mark (VmHWM) or, where it is higher or
     missing, the largest sample; and the pinned host memory PyTorch's allocator holds (its caching
@@ -370,15 +325,8 @@ def host_memory(meter: RssMeter | None = None) -> dict[str, float]:
 
 
 def system_memory() -> dict[str, float]:
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("MemTotal", "MemAvailable", "Shmem", "Cached"):
-                out[f"{key}_gib"] = int(value.split()[0]) * 1024 / GiB
-    except OSError:
-        pass
-    return out
+    keys = ("MemTotal", "MemAvailable", "Shmem", "Cached")
+    return {f"{k}_gib": v / GiB for k, v in proc_kib("/proc/meminfo", keys).items()}
 
 
 def gpu_peaks() -> dict[str, float]:

@@ -45,7 +45,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import traceback  # noqa: E402
 import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -55,6 +54,7 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 from helios.runtime import use_expandable_segments  # noqa: E402
+from host_memory import RssMeter, proc_status  # noqa: E402  (same folder)
 
 GIB = 2**30
 CONFIGS = ("official_one_gpu", "official_resident", "r32_resident")
@@ -84,53 +84,6 @@ def allow_missing_pyav() -> bool:
 # ---- host memory ------------------------------------------------------------------------------------
 
 
-class HostPeak:
-    """Peak host RSS: the kernel's VmHWM (reset through /proc/self/clear_refs where allowed) and an RSS
-    sampled every ``period`` s by a thread (for kernels that keep VmHWM from the process start)."""
-
-    def __init__(self, period: float = 0.05):
-        self.period, self.peak, self.reset_ok = period, 0, False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    @staticmethod
-    def vm_hwm_gib() -> float | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) * 1024 / GIB, 2)
-        except (OSError, ValueError):
-            pass
-        return None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, self.rss())
-
-    def reset(self) -> None:
-        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.reset_ok = True
-        except OSError:
-            self.reset_ok = False
-        self.peak = self.rss()
-
-    def sampled_gib(self) -> float | None:
-        self.peak = max(self.peak, self.rss())
-        return round(self.peak / GIB, 2) if self.peak else None  # None: /proc/self/statm unreadable
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 # ---- one configuration ----------------------------------------------------------------------------
 
 
@@ -156,7 +109,7 @@ class Setup:
 class Recorder:
     """The result dict of one configuration and the per-phase memory marks."""
 
-    def __init__(self, res: dict[str, Any], dev: torch.device, host: HostPeak):
+    def __init__(self, res: dict[str, Any], dev: torch.device, host: RssMeter):
         self.res, self.dev, self.host = res, dev, host
         self.cuda = dev.type == "cuda"
 
@@ -172,8 +125,9 @@ class Recorder:
             r[f"{phase}_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.dev) / GIB, 2)
             r[f"{phase}_gpu_now_gib"] = round(torch.cuda.memory_allocated(self.dev) / GIB, 2)
             torch.cuda.reset_peak_memory_stats(self.dev)
-        r[f"{phase}_host_peak_gib"] = self.host.vm_hwm_gib()
-        r[f"{phase}_host_sampled_peak_gib"] = self.host.sampled_gib()
+        hwm, sampled = proc_status().get("VmHWM", 0), self.host.peak_rss()
+        r[f"{phase}_host_peak_gib"] = round(hwm / GIB, 2) if hwm else None  # None: /proc unreadable
+        r[f"{phase}_host_sampled_peak_gib"] = round(sampled / GIB, 2) if sampled else None
 
     def timed(self, key: str, fn: Callable[[], Any]) -> Any:
         self.sync()
@@ -354,7 +308,7 @@ def _run_passes(it: Iterations, setup: Setup, res: dict[str, Any], phase: list[s
                 res.setdefault(f"{key}_all", []).append(res[key])
 
 
-def measure(spec: Spec, setup: Setup, dev: torch.device, host: HostPeak) -> dict[str, Any]:
+def measure(spec: Spec, setup: Setup, dev: torch.device, host: RssMeter) -> dict[str, Any]:
     res: dict[str, Any] = {"config": spec.name, "preset": setup.preset, "rank": spec.rank, "head_dim": spec.head_dim,
                            "memory_options": spec.options, "cap_gib": spec.cap_gib,
                            "latent": [9, setup.height // 8, setup.width // 8], "text_len": setup.text_len,
@@ -372,8 +326,7 @@ def measure(spec: Spec, setup: Setup, dev: torch.device, host: HostPeak) -> dict
             res["expandable_segments"] = False
         _cap(dev, spec.cap_gib, res)
         torch.cuda.reset_peak_memory_stats(dev)
-    host.reset()
-    res["host_peak_reset"] = host.reset_ok
+    res["host_peak_reset"] = host.reset(clear_hwm=True)
     phase = ["build"]
     try:
         t0 = time.perf_counter()
@@ -516,7 +469,7 @@ def main() -> None:
     setup = (Setup("tiny", 64, 64, 16, a.repeats, a.deadline_s) if a.smoke
              else Setup("14b", 384, 640, 512, a.repeats, a.deadline_s))
     a.out.mkdir(parents=True, exist_ok=True)
-    host, results = HostPeak(), []
+    host, results = RssMeter(period=0.05), []
     for spec in specs(a.smoke, a.cap_gib):
         if a.only and spec.name not in a.only:
             continue
