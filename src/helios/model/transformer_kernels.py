@@ -185,8 +185,8 @@ def rope_attention_fp8(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
     """`rope_attention` with q, k, v, the probabilities and the output in e4m3 (cuDNN's FP8 attention on CUDA,
     its numbers emulated elsewhere). Returns the output as the rows of an FP8 matmul's input: e4m3 (M', D) and
     float32 scales (M', 1), M = B * (L - queries_from) query tokens padded to row_multiple with zero rows, so
-    that an Fp8Linear (`forward_quantized`) reads it without another pass. q and k are scaled by `fp8_bound` (no pass over the
-    data), v by its max, which also bounds the output."""
+    that an Fp8Linear (`forward_quantized`) reads it without another pass. q and k are scaled by `fp8_bound`
+    (no pass over the data), v by its max, which also bounds the output."""
     b, length, three_d = qkv.shape
     d = three_d // 3
     v = qkv[..., 2 * d:]

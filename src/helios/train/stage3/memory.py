@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from helios.model.offload import PinnedArena
 
-__all__ = ["MemoryConfig", "memory_options_on", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena", "CudaLink", "Link",
-           "chunks_by_bytes", "round_trip", "update_ema"]
+__all__ = ["MemoryConfig", "memory_options_on", "BaseResidency", "HostAdamW", "HostEMA", "PinnedArena",
+           "CudaLink", "Link", "chunks_by_bytes", "round_trip", "update_ema"]
 
 PLACES = ("gpu", "host")
 
