@@ -254,3 +254,24 @@ def test_weights_that_do_not_fit_are_refused_with_the_keys():
     with pytest.raises(ValueError, match="missing .*conv_out"):
         WanVAEDecoder.from_state_dict(state, vae.config)
     assert WanVAEDecoder.from_state_dict(vae.state_dict(), vae.config) is not None
+
+
+def test_beside_a_captured_decode_the_parts_are_decoded_in_slices_and_equal_the_whole(vae, monkeypatch):
+    # A fast start decodes chunk 0 in parts outside the graph; beside a captured whole-chunk decode (its pool
+    # holds a whole chunk's working set) those parts go in slices, with the same frames.
+    from helios.engine.conditioning import SLICE_BESIDE_GRAPH, LatentCodec
+    from helios.model.graphs import GraphedDecode
+
+    codec = LatentCodec(vae)
+    z = torch.randn(1, 16, 9, 4, 6, generator=torch.Generator().manual_seed(7))
+    ref = codec.decode_reference(z)
+    assert codec.eager_slice() is None
+    codec.graphed = GraphedDecode(codec.decoder, replay="host")
+    codec.graphed(codec._vae_latents(z))  # captured: its pool now holds a whole chunk's working set
+    assert codec.eager_slice() == SLICE_BESIDE_GRAPH
+    calls = []
+    decode = codec.decoder.decode
+    monkeypatch.setattr(codec.decoder, "decode", lambda x, state=None: (calls.append(x.shape[2]), decode(x, state))[1])
+    first, rest = codec.decode_parts(z)
+    assert calls == [1, 2, 2, 2, 2]  # frame 0, then the other 8 latent frames two at a time
+    assert (torch.cat([first, rest], dim=2) - ref).abs().max().item() < 1e-5

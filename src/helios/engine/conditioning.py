@@ -37,6 +37,9 @@ def randn(shape, generator: torch.Generator | None, device: torch.device) -> tor
     return torch.randn(shape, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
+SLICE_BESIDE_GRAPH = 2  # latent frames per eager decoder call while a captured whole-chunk decode holds its pool
+
+
 class LatentCodec:
     """The Wan VAE with the latent normalisation of the released models: z' = (z - mean) / std.
 
@@ -136,14 +139,23 @@ class LatentCodec:
         first = self.decoder.decode(z[:, :, :1], state)
         yield first
         rest = z[:, :, 1:]
+        n = self.eager_slice()
         if rest.shape[2] == 0:
             yield first[:, :, :0]
-        elif self.decode_slice is None:
+        elif n is None:
             yield self.decoder.decode(rest, state)
         else:  # the causal decoder carries its history across calls: the working set is one slice's
-            n = self.decode_slice
             yield torch.cat([self.decoder.decode(rest[:, :, i:i + n], state) for i in range(0, rest.shape[2], n)],
                             dim=2)
+
+    def eager_slice(self) -> int | None:
+        """Latent frames per decoder call outside a graph: the memory plan's slice; or, once a whole-chunk
+        decode is captured, SLICE_BESIDE_GRAPH: that graph's pool keeps a whole chunk's working set (about
+        20 GB at 384x640), and a second one beside it (a fast start's first chunk) would not fit next to the
+        14B model on an 80 GB card."""
+        if self.decode_slice is not None:
+            return self.decode_slice
+        return SLICE_BESIDE_GRAPH if self.graphed is not None and self.graphed.graphs else None
 
     @torch.no_grad()
     def decode_reference(self, latents: torch.Tensor) -> torch.Tensor:
