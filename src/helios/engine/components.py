@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from helios.model.transformer import HeliosTransformer
 from helios.model_folder import (ModelFolderError, check_default_sampling, read_model_index, read_part_json,
                                  read_scheduler_config)
 
-__all__ = ["Components", "ModelFolderError", "load_components", "load_parts"]
+__all__ = ["Components", "ModelFolderError", "load_components", "load_parts", "stream_text_encoder_"]
 
 
 @dataclass
@@ -35,19 +36,27 @@ class Components:
 def load_components(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None,
                     fp8: bool = False, blocks_on_host: bool = False,
-                    text_device: str | torch.device | None = None) -> Components:
+                    text_device: str | torch.device | None = None,
+                    stream_text_to: str | torch.device | None = None) -> Components:
     """Load every part of a model folder. dtype is the transformer's; the VAE and text encoder default to it.
 
     fp8 / blocks_on_host: see `load_transformer` (straight into FP8; blocks in host memory for streaming).
     text_device: where the text encoder is loaded (default `device`; a memory plan keeps it on the host).
+    stream_text_to: the text encoder's layers go to page-locked host memory and move to this device only
+    while a prompt is encoded (`stream_text_encoder_`). The parts are read before the transformer, so this
+    happens before the transformer's weights arrive: the encoder's loaded copy is gone by then, and host
+    memory never holds it beside both the pinned encoder and the transformer's pinned blocks.
     """
     folder = Path(path)
     index = read_model_index(folder)
     device = torch.device(device)
-    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device, fp8=fp8,
-                                   blocks_on_host=blocks_on_host)
     vae, text_encoder, tokenizer, scheduler_config = load_parts(folder, device, vae_dtype or dtype,
                                                                  text_dtype or dtype, text_device)
+    if stream_text_to is not None and text_encoder is not None:
+        stream_text_encoder_(text_encoder, torch.device(stream_text_to))
+        gc.collect()  # the loaded copy's tensors (and the files they map) go now, before the transformer
+    transformer = load_transformer(folder / "transformer", dtype=dtype, device=device, fp8=fp8,
+                                   blocks_on_host=blocks_on_host)
     return Components(transformer, vae, text_encoder, tokenizer, scheduler_config, index["_class_name"],
                       model_flags(index, folder), folder)
 
@@ -104,3 +113,21 @@ def _load_part(name: str, load, folder: Path):
         raise
     except Exception as e:  # the libraries raise many kinds; say which part failed
         raise ModelFolderError(f"could not load the {name}/ part of {folder}: {type(e).__name__}: {e}") from e
+
+
+def stream_text_encoder_(text_encoder, device: torch.device) -> None:
+    """Keep a T5/umT5 encoder's blocks and final norm in page-locked host memory, each moved to `device` only
+    for its own forward (helios.model.offload.stream_layers_): the GPU holds one block while a prompt is
+    encoded. Its embedding table stays on the host. Done once; a second call does nothing."""
+    from helios.model.offload import stream_layers_
+
+    if getattr(text_encoder, "_helios_streamed", False):
+        return
+    encoder = getattr(text_encoder, "encoder", None)
+    layers = list(getattr(encoder, "block", []))
+    if not layers:
+        raise ModelFolderError(f"the text encoder {type(text_encoder).__name__} has no encoder.block layers to "
+                               "stream; use a larger --memory budget")
+    stream_layers_(layers + [encoder.final_layer_norm], device)
+    text_encoder._helios_streamed = True
+
