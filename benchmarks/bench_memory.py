@@ -19,11 +19,13 @@ Every generation part measures: load time; peak GPU memory allocated/reserved in
 encoder, warm-up, generation); peak host RSS (the kernel's high-water mark of the process, and a 10 Hz
 sample with its anonymous/file/shared split) and the pinned host memory PyTorch holds; frames/s at 14B
 distilled 1/1/1 and 384x640 (prompt embeddings random, of umT5's shape, the same for every part) from
-the chunk arrival times of a long run; every chunk's peak over that run (first against last); the
-latents and frames against the reference; the text encoder as the plan places it (seconds per 512-token
-prompt, embeddings against the resident encoder's); the weights streamed per chunk and what that
-predicts on a PCIe 4 card (25 GB/s). The long run asks for a 60-second video (1,452 frames) and stops
-at the part's deadline (at least 3 chunks), so a short budget gives a shorter video, said in the JSON.
+the chunk arrival times of a long run; every chunk's peak over that run (first against last), and at its
+end the caching allocator's segments by stream and by graph pool with its fragmentation and retry counters
+(`generation.allocator`); the latents and frames against the reference; the text encoder as the plan
+places it (seconds per 512-token prompt, embeddings against the resident encoder's); the weights streamed
+per chunk and what that predicts on a PCIe 4 card (25 GB/s). The long run asks for a 60-second video
+(1,452 frames) and stops at the part's deadline (at least 3 chunks), so a short budget gives a shorter
+video, said in the JSON.
 
 Each part writes its results into `--out` as soon as it has them, so a run cut short keeps what it did;
 the parent ends with a table of the issue's targets (also `--summarize FILE`).
@@ -31,6 +33,7 @@ the parent ends with a table of the issue's targets (also `--summarize FILE`).
     python benchmarks/bench_memory.py --out memory.json                        # all parts, 540 s budget
     python benchmarks/bench_memory.py --parts folder,fp8,12gb --out m.json     # a subset
     python benchmarks/bench_memory.py --smoke --folder /tmp/smoke --out s.json # CPU: the plumbing
+    python benchmarks/bench_memory.py --deterministic --out d.json            # load_pipeline(deterministic=True)
 """
 
 from __future__ import annotations
@@ -396,24 +399,29 @@ class Part:
         return out if ok else None
 
 
-def load_for(folder: Path, budget: str | None, smoke: bool) -> "HeliosVideoPipeline":
-    """The pipeline as a user gets it: `load_pipeline(fp8=True, memory_budget=budget)` on the GPU. On the
-    CPU (--smoke), a plan cannot be chosen (it plans GPU memory): the plan the budget takes on a card is
-    applied by hand, in float32, so that the rest of the script runs."""
+def load_for(folder: Path, budget: str | None, smoke: bool, deterministic: bool = False) -> "HeliosVideoPipeline":
+    """The pipeline as a user gets it: `load_pipeline(fp8=True, memory_budget=budget, deterministic=...)` on
+    the GPU. On the CPU (--smoke), a plan cannot be chosen (it plans GPU memory): the plan the budget takes on
+    a card is applied by hand, in float32, so that the rest of the script runs."""
     from helios.engine.pipeline import load_pipeline
 
     if CUDA or budget is None:
         return load_pipeline(folder, dtype=torch.bfloat16 if CUDA else torch.float32,
-                             device="cuda" if CUDA else "cpu", fp8=CUDA, memory_budget=budget)
+                             device="cuda" if CUDA else "cpu", fp8=CUDA, memory_budget=budget,
+                             deterministic=deterministic)
     from helios.engine.components import load_components
     from helios.engine.memory import MemoryPlan, ModelSizes, card_budget
     from helios.engine.pipeline import HeliosVideoPipeline, MemoryState
+    from helios.runtime import use_deterministic_kernels
 
+    if deterministic:
+        use_deterministic_kernels()
     streamed = budget == "12gb"
     plan = MemoryPlan("streamed" if streamed else "fp8", fp8=False, stream_blocks=streamed,
-                      ring_size=2 if streamed else 0, text_encoder="layers", decode_slice=2, cuda_graphs=False)
+                      ring_size=2 if streamed else 0, text_encoder="layers", decode_slice=2, cuda_graphs=False,
+                      overlap_decode=False)
     comps = load_components(folder, blocks_on_host=streamed, text_device="cpu")
-    pipe = HeliosVideoPipeline(comps).optimize(compile=False, cuda_graphs=False)
+    pipe = HeliosVideoPipeline(comps).optimize(compile=False, cuda_graphs=False, deterministic=deterministic)
     pipe.apply_memory_plan(MemoryState(plan, card_budget(float(budget.rstrip("gb"))), ModelSizes.from_folder(folder),
                                        f"(CPU smoke) {plan.describe()}"))
     return pipe
@@ -494,6 +502,7 @@ def long_run(pipe, frames: int, stop_at: float) -> dict:
     ring = getattr(pipe.model, "block_stream", None)
     loads0 = ring.loads if ring is not None else 0
     times, counts, alloc, reserved = [], [], [], []
+    peaks_seen: dict[str, int] = {}  # the allocator's peak counters, over the chunks (reset after each)
     complete = False
     reset_gpu_peaks()
     t0 = time.perf_counter()
@@ -504,16 +513,18 @@ def long_run(pipe, frames: int, stop_at: float) -> dict:
         peaks = gpu_peaks()
         alloc.append(peaks.get("max_allocated_gib", 0.0))
         reserved.append(peaks.get("max_reserved_gib", 0.0))
+        keep_peaks(peaks_seen)
         reset_gpu_peaks()
         complete = c.index == c.total_chunks - 1
         if time.time() > stop_at and len(times) >= 3:
             break
     gen.close()
+    allocator = allocator_summary(peaks_seen)
     steady = list(range(1, len(times) - 1 if complete else len(times)))
     out: dict[str, Any] = {
         "frames_asked": frames, "frames": sum(counts), "video_s_at_24fps": sum(counts) / 24, "complete": complete,
         "chunks": len(times), "steady_chunks": len(steady), "chunk_arrival_s": times,
-        "chunk_peaks_allocated_gib": alloc, "chunk_peaks_reserved_gib": reserved}
+        "chunk_peaks_allocated_gib": alloc, "chunk_peaks_reserved_gib": reserved, "allocator": allocator}
     seconds = sum(times[i] - times[i - 1] for i in steady)
     if steady and seconds > 0:
         out.update(s_per_chunk=seconds / len(steady), fps=sum(counts[i] for i in steady) / seconds)
@@ -522,6 +533,47 @@ def long_run(pipe, frames: int, stop_at: float) -> dict:
         out["ring"] = {"size": ring.size, "slot_bytes": ring.slot_bytes, "max_resident": ring.max_resident,
                        "blocks": len(ring.host), "loads": ring.loads - loads0,
                        "loads_per_chunk_with_first": (ring.loads - loads0) / max(len(times), 1)}
+    return out
+
+
+ALLOCATOR_PEAKS = ("inactive_split_bytes.all.peak", "reserved_bytes.all.peak")
+ALLOCATOR_COUNTS = ("num_alloc_retries",)
+
+
+def keep_peaks(seen: dict[str, int]) -> None:
+    """Fold the caching allocator's peak counters into `seen` (the long run resets them after every chunk)."""
+    if not CUDA:
+        return
+    stats = torch.cuda.memory_stats()
+    for key in ALLOCATOR_PEAKS:
+        seen[key] = max(seen.get(key, 0), int(stats.get(key, 0)))
+
+
+def allocator_summary(peaks_seen: dict[str, int]) -> dict:
+    """What the caching allocator holds at the end of a generation: `allocator_segments`, the segments of
+    `torch.cuda.memory_snapshot()` summed by stream and by pool (graph pools: a CUDA graph's private memory);
+    the peaks over the run of its inactive split bytes (fragmentation) and reserved bytes; and how often it
+    had to free its cache and retry an allocation (`num_alloc_retries`, since the process started)."""
+    if not CUDA:
+        return {}
+    sync()
+    keep_peaks(peaks_seen)
+    stats = torch.cuda.memory_stats()
+    return {"allocator_segments": segment_totals(torch.cuda.memory_snapshot()),
+            "current_stream": torch.cuda.current_stream().cuda_stream,  # the key of the main stream's segments
+            **peaks_seen, **{key: int(stats.get(key, 0)) for key in ALLOCATOR_COUNTS}}
+
+
+def segment_totals(segments: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Segments' count, total_size and allocated_size (GiB), by `stream` and by `segment_pool_id`."""
+    out: dict[str, dict[str, dict[str, float]]] = {"by_stream": {}, "by_pool": {}}
+    for seg in segments:
+        for group, key in (("by_stream", seg.get("stream")), ("by_pool", seg.get("segment_pool_id"))):
+            row = out[group].setdefault(str(tuple(key) if isinstance(key, list) else key),
+                                        {"segments": 0, "total_gib": 0.0, "allocated_gib": 0.0})
+            row["segments"] += 1
+            row["total_gib"] += seg.get("total_size", 0) / GiB
+            row["allocated_gib"] += seg.get("allocated_size", 0) / GiB
     return out
 
 
@@ -583,11 +635,11 @@ def generation_part(p: Part, args, budget: str | None, reference: bool) -> None:
     image/video conditioning while time is left."""
     folder, scratch = Path(args.folder), Path(args.scratch)
     p.res.update(budget=budget, **cap_memory(budget), size=f"{SIZE['width']}x{SIZE['height']}", steps=list(STEPS),
-                 system_before=system_memory())
+                 deterministic=args.deterministic, system_before=system_memory())
     holder: dict[str, Any] = {}
 
     def load() -> dict:
-        holder["pipe"] = pipe = load_for(folder, budget, args.smoke)
+        holder["pipe"] = pipe = load_for(folder, budget, args.smoke, args.deterministic)
         sync()
         return {"plan": pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"}
 
@@ -743,6 +795,7 @@ def spawn(name: str, args, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--out", args.out, "--folder", args.folder,
            "--scratch", args.scratch, "--long-frames", str(args.long_frames), "--deadline", str(time.time() + timeout)]
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--deterministic"] if args.deterministic else []
     t0 = time.perf_counter()
     _child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -770,7 +823,8 @@ def orchestrate(args) -> None:
     put_result(out, "meta", {"cuda": CUDA, "torch": torch.__version__,
                              "date": datetime.date.today().isoformat(), "budget_s": args.budget_s,
                              "size": f"{SIZE['width']}x{SIZE['height']}", "steps": list(STEPS),
-                             "prompt_embeddings": list(EMB_SHAPE), "parts": parts, "smoke": args.smoke})
+                             "prompt_embeddings": list(EMB_SHAPE), "parts": parts, "smoke": args.smoke,
+                             "deterministic": args.deterministic})
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
     folder, text = choose_folder(args.folder, args.smoke)
     args.folder = str(folder)
@@ -890,6 +944,8 @@ def main() -> None:
                     help="the reference's latents, frames and embeddings, for the later parts")
     ap.add_argument("--smoke", action="store_true", help="a tiny model at 64x64 (on the CPU: the plans applied "
                     "by hand in float32): the script's own plumbing")
+    ap.add_argument("--deterministic", action="store_true", help="load every part's pipeline with "
+                    "load_pipeline(deterministic=True): kernels chosen by fixed rules, not timing")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     ap.add_argument("--summarize", help="print the targets table of a results file and exit")

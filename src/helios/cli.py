@@ -160,6 +160,9 @@ def generate(
                                        "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget: 24gb | 12gb | auto "
                                          "(any Ngb; docs/memory.md). Default: everything on the GPU."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames every run and under every "
+                                       "--memory plan: kernels chosen by fixed rules instead of by timing (a "
+                                       "little slower; docs/memory.md)."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     from helios.engine.pipeline import load_pipeline, plan_frames, read_spec
@@ -211,7 +214,7 @@ def generate(
     try:
         pipe = load_pipeline(model, dtype=torch_dtype, device=device, optimize=compile and device.startswith("cuda"),
                              fp8=fp8, memory_budget=memory, height=height, width=width, preset=preset,
-                             guidance_scale=guidance,
+                             guidance_scale=guidance, deterministic=deterministic,
                              preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
     except ValueError as e:  # ModelFolderError, InputError (the preview decoder), or a memory budget too small
         fail(str(e))
@@ -385,6 +388,9 @@ def serve(
                                               help="With --ray: the cluster to join (default: start a local one)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
                                          "| auto (docs/memory.md). Default: everything on the GPU."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames for the same request every "
+                                       "time and under every --memory plan: kernels chosen by fixed rules "
+                                       "instead of by timing (a little slower; docs/memory.md)."),
     decoder: str = typer.Option("full", "--decoder", help="tiny | tiny:PATH: load a preview decoder, so that jobs "
                                 "may ask for live chunks through it (the mp4 is still decoded by the full VAE)."),
 ) -> None:
@@ -408,8 +414,9 @@ def serve(
         fail(str(e))
     if max_frames < 1 or max_upload_mb < 1 or jobs_per_client < 1:
         fail("--max-frames, --max-upload-mb and --jobs-per-client must be at least 1")
-    if ray and (memory is not None or decoder_kind != "full"):
-        fail("--memory and --decoder are not supported with --ray yet; leave them out, or serve on one host")
+    if ray and (memory is not None or decoder_kind != "full" or deterministic):
+        fail("--memory, --decoder and --deterministic are not supported with --ray yet; leave them out, or serve "
+             "on one host")
     if ray:  # the engines' GPUs are the cluster's, not this machine's: Ray places them
         autoscaling = None if max_engines is None else {"min_replicas": min_engines, "max_replicas": max_engines}
         _serve_ray(model, host, port, ray_address, engines, autoscaling, gpus_per_job, token, max_frames,
@@ -431,7 +438,7 @@ def serve(
                     max_jobs_per_client=jobs_per_client)
     try:
         run_server(model, host=host, port=port, token=token, devices=groups, dtype=dtype, limits=limits,
-                   workdir=workdir, memory=memory,
+                   workdir=workdir, memory=memory, deterministic=deterministic,
                    preview_decoder=(decoder_path or "tiny") if decoder_kind == "tiny" else None)
     except (ValueError, EngineStartError) as e:
         fail(str(e))

@@ -17,7 +17,7 @@ import torch.distributed as dist
 log = logging.getLogger("helios")
 
 __all__ = ["DTYPES", "broadcast_seed", "init_distributed", "launched_world_size", "local_device",
-           "no_multicast_env", "resolve_dtype", "seeded_generator"]
+           "no_multicast_env", "resolve_dtype", "seeded_generator", "use_deterministic_kernels"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -94,6 +94,32 @@ def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
         t = t.cuda()
     dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return int(t.item())
+
+
+def use_deterministic_kernels() -> dict[str, bool]:
+    """Kernel choices that do not depend on timing, so that frames repeat across runs and memory plans
+    (`load_pipeline(deterministic=True)`). Process-wide; call it before anything is compiled. Returns what
+    was set.
+
+    - Inductor's deterministic mode: compiled blocks skip the on-device benchmarking whose winner changes
+      the numerics (e.g. a reduction's block size, timed under whatever else the GPU is doing).
+    - cuDNN's benchmark mode off (PyTorch's default, made sure of): each convolution's algorithm then comes
+      from cuDNN's heuristics, a function of shapes, dtypes, layout and device, the same every run.
+      `torch.backends.cudnn.deterministic` is left alone: forward convolutions are already deterministic for
+      a given algorithm (the non-deterministic ones are backward kernels with atomics), and the flag could
+      only narrow the heuristics' list, possibly dropping the Hopper kernels the VAE decode relies on.
+    """
+    import torch._inductor.config as inductor
+
+    done = {"cudnn_benchmark_off": True}
+    torch.backends.cudnn.benchmark = False
+    if hasattr(inductor, "deterministic"):  # not in older torch
+        inductor.deterministic = True
+        done["inductor_deterministic"] = True
+    else:
+        log.warning("this torch %s has no Inductor deterministic mode; compiled kernels may differ between runs",
+                    torch.__version__)
+    return done
 
 
 def use_expandable_segments() -> bool:

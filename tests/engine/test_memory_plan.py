@@ -3,16 +3,20 @@ what would fit, and the engine under a plan computing the same frames as the res
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from helios.cli import app, default_model
 from helios.engine.components import load_components
-from helios.engine.memory import (GiB, Budget, MemoryBudgetError, MemoryPlan, ModelSizes, card_budget, choose_plan,
-                                  estimate, parse_budget, tokens_per_forward, transformer_bytes)
+from helios.engine.memory import (GiB, Budget, MemoryBudgetError, MemoryPlan, ModelSizes, candidate_plans, card_budget,
+                                  choose_plan, estimate, parse_budget, tokens_per_forward, transformer_bytes)
 from helios.engine.pipeline import HeliosVideoPipeline, InputError, MemoryState, load_pipeline
 from helios.model.config import HeliosConfig
+
 
 def sizes_14b() -> ModelSizes:
     return ModelSizes.helios_14b()
@@ -59,6 +63,49 @@ def test_each_budget_takes_the_fastest_plan_that_fits(budget, name, streamed):
                                                                                decode_slice=1)
     if name != "resident":
         assert estimate(faster, sizes_14b(), 384, 640).total > parse_budget(budget).usable
+
+
+def test_the_14b_model_at_384x640_gets_these_plans():
+    # What the estimates choose (docs/memory.md's table): FP8 blocks resident with 2-frame decode slices at 24 GB
+    # (CUDA graphs hold the activations apart, so both working sets count); at 12 GB the streamed plan's decode
+    # follows the denoising in one pool, so 4-frame slices (7.0 GiB, above the 2.8 GiB of activations) fit.
+    plan24, est24 = choose_plan(card_budget(24), sizes_14b(), 384, 640)
+    assert (plan24.name, plan24.decode_slice, plan24.cuda_graphs, plan24.overlap_decode) == ("fp8", 2, True, False)
+    assert {"activations", "decode"} <= set(est24.gpu)
+    plan12, est12 = choose_plan(card_budget(12), sizes_14b(), 384, 640)
+    assert (plan12.name, plan12.ring_size, plan12.decode_slice, plan12.overlap_decode) == ("streamed", 3, 4, False)
+    assert "working set (decode)" in est12.gpu and "activations" not in est12.gpu and "decode" not in est12.gpu
+
+
+def test_only_the_resident_plan_overlaps_the_decode():
+    plans = candidate_plans(fp8_ok=True) + candidate_plans(fp8_ok=False)
+    assert all(p.overlap_decode == (p.name == "resident") for p in plans)
+    resident = next(p for p in plans if p.name == "resident")
+    assert "overlapped with the next chunk's denoising" in resident.describe()
+    assert all("after each chunk's denoising" in p.describe() for p in plans if p.name != "resident")
+
+
+def test_one_after_the_other_without_graphs_the_larger_working_set_counts_once():
+    streamed = MemoryPlan("streamed", fp8=True, stream_blocks=True, ring_size=3, text_encoder="layers",
+                          decode_slice=4, cuda_graphs=False, overlap_decode=False)
+    overlapped = dataclasses.replace(streamed, overlap_decode=True)
+    one, both = (estimate(p, sizes_14b(), 384, 640) for p in (streamed, overlapped))
+    working = one.gpu.pop("working set (decode)")
+    assert working == max(both.gpu["activations"], both.gpu["decode"]) == both.gpu["decode"]
+    assert one.gpu == {k: v for k, v in both.gpu.items() if k not in ("activations", "decode")}
+    assert "working set (decode)" in estimate(streamed, sizes_14b(), 384, 640).summary()
+    # Small slices: the activations are the larger, and the part is named after them.
+    small = estimate(dataclasses.replace(streamed, decode_slice=1), sizes_14b(), 384, 640)
+    assert small.gpu["working set (activations)"] == both.gpu["activations"]
+    # CUDA graphs keep the forward's activations in their own pool: both count even one after the other.
+    graphed = dataclasses.replace(streamed, stream_blocks=False, cuda_graphs=True)
+    assert {"activations", "decode"} <= set(estimate(graphed, sizes_14b(), 384, 640).gpu)
+
+
+def test_a_whole_chunk_decode_is_estimated_at_the_measured_undeferred_peak():
+    from helios.engine.memory import VAE_BYTES_PER_OUTPUT_PIXEL
+
+    assert abs(VAE_BYTES_PER_OUTPUT_PIXEL * 33 * 384 * 640 / 15.6e9 - 1) < 0.002  # H200 2026-12-03, NOTES.md
 
 
 def test_without_fp8_matmuls_a_24gb_card_streams_bf16_blocks():
@@ -115,6 +162,30 @@ def test_streamed_plan_gives_the_resident_frames_exactly():
     assert (whole.int() - a.int()).abs().max().item() <= 2
 
 
+def test_load_pipeline_under_a_plan_decodes_after_the_denoising_with_tap_sums_not_deferred(monkeypatch):
+    # On the CPU no plan can be chosen (they plan GPU memory): the 12 GB plan is handed to load_pipeline as chosen.
+    from helios.engine import pipeline
+
+    plan = MemoryPlan("streamed", fp8=False, stream_blocks=True, ring_size=2, text_encoder="layers",
+                      decode_slice=2, cuda_graphs=False, overlap_decode=False)
+    state = MemoryState(plan, card_budget(12), ModelSizes.from_folder(default_model()))
+    monkeypatch.setattr(pipeline, "plan_memory", lambda *a, **k: state)
+    seen = {}
+    optimize = HeliosVideoPipeline.optimize
+
+    def spy(self, **kw):
+        seen.update(kw, defer_tap_sums=self.codec.decoder.defer_tap_sums)
+        return optimize(self, **kw)
+
+    monkeypatch.setattr(HeliosVideoPipeline, "optimize", spy)
+    pipe = load_pipeline(default_model(), memory_budget="12gb", optimize=True)  # compiles lazily: never here
+    assert seen["overlap_decode"] is False and seen["defer_tap_sums"] is False  # before the decode is tuned
+    assert pipe.overlap_decode is False and pipe.codec.decoder.defer_tap_sums is False
+    assert pipe._overlap(None, live=False) is False and pipe._overlap(True, live=False) is False
+    resident = load_pipeline(default_model()).optimize(compile=False, fuse=False)
+    assert resident._overlap(None, live=False) is True and resident.codec.decoder.defer_tap_sums is True
+
+
 def test_a_planned_pipeline_refuses_a_request_beyond_its_budget():
     plan = MemoryPlan("fp8", fp8=False, text_encoder="layers", decode_slice=1)
     pipe = _planned_pipeline(plan, Budget("tiny", 300 * 2**20, 0))
@@ -136,6 +207,59 @@ def test_serve_engines_take_the_budget_and_refuse_it_where_it_cannot_apply():
         load_engines(default_model(), [["cuda:0", "cuda:1"]], memory="24gb")
     with pytest.raises(MemoryBudgetError, match="device is cpu"):
         load_engines(default_model(), [["cpu"]], memory="12gb")
+
+
+@pytest.fixture
+def restore_kernel_flags():
+    import torch._inductor.config as inductor
+
+    before = inductor.deterministic, torch.backends.cudnn.benchmark
+    yield
+    inductor.deterministic, torch.backends.cudnn.benchmark = before
+
+
+def test_deterministic_load_fixes_the_kernel_choices(restore_kernel_flags):
+    import torch._inductor.config as inductor
+
+    inductor.deterministic = False
+    pipe = load_pipeline(default_model(), deterministic=True)
+    assert inductor.deterministic is True and torch.backends.cudnn.benchmark is False
+    assert pipe.deterministic is True
+
+
+def test_cli_and_server_pass_deterministic_to_the_loader(monkeypatch, tmp_path):
+    from helios.engine import pipeline
+    from helios.serve.engines import load_engines
+
+    seen = []
+
+    def refuse(*a, **kw):
+        seen.append(kw.get("deterministic"))
+        raise ValueError("not loading in this test")
+
+    monkeypatch.setattr(pipeline, "load_pipeline", refuse)
+    result = CliRunner().invoke(app, ["generate", "two red circles", "--deterministic", "--device", "cpu",
+                                      "--out", str(tmp_path / "v.mp4")])
+    assert result.exit_code == 2 and "not loading in this test" in result.output
+    with pytest.raises(ValueError, match="not loading"):
+        load_engines(default_model(), [["cpu"]], deterministic=True)
+    assert seen == [True, True]
+    assert "--deterministic" in CliRunner().invoke(app, ["serve", "--help"]).output
+
+
+def test_allocator_segments_are_summed_by_stream_and_by_pool(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # its own imports
+    bench_memory = importlib.import_module("bench_memory")
+    segments = [{"stream": 0, "segment_pool_id": (0, 0), "total_size": GiB, "allocated_size": GiB // 2},
+                {"stream": 0, "segment_pool_id": (0, 1), "total_size": 2 * GiB, "allocated_size": GiB},
+                {"stream": 7, "segment_pool_id": [0, 0], "total_size": GiB, "allocated_size": 0}]
+    out = bench_memory.segment_totals(segments)
+    assert out["by_stream"] == {"0": {"segments": 2, "total_gib": 3.0, "allocated_gib": 1.5},
+                                "7": {"segments": 1, "total_gib": 1.0, "allocated_gib": 0.0}}
+    assert out["by_pool"] == {"(0, 0)": {"segments": 2, "total_gib": 2.0, "allocated_gib": 0.5},
+                              "(0, 1)": {"segments": 1, "total_gib": 2.0, "allocated_gib": 1.0}}
 
 
 def test_expandable_segments_keep_a_setting_the_user_made(monkeypatch):

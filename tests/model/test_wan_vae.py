@@ -31,6 +31,12 @@ def vae():
     return random_vae()
 
 
+@pytest.fixture(scope="module")
+def released_vae():
+    """The released VAE's own layout (base_dim 96, two res blocks per level), random weights."""
+    return random_vae(seed=2, base_dim=96, num_res_blocks=2, dim_mult=[1, 2, 4, 4])
+
+
 def test_decodes_several_chunks_in_a_row_like_diffusers(vae):
     # One decoder object over three chunks, as the engine uses it: nothing of a chunk may leak into the next.
     decoder = WanVAEDecoder.from_vae(vae)
@@ -42,11 +48,10 @@ def test_decodes_several_chunks_in_a_row_like_diffusers(vae):
         assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_the_default_wan21_layout_matches_at_its_widths():
-    # The released VAE's own layout (base_dim 96, two res blocks per level), at a small frame size.
-    vae = random_vae(seed=2, base_dim=96, num_res_blocks=2, dim_mult=[1, 2, 4, 4])
+def test_the_default_wan21_layout_matches_at_its_widths(released_vae):
+    # The released VAE's own layout, at a small frame size.
     z = torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(2))
-    assert (WanVAEDecoder.from_vae(vae).decode(z) - reference(vae, z)).abs().max().item() < 1e-5
+    assert (WanVAEDecoder.from_vae(released_vae).decode(z) - reference(released_vae, z)).abs().max().item() < 1e-5
 
 
 def test_a_chunk_decoded_in_parts_equals_the_whole(vae):
@@ -85,6 +90,64 @@ def test_every_convolution_implementation_and_layout_gives_the_same_frames(vae):
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in decoder.parameters() if p.dim() == 5)
     for name, out in outs.items():
         assert (out - ref).abs().max().item() < 1e-5, name
+
+
+def static_choices(decoder) -> dict[str, str]:
+    from helios.model.wan_vae import use_static_impls_
+
+    return {name: c["chosen"] for name, c in use_static_impls_(decoder).items()}
+
+
+def test_the_static_choice_is_a_function_of_shapes_alone(vae):
+    from helios.model.wan_vae import UPSAMPLE_IMPLS, CausalConv3d, Resample, tunable_modules
+
+    with torch.device("meta"):  # the released widths: shapes only
+        released = (WanVAEDecoder(), WanVAEDecoder())
+    small = (WanVAEDecoder.from_vae(vae), WanVAEDecoder.from_vae(random_vae(seed=9)))  # other weights
+    for decoder, other in (small, released):
+        choices = static_choices(decoder)
+        assert choices == static_choices(decoder) == static_choices(other)
+        modules = dict(tunable_modules(decoder))
+        assert set(choices) == set(modules)  # every tunable module has one
+        for name, impl in choices.items():
+            m = modules[name]
+            assert impl in (m.impls if isinstance(m, CausalConv3d) else UPSAMPLE_IMPLS), name
+            assert impl == ("phase" if isinstance(m, Resample) else
+                            "taps" if m.kernel_size == (3, 3, 3) and min(m.in_channels, m.out_channels) >= 96
+                            else "conv3d"), name
+    assert set(choices.values()) == {"taps", "phase", "conv3d"}
+    assert choices["decoder.conv_in"] == choices["decoder.conv_out"] == "conv3d"  # the narrow ends
+
+
+@pytest.mark.parametrize("widths", ["small", "released"])
+def test_the_static_choices_decode_the_same_frames(vae, released_vae, widths):
+    # In float32 on the CPU, as the plain decoder (conv3d everywhere, upsampling then convolution) and diffusers.
+    from helios.model.wan_vae import Resample, use_static_impls_
+
+    model = vae if widths == "small" else released_vae
+    z = torch.randn(1, 16, 5 if widths == "small" else 3, 2, 4, generator=torch.Generator().manual_seed(10))
+    plain = WanVAEDecoder.from_vae(model).decode(z)
+    decoder = WanVAEDecoder.from_vae(model)
+    use_static_impls_(decoder, z)  # as on the GPU: one decode of z's shape prepares the chosen weights
+    for m in decoder.modules():
+        if isinstance(m, Resample):
+            assert m.impl == "phase" and set(m.derived) == {"phase"}
+    assert (decoder.decode(z) - plain).abs().max().item() < 1e-5
+    assert (plain - reference(model, z)).abs().max().item() < 1e-5
+
+
+def test_settling_a_choice_drops_the_other_weights_and_the_cached_blocks(vae, monkeypatch):
+    from helios.model.wan_vae import Resample, settle_choices
+
+    decoder = WanVAEDecoder.from_vae(vae)
+    rs = next(m for m in decoder.modules() if isinstance(m, Resample))
+    rs.impl, rs.derived = "phase", {"phase": ((), torch.zeros(1)), "upsample": ((), torch.zeros(1))}
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    settle_choices(decoder, cuda=False)
+    assert set(rs.derived) == {"phase"} and emptied == []
+    settle_choices(decoder, cuda=True)  # what autotune_convs ends with on a GPU
+    assert emptied == [True]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

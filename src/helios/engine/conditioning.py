@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from helios.model.graphs import GraphedDecode
-from helios.model.wan_vae import DecodeState, WanVAEDecoder, autotune_convs
+from helios.model.wan_vae import DecodeState, WanVAEDecoder, autotune_convs, use_static_impls_
 
 log = logging.getLogger("helios")
 
@@ -62,12 +62,15 @@ class LatentCodec:
         self._device_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stats()  # made now, on the default stream, rather than first inside an engine loop
 
-    def fast_decode_(self, latent_shape: tuple[int, ...] | None = None, graphs: bool = True) -> dict:
+    def fast_decode_(self, latent_shape: tuple[int, ...] | None = None, graphs: bool = True,
+                     deterministic: bool = False) -> dict:
         """The GPU fast path of the decode: channels-last weights and activations (cuDNN's Hopper kernels are
         NHWC), each convolution's implementation chosen by timing at `latent_shape` (B, C, T, h, w) (done here,
         while nothing else runs, so the timings are clean), and each latent shape's decode replayed as a CUDA
         graph. The frames change at bf16 rounding level (other algorithms), so it is for the fast path only.
-        Returns the convolution timings."""
+        deterministic: each implementation fixed by its module's shape instead (`wan_vae.static_impl`), so that
+        every run decodes with the same ones whatever the timings say; their weights are still prepared at
+        `latent_shape`. Returns the convolution timings (for a static choice, the choices only)."""
         for p in self.vae.encoder.parameters():
             if p.dim() == 5:
                 p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
@@ -75,8 +78,10 @@ class LatentCodec:
             return {}
         self.decoder.channels_last_()
         timings = {}
-        if latent_shape is not None:
-            z = torch.randn(latent_shape, device=self.device, dtype=self.dtype)
+        z = None if latent_shape is None else torch.randn(latent_shape, device=self.device, dtype=self.dtype)
+        if deterministic:
+            timings = use_static_impls_(self.decoder, z)
+        elif z is not None:
             timings = autotune_convs(self.decoder, z)
         if graphs:
             self.graphed = GraphedDecode(self.decoder)

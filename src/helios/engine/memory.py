@@ -3,11 +3,12 @@
 Plans, fastest first; a budget takes the first one whose estimated peak fits:
 
 - `resident`: every weight on the GPU in the model dtype (FP8 matmuls if asked), the text encoder too,
-  each chunk decoded in one pass. What an 80 GB card runs.
+  each chunk decoded in one pass on a side stream while the next chunk is denoised. What an 80 GB card runs.
 - `fp8`: the transformer's blocks in FP8, loaded shard by shard straight into FP8 (never the whole bf16
   model anywhere); the text encoder's weights in page-locked host memory, streamed through the GPU layer
   by layer when a prompt changes (prompt embeddings are cached per prompt, so that is rare); the VAE
-  decode in slices of a few latent frames. Fits a 24 GB card at 384x640.
+  decode in slices of a few latent frames, after each chunk's denoising rather than beside the next one's.
+  Fits a 24 GB card at 384x640.
 - `streamed`: as `fp8`, and the transformer's blocks also stay in page-locked host memory, streamed
   through a ring of a few resident blocks on a side stream while the previous blocks compute
   (helios.model.offload); no CUDA graphs (the ring's copies and events live outside any graph).
@@ -19,12 +20,19 @@ Estimates (bytes, all from the model's configs and safetensors headers, nothing 
 dtype exactly as the loader lays them out; the text encoder's K/V of every layer; one forward's
 activations at the largest pyramid stage (per token: the FFN's hidden width in bf16 or its FP8
 quantisation temporaries, and a few float32 copies of the residual for the norms and gated adds); the
-VAE decode's working set, measured at about 1.8 KB per output pixel per frame for a whole chunk on an
-H200 (benchmarks/NOTES.md: 14.8 GB for 33 frames at 384x640), scaled by the frames of one slice; the
-text encoder's resident layer or whole model. The decode of chunk k overlaps the denoising of chunk
-k+1, so both working sets count at once. A budget keeps back a margin (CUDA context, fragmentation):
-max(1 GiB, 1/12 of the budget), so "24gb" plans to 22 GiB of reserved memory and "12gb" to 11 GiB.
-docs/memory.md has the measured figures these are checked against.
+VAE decode's working set, measured at about 1.9 KB per output pixel per frame for a whole chunk on an
+H200 with the per-tap partial sums summed at once (benchmarks/NOTES.md: 15.6 GB for 33 frames at
+384x640; a budget never defers them), scaled by the frames of one slice; the text encoder's resident
+layer or whole model.
+
+Whether the decode's and the denoising's working sets count together: under `resident` the decode of
+chunk k runs on a side stream beside the denoising of chunk k+1 (`overlap_decode`), and PyTorch's caching
+allocator keeps what a stream frees for that stream, so both are reserved at once. The budget plans decode
+after each chunk's denoising on the same stream, so a streamed plan counts the larger of the two only;
+a plan with CUDA graphs still counts both, as the graphs keep the forward's activations in their private
+pool between replays. A budget keeps back a margin (CUDA context, fragmentation): max(1 GiB, 1/12 of the
+budget), so "24gb" plans to 22 GiB of reserved memory and "12gb" to 11 GiB. docs/memory.md has the
+measured figures these are checked against.
 """
 
 from __future__ import annotations
@@ -43,7 +51,9 @@ from helios.model.config import HeliosConfig
 
 GiB = 2**30
 TEXT_LENGTH = 512
-VAE_BYTES_PER_OUTPUT_PIXEL = 1825.0  # whole-chunk decode working set / (frames x H x W), H200 2026-12-02
+# Whole-chunk decode working set / (frames x H x W), per-tap sums not deferred: 15.6e9 / (33 x 384 x 640),
+# H200 2026-12-03, benchmarks/NOTES.md (deferring them raised it to 21.7 GB).
+VAE_BYTES_PER_OUTPUT_PIXEL = 1925.0
 DECODE_SLICES = (9, 4, 2, 1)  # latent frames per decode call that plans try, largest first
 RING_SIZES = (3, 2)  # resident blocks under streaming
 CUDA_CONTEXT = int(0.5 * GiB)  # what a process's CUDA context takes outside the caching allocator
@@ -180,6 +190,9 @@ class MemoryPlan:
     text_encoder: str = "gpu"  # "gpu": resident | "layers": streamed from pinned host memory once per prompt
     decode_slice: int | None = None  # latent frames per VAE decode call; None: the whole chunk
     cuda_graphs: bool = True
+    # Each chunk's decode on a side stream beside the next chunk's denoising (the engine's default); off,
+    # it runs after the denoising on the same stream, so the two working sets share one memory pool.
+    overlap_decode: bool = True
 
     def describe(self) -> str:
         weights = "FP8" if self.fp8 else "bf16"
@@ -192,7 +205,14 @@ class MemoryPlan:
                 "text encoder streamed layer by layer when the prompt changes")
         decode = ("VAE decode a chunk at a time" if self.decode_slice is None else
                   f"VAE decode in slices of {self.decode_slice} latent frame{'s' if self.decode_slice > 1 else ''}")
-        return f"{self.name}: {where}; {text}; {decode}" + ("" if self.cuda_graphs else "; no CUDA graphs")
+        when = ("overlapped with the next chunk's denoising" if self.overlap_decode else
+                "after each chunk's denoising")
+        return f"{self.name}: {where}; {text}; {decode} {when}" + ("" if self.cuda_graphs else "; no CUDA graphs")
+
+    @property
+    def shared_working_set(self) -> bool:
+        """The forward's activations and the decode's working set reuse one pool (see the module's docstring)."""
+        return not self.overlap_decode and not self.cuda_graphs
 
 
 @dataclass
@@ -239,10 +259,10 @@ def estimate(plan: MemoryPlan, sizes: ModelSizes, height: int, width: int, guida
     history, noisy = tokens_per_forward(cfg, height, width, sizes.vae_spatial)
     tokens = history + noisy
     per_token = (11 if plan.fp8 else 4) * cfg.ffn_dim + 24 * cfg.dim  # FFN hidden (+FP8 temporaries), norms
-    est.gpu["activations"] = tokens * per_token
-    est.gpu["VAE"] = sizes.vae_params * item
     out_frames = (plan.decode_slice or HistoryLayout().chunk_frames) * sizes.vae_temporal
-    est.gpu["decode"] = int(VAE_BYTES_PER_OUTPUT_PIXEL * out_frames * height * width)
+    decode = int(VAE_BYTES_PER_OUTPUT_PIXEL * out_frames * height * width)
+    est.gpu.update(working_sets(plan, tokens * per_token, decode))
+    est.gpu["VAE"] = sizes.vae_params * item
     text_gpu = sizes.text_params if plan.text_encoder == "gpu" else sizes.text_layer_params
     est.gpu["text encoder"] = text_gpu * item
     if plan.stream_blocks:
@@ -252,16 +272,26 @@ def estimate(plan: MemoryPlan, sizes: ModelSizes, height: int, width: int, guida
     return est
 
 
+def working_sets(plan: MemoryPlan, activations: int, decode: int) -> dict[str, int]:
+    """The estimate's parts for one forward's activations and one decode call: both, or where the plan runs
+    them one after the other in one pool, the larger, named after it."""
+    if plan.shared_working_set:
+        return {f"working set ({'decode' if decode >= activations else 'activations'})": max(activations, decode)}
+    return {"activations": activations, "decode": decode}
+
+
 def candidate_plans(fp8_ok: bool, fp8_requested: bool = False) -> list[MemoryPlan]:
     """Every plan a budget may take, fastest first."""
     plans = [MemoryPlan("resident", fp8=fp8_requested and fp8_ok)]
+    # Under a budget the decode waits for the denoising: overlapped, each stream would keep its own pool.
     for s in DECODE_SLICES:
         plans.append(MemoryPlan("fp8" if fp8_ok else "bf16", fp8=fp8_ok, text_encoder="layers",
-                                decode_slice=None if s == DECODE_SLICES[0] else s))
+                                decode_slice=None if s == DECODE_SLICES[0] else s, overlap_decode=False))
     for ring in RING_SIZES:
         for s in DECODE_SLICES[1:]:
             plans.append(MemoryPlan("streamed", fp8=fp8_ok, stream_blocks=True, ring_size=ring,
-                                    text_encoder="layers", decode_slice=s, cuda_graphs=False))
+                                    text_encoder="layers", decode_slice=s, cuda_graphs=False,
+                                    overlap_decode=False))
     return plans
 
 

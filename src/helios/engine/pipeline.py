@@ -8,7 +8,8 @@
 Per chunk: sample 9 latent frames conditioned on the history buffer (sampling.sampler), push them
 into the buffer, decode them with the VAE, hand the frames over. Nothing grows with the length of
 the video except the output file. On CUDA after `optimize()`, chunk k is decoded on a side stream
-while chunk k+1 is denoised (see `HeliosVideoPipeline.stream`, overlap_decode).
+while chunk k+1 is denoised (see `HeliosVideoPipeline.stream`, overlap_decode), except under a memory
+plan that decodes after each chunk's denoising (helios.engine.memory, `MemoryPlan.overlap_decode`).
 """
 
 from __future__ import annotations
@@ -228,6 +229,7 @@ class HeliosVideoPipeline:
         self.fp8 = False
         self.optimized = False
         self.overlap_decode = False  # stream's default; optimize() turns it on
+        self.deterministic = False  # optimize(deterministic=True): the decoder's implementations fixed by shape
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
         self.decode_timings: dict = {}  # optimize(): the decoder convolutions' timings it chose from
@@ -244,15 +246,19 @@ class HeliosVideoPipeline:
         return tiny
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
-                 overlap_decode: bool = True, cuda_graphs: bool = True) -> "HeliosVideoPipeline":
+                 overlap_decode: bool = True, cuda_graphs: bool = True,
+                 deterministic: bool = False) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
         and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; helios.model.graphs),
         the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA
         graphs), and each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
+        deterministic: the decoder's convolutions by a fixed rule of their shapes instead of timed
+        (helios.model.wan_vae.static_impl), so that every run and every memory plan decodes alike.
 
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
         self.overlap_decode = overlap_decode
+        self.deterministic = deterministic
         self.optimized = True
         if self.device.type == "cuda":
             if cuda_graphs:
@@ -264,7 +270,7 @@ class HeliosVideoPipeline:
                 frames = self.codec.decode_slice or HistoryLayout().chunk_frames
                 self.decode_timings = self.codec.fast_decode_(
                     (1, self.codec.channels, frames, h // self.codec.spatial, w // self.codec.spatial),
-                    graphs=cuda_graphs and self.codec.decode_slice is None)
+                    graphs=cuda_graphs and self.codec.decode_slice is None, deterministic=deterministic)
         if fuse:
             self.model.fuse_projections_()
         if fp8:
@@ -286,6 +292,9 @@ class HeliosVideoPipeline:
         self.memory = memory
         plan = memory.plan
         self.codec.decode_slice = plan.decode_slice
+        undefer_tap_sums(self.codec)
+        if not plan.overlap_decode:
+            self.overlap_decode = False
         device = self.device
         if plan.text_encoder == "layers" and self.c.text_encoder is not None:
             encoder = getattr(self.c.text_encoder, "encoder", None)
@@ -366,7 +375,8 @@ class HeliosVideoPipeline:
         complete=False, then the chunk's other frames; the frames are the same (`--fast-start`).
 
         overlap_decode (CUDA only; elsewhere the chunks run one after the other): None follows
-        `optimize()` (on), except for a LivePrompt, which stays sequential unless asked. With it,
+        `optimize()` (on), except for a LivePrompt, which stays sequential unless asked; a memory plan
+        that decodes after the denoising (`MemoryPlan.overlap_decode` off) keeps it off. With it,
         chunk k's VAE decode and copy to the host are queued on a side stream, chunk k+1's denoising
         is queued on the main stream without the host waiting (no sync until then), and only then
         is chunk k waited for and yielded, so the GPU is not idle while the host takes a chunk and
@@ -422,9 +432,7 @@ class HeliosVideoPipeline:
         indices = {k: v.to(device) for k, v in layout.indices().items()}
         window = (layout.chunk_frames - 1) * self.codec.temporal + 1
         cuda = device.type == "cuda"
-        if overlap_decode is None:
-            overlap_decode = self.overlap_decode and not isinstance(schedule, LivePrompt)
-        overlap = cuda and overlap_decode
+        overlap = cuda and self._overlap(overlap_decode, isinstance(schedule, LivePrompt))
         if overlap and (self._decode_stream is None or self._decode_stream.device != device):
             # One per pipeline: the caching allocator keeps a memory pool per stream. High priority:
             # as SMs free up the decode's blocks go first, so chunk k is ready about as early as
@@ -495,6 +503,13 @@ class HeliosVideoPipeline:
         return (out if frames is None else out[:frames]).cpu()
 
     # ---- pieces -----------------------------------------------------------------------------
+    def _overlap(self, requested: bool | None, live: bool) -> bool:
+        """Whether stream() decodes on a side stream (on CUDA): as asked, else optimize()'s setting (off for
+        a LivePrompt); never under a memory plan that counts the two working sets as one."""
+        if self.memory is not None and not self.memory.plan.overlap_decode:
+            return False
+        return (self.overlap_decode and not live) if requested is None else requested
+
     def _decoder(self, choice: str):
         """The object decoding the frames (LatentCodec or TinyDecoder) for stream(decoder=...)."""
         if choice == "full":
@@ -704,7 +719,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
                   vae_dtype: torch.dtype | None = None, optimize: bool | None = None,
                   fp8: bool = False, memory_budget: str | None = None, height: int | None = None,
                   width: int | None = None, preset: str | None = None, guidance_scale: float | None = None,
-                  preview_decoder: str | Path | None = None) -> HeliosVideoPipeline:
+                  preview_decoder: str | Path | None = None, deterministic: bool = False) -> HeliosVideoPipeline:
     """Load a model folder in the official layout (model_index.json, transformer/, vae/, ...).
 
     preview_decoder: a TAEHV-architecture weight file for stream(decoder="tiny") (taew2_1.pth for Wan2.1
@@ -718,6 +733,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     folder's configs before anything is loaded (helios.engine.memory; logged, and kept in
     `pipe.memory.report`); height/width/preset/guidance_scale: what it must fit (default: the model's own).
     A budget no plan fits raises MemoryBudgetError with the figure needed and what would fit.
+    deterministic: the same frames from every run and every memory plan (`helios generate --deterministic`):
+    kernels chosen without timing (helios.runtime.use_deterministic_kernels; process-wide, set here before
+    anything is compiled) and the VAE decoder's implementations fixed by shape (wan_vae.static_impl).
     """
     preview_path = None
     if preview_decoder is not None:
@@ -729,6 +747,10 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
             raise InputError(str(e)) from e
     from helios.model.backends import configure_device
 
+    if deterministic:
+        from helios.runtime import use_deterministic_kernels
+
+        use_deterministic_kernels()
     device = torch.device(device)
     kernels = configure_device(device) if device.type == "cuda" else {}
     if fp8 and kernels and not kernels["fp8_matmul"]:
@@ -754,13 +776,24 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
             raise InputError(str(e)) from e
     if optimize is None:
         optimize = device.type == "cuda"
-    if plan is not None:  # before optimize(): the decode is tuned at the slice's size
+    if plan is not None:  # before optimize(): the decode is tuned at the slice's size, as it will run
         pipe.codec.decode_slice = plan.decode_slice
+        undefer_tap_sums(pipe.codec)
     if optimize or fp8:
-        pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize and (plan is None or plan.cuda_graphs))
+        pipe.optimize(compile=optimize, fp8=fp8, cuda_graphs=optimize and (plan is None or plan.cuda_graphs),
+                      overlap_decode=plan is None or plan.overlap_decode, deterministic=deterministic)
+    pipe.deterministic = deterministic
     if memory is not None:
         pipe.apply_memory_plan(memory, compile=optimize)
     return pipe
+
+
+def undefer_tap_sums(codec: LatentCodec) -> None:
+    """Under a memory budget the per-tap convolution sums its partial outputs at once. Deferred into the next
+    fused norm, all of them live until it reads them: a whole chunk's decode peaked at 21.7 GB instead of
+    15.6 (H200, benchmarks/NOTES.md), more than the plans' decode estimate allows."""
+    if codec.decoder is not None:
+        codec.decoder.defer_tap_sums = False
 
 
 def plan_memory(path: str | Path, memory_budget: str, device: torch.device, height: int | None = None,

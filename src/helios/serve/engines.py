@@ -207,7 +207,7 @@ class GroupEngine(Engine):
     Construction spawns the processes (they load the model meanwhile); `wait_ready` waits for them.
     """
 
-    def __init__(self, model: str | Path, devices: Sequence[str], dtype: str = "auto"):
+    def __init__(self, model: str | Path, devices: Sequence[str], dtype: str = "auto", deterministic: bool = False):
         import torch.multiprocessing as mp
 
         self.devices = tuple(str(d) for d in devices)
@@ -227,7 +227,8 @@ class GroupEngine(Engine):
         self._conn, child = ctx.Pipe(duplex=True)
         self._procs = [ctx.Process(target=_group_main, name=f"helios-engine-{self.label}-rank{r}", daemon=True,
                                    args=(r, list(self.devices), str(model), dtype,
-                                         f"file://{self._store / 'store'}", child if r == 0 else None))
+                                         f"file://{self._store / 'store'}", child if r == 0 else None,
+                                         deterministic))
                        for r in range(len(self.devices))]
         try:
             for p in self._procs:
@@ -400,13 +401,13 @@ class GroupEngine(Engine):
 
 def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str = "auto",
                  memory: str | None = None,
-                 preview_decoder: str | Path | None = None) -> list[Engine]:
+                 preview_decoder: str | Path | None = None, deterministic: bool = False) -> list[Engine]:
     """One engine per device group: a one-device group is a pipeline in this process, a larger one a
     GroupEngine. Everything loads at once; if any engine fails, the others are stopped and the error
     (EngineStartError, or the model folder's own error) is raised.
 
     preview_decoder: a TAEHV weight file, or "tiny" for the model folder's own, for preview jobs
-    (one-device engines only)."""
+    (one-device engines only). deterministic: `load_pipeline(deterministic=True)` in every engine."""
     from helios.engine.pipeline import load_pipeline
 
     groups = [list(g) for g in groups]
@@ -422,12 +423,13 @@ def load_engines(model: str | Path, groups: Sequence[Sequence[str]], dtype: str 
     try:
         for i, g in enumerate(groups):
             if len(g) > 1:
-                engines[i] = GroupEngine(model, g, dtype)  # the processes load while this one does
+                engines[i] = GroupEngine(model, g, dtype, deterministic)  # they load while this one does
         for i, g in enumerate(groups):
             if len(g) == 1:  # one after the other: the loaders patch global state (meta-device init)
                 engines[i] = LocalEngine(load_pipeline(model, dtype=torch_dtype(dtype, g[0]), device=g[0],
                                                        memory_budget=memory,
-                                                       preview_decoder=preview_decoder))
+                                                       preview_decoder=preview_decoder,
+                                                       deterministic=deterministic))
         for engine in engines.values():
             if isinstance(engine, GroupEngine):
                 engine.wait_ready()
@@ -506,7 +508,8 @@ def from_wire(request: JobRequest) -> JobRequest:
                    video=None if request.video is None else torch.from_numpy(request.video))
 
 
-def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: str, conn) -> None:
+def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: str, conn,
+                deterministic: bool = False) -> None:
     """A group process: join the group, load the pipeline, then serve jobs until told to quit."""
     import torch.distributed as dist
 
@@ -524,7 +527,8 @@ def _group_main(rank: int, devices: list[str], model: str, dtype: str, store: st
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)  # CPU messages beside NCCL's data
         side = _Side(rank, control, conn)
-        pipe = load_pipeline(model, dtype=torch_dtype(dtype, devices[rank]), device=device)
+        pipe = load_pipeline(model, dtype=torch_dtype(dtype, devices[rank]), device=device,
+                             deterministic=deterministic)
         pipe.model.enable_context_parallel()
         dist.barrier(group=control)  # every rank has loaded
         side.tell(("ready", pipe.spec))
