@@ -56,6 +56,9 @@ TEXT_LENGTH = 512
 VAE_BYTES_PER_OUTPUT_PIXEL = 1925.0
 DECODE_SLICES = (9, 4, 2, 1)  # latent frames per decode call that plans try, largest first
 RING_SIZES = (3, 2)  # resident blocks under streaming
+# A streamed plan is for the smallest cards: its decode slices stay small, where the estimate leaves the most
+# room for what it does not count (fragmentation, the tuning's temporaries at warm-up).
+STREAMED_DECODE_SLICES = (2, 1)
 CUDA_CONTEXT = int(0.5 * GiB)  # what a process's CUDA context takes outside the caching allocator
 
 
@@ -288,7 +291,7 @@ def candidate_plans(fp8_ok: bool, fp8_requested: bool = False) -> list[MemoryPla
         plans.append(MemoryPlan("fp8" if fp8_ok else "bf16", fp8=fp8_ok, text_encoder="layers",
                                 decode_slice=None if s == DECODE_SLICES[0] else s, overlap_decode=False))
     for ring in RING_SIZES:
-        for s in DECODE_SLICES[1:]:
+        for s in STREAMED_DECODE_SLICES:
             plans.append(MemoryPlan("streamed", fp8=fp8_ok, stream_blocks=True, ring_size=ring,
                                     text_encoder="layers", decode_slice=s, cuda_graphs=False,
                                     overlap_decode=False))

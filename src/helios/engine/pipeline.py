@@ -287,7 +287,8 @@ class HeliosVideoPipeline:
         streamed layer by layer, the blocks streamed through a ring (compiled if `compile`). Requests are then
         checked against it. After `optimize()`: the ring's resident blocks are copies of the host blocks as
         they are then (fused, FP8, their kernels chosen), so that they run what the resident model runs."""
-        from helios.model.offload import enable_block_streaming, stream_layers_
+        from helios.engine.components import ModelFolderError, stream_text_encoder_
+        from helios.model.offload import enable_block_streaming
 
         self.memory = memory
         plan = memory.plan
@@ -297,12 +298,10 @@ class HeliosVideoPipeline:
             self.overlap_decode = False
         device = self.device
         if plan.text_encoder == "layers" and self.c.text_encoder is not None:
-            encoder = getattr(self.c.text_encoder, "encoder", None)
-            layers = list(getattr(encoder, "block", []))
-            if not layers:
-                raise InputError(f"the text encoder {type(self.c.text_encoder).__name__} has no encoder.block "
-                                 "layers to stream; use a larger --memory budget")
-            stream_layers_(layers + [encoder.final_layer_norm], device)
+            try:  # (load_pipeline has done it already, before the transformer was read)
+                stream_text_encoder_(self.c.text_encoder, device)
+            except ModelFolderError as e:
+                raise InputError(str(e)) from e
         if plan.stream_blocks and self.model.block_stream is None:
             ring = enable_block_streaming(self.model, plan.ring_size, device)
             if compile:
@@ -768,7 +767,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     pipe = HeliosVideoPipeline(load_components(
         path, dtype=dtype, device=device, vae_dtype=vae_dtype, fp8=fp8,
         blocks_on_host=bool(plan and plan.stream_blocks),
-        text_device="cpu" if plan and plan.text_encoder == "layers" else None))
+        text_device="cpu" if plan and plan.text_encoder == "layers" else None,
+        stream_text_to=device if plan and plan.text_encoder == "layers" else None))
     if preview_path is not None:
         try:
             pipe.set_preview_decoder(preview_path)
