@@ -160,9 +160,9 @@ def generate(
                                        "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget: 24gb | 12gb | auto "
                                          "(any Ngb; docs/memory.md). Default: everything on the GPU."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames every run and under every "
-                                       "--memory plan: kernels chosen by fixed rules instead of by timing (a "
-                                       "little slower; docs/memory.md)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames every run, whether or not "
+                                       "--memory streams the weights: kernels chosen by fixed rules instead of by "
+                                       "timing (a little slower; docs/memory.md)."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     from helios.engine.pipeline import load_pipeline, plan_frames, read_spec

@@ -253,7 +253,7 @@ class HeliosVideoPipeline:
         the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA
         graphs), and each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
         deterministic: the decoder's convolutions by a fixed rule of their shapes instead of timed
-        (helios.model.wan_vae.static_impl), so that every run and every memory plan decodes alike.
+        (helios.model.wan_vae.static_impl), so that every run decodes alike.
 
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
@@ -732,8 +732,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     folder's configs before anything is loaded (helios.engine.memory; logged, and kept in
     `pipe.memory.report`); height/width/preset/guidance_scale: what it must fit (default: the model's own).
     A budget no plan fits raises MemoryBudgetError with the figure needed and what would fit.
-    deterministic: the same frames from every run and every memory plan (`helios generate --deterministic`):
-    kernels chosen without timing (helios.runtime.use_deterministic_kernels; process-wide, set here before
+    deterministic: the same frames from every run, and from a plan that streams the weights as from one that
+    does not (`helios generate --deterministic`; measured: docs/memory.md): kernels chosen without timing (helios.runtime.use_deterministic_kernels; process-wide, set here before
     anything is compiled) and the VAE decoder's implementations fixed by shape (wan_vae.static_impl).
     """
     preview_path = None
