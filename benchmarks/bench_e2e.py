@@ -66,10 +66,7 @@ class FixedPrompt:
         return self.emb.to(dtype) if dtype else self.emb
 
 
-DETERMINISTIC = [False]  # --deterministic: kernels chosen without timing (compare configs' frames exactly)
-
-
-def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True):
+def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True, deterministic: bool = False):
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
 
     from helios.engine.components import Components
@@ -86,7 +83,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = Tr
     comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
     pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
     return pipe.optimize(compile=compile, fp8=fp8, overlap_decode=overlap, cuda_graphs=graphs,
-                         deterministic=DETERMINISTIC[0])
+                         deterministic=deterministic)
 
 
 def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS, fast_start: bool = False):
@@ -106,10 +103,11 @@ VIDEOS: dict[str, tuple[tuple, torch.Tensor]] = {}  # config -> (sampling, its 1
 
 
 def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
-                 overlap: bool = True, graphs: bool = True, fast_start: bool = False) -> None:
+                 overlap: bool = True, graphs: bool = True, fast_start: bool = False,
+                 deterministic: bool = False) -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = build_ours(fp8, compile, overlap, graphs)
+    pipe = build_ours(fp8, compile, overlap, graphs, deterministic)
     sync()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -310,13 +308,12 @@ def main() -> None:
         from helios.runtime import use_deterministic_kernels
 
         use_deterministic_kernels()
-        DETERMINISTIC[0] = True
     lin, att = chunk_flops()
     res["chunk_tflop"] = {"matmul": lin / 1e12, "attention": att / 1e12}
     for name in args.configs.split(","):
         base, fast_start = (name[:-len("-fast-start")], True) if name.endswith("-fast-start") else (name, False)
         if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest
-            measure_ours(name, res=res, fast_start=fast_start, **OURS[base])
+            measure_ours(name, res=res, fast_start=fast_start, deterministic=args.deterministic, **OURS[base])
         elif name in ("reference-eager", "reference-compiled"):
             steps_list = [tuple(int(c) for c in s) for s in args.ref_steps.split(",")]
             measure_reference(name, compile=name.endswith("compiled"), res=res, steps_list=steps_list)

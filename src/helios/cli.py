@@ -389,8 +389,8 @@ def serve(
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
                                          "| auto (docs/memory.md). Default: everything on the GPU."),
     deterministic: bool = typer.Option(False, "--deterministic", help="The same frames for the same request every "
-                                       "time and under every --memory plan: kernels chosen by fixed rules "
-                                       "instead of by timing (a little slower; docs/memory.md)."),
+                                       "time, whether or not --memory streams the weights: kernels chosen by "
+                                       "fixed rules instead of by timing (a little slower; docs/memory.md)."),
     decoder: str = typer.Option("full", "--decoder", help="tiny | tiny:PATH: load a preview decoder, so that jobs "
                                 "may ask for live chunks through it (the mp4 is still decoded by the full VAE)."),
 ) -> None:

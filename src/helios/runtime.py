@@ -97,8 +97,8 @@ def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
 
 
 def use_deterministic_kernels() -> dict[str, bool]:
-    """Kernel choices that do not depend on timing, so that frames repeat across runs and memory plans
-    (`load_pipeline(deterministic=True)`). Process-wide; call it before anything is compiled. Returns what
+    """Kernel choices that do not depend on timing, so that frames repeat across runs, whether or not a memory
+    plan streams the weights (`load_pipeline(deterministic=True)`). Process-wide; call it before anything is compiled. Returns what
     was set.
 
     - Inductor's deterministic mode: compiled blocks skip the on-device benchmarking whose winner changes

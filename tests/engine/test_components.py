@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helios.cli import default_model
 from helios.engine import components
-from helios.engine.components import load_components
+from helios.engine.components import ModelFolderError, load_components, stream_text_encoder_
 
 
 def test_a_streamed_text_encoder_is_pinned_before_the_transformer_is_read(monkeypatch):
@@ -32,3 +33,8 @@ def test_a_streamed_text_encoder_is_pinned_before_the_transformer_is_read(monkey
     hooks = len(streamed.text_encoder.encoder.block[0]._forward_pre_hooks)
     real_stream(streamed.text_encoder, torch.device("cpu"))  # a second call changes nothing
     assert len(streamed.text_encoder.encoder.block[0]._forward_pre_hooks) == hooks == 1
+
+
+def test_a_text_encoder_without_blocks_to_stream_is_refused_with_what_to_do():
+    with pytest.raises(ModelFolderError, match="has no encoder.block layers to stream; use a larger --memory"):
+        stream_text_encoder_(torch.nn.Linear(2, 2), torch.device("cpu"))
