@@ -34,12 +34,19 @@ def _forward(model, kw):
         return model(**kw).sample
 
 
-def test_fp8_load_equals_bf16_load_then_fuse_and_quantize(folder, request):
+@pytest.mark.parametrize("fp8_attention", [False, True])
+def test_fp8_load_equals_bf16_load_then_fuse_and_quantize(folder, request, monkeypatch, fp8_attention):
+    # fp8_attention: pretend cuDNN's FP8 attention runs on this device (on the CPU it runs emulated), so that the
+    # loader, which quantises on the meta device, must choose it for the device it loads onto as optimize() does
+    monkeypatch.setattr("helios.model.fp8.fp8_attention_runs_on",
+                        lambda device: fp8_attention and torch.device(device).type == "cpu")
     resident = helios.load_transformer(folder, dtype=torch.bfloat16)
     resident.fuse_projections_()
     assert quantize_blocks_(resident) > 0
     direct = helios.load_transformer(folder, dtype=torch.bfloat16, fp8=True)
     assert isinstance(direct.blocks[0].attn1.to_qkv, Fp8Linear)
+    assert [b.attn1.fp8_attention for b in direct.blocks] == [fp8_attention] * LAYERS
+    assert [b.attn1.fp8_attention for b in resident.blocks] == [fp8_attention] * LAYERS
     want, got = resident.state_dict(), direct.state_dict()
     assert want.keys() == got.keys()
     for k in want:

@@ -63,11 +63,19 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-def quantize_blocks_(model: nn.Module, attention: bool | None = None) -> int:
+def fp8_attention_runs_on(device: torch.device | str) -> bool:
+    """Whether cuDNN's FP8 self-attention runs for blocks computing on `device` (CUDA with `nvidia-cudnn-frontend`)."""
+    return torch.device(device).type == "cuda" and cudnn_frontend_available() is None
+
+
+def quantize_blocks_(model: nn.Module, attention: bool | None = None,
+                     device: torch.device | str | None = None) -> int:
     """Swap every nn.Linear inside `model.blocks` for an Fp8Linear; returns how many were swapped.
 
     attention: also run the self-attention in e4m3 (cuDNN's FP8 attention; needs the fused q/k/v projection
-    with its kernels, `fuse_projections_()`, first). None: where it runs (CUDA with `nvidia-cudnn-frontend`).
+    with its kernels, `fuse_projections_()`, first). None: where it runs (`fp8_attention_runs_on`) on `device`,
+    the device the blocks will compute on (default: where the model is now; a loader quantising on the meta
+    device names the device it loads onto).
     """
     count = 0
     for blk in model.blocks:
@@ -77,7 +85,7 @@ def quantize_blocks_(model: nn.Module, attention: bool | None = None) -> int:
                     setattr(module, child_name, Fp8Linear(child))
                     count += 1
     if attention is None:
-        attention = model.device.type == "cuda" and cudnn_frontend_available() is None
+        attention = fp8_attention_runs_on(device if device is not None else model.device)
     for blk in model.blocks:
         if attention and not blk.attn1.fused_kernels:
             raise ValueError("FP8 attention runs inside the fused q/k/v op: call fuse_projections_() first")

@@ -170,8 +170,8 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
         param.data = param.data.to(_target_dtype(name, dtype, headers[name][0]))
     if fp8 or blocks_on_host:  # (a streamed block is packed once: fused here, not by optimize() later)
         model.fuse_projections_()
-    if fp8:
-        quantize_blocks_(model)
+    if fp8:  # (still on the meta device: the attention's backend is chosen for where it will run)
+        quantize_blocks_(model, device=device)
     targets = {k: _target_of(model, k, headers[k][1]) for k in headers}
     if blocks_on_host:
         arena = PinnedArena(expected_bytes=sum(flat_layout(blk)[1] for blk in model.blocks),
