@@ -160,9 +160,9 @@ def generate(
                                        "torchrun; docs/multi-gpu.md). Default: torchrun's world size, else 1."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget: 24gb | 12gb | auto "
                                          "(any Ngb; docs/memory.md). Default: everything on the GPU."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames every run, whether or not "
-                                       "--memory streams the weights: kernels chosen by fixed rules instead of by "
-                                       "timing (a little slower; docs/memory.md)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Kernel choices made by fixed rules instead "
+                                       "of by timing (a little slower): runs repeat far more often, but on a GPU a "
+                                       "compiled forward can still change between processes (docs/memory.md)."),
 ) -> None:
     """Generate a video from a prompt (and optionally an image or a video)."""
     from helios.engine.pipeline import load_pipeline, plan_frames, read_spec
@@ -388,9 +388,9 @@ def serve(
                                               help="With --ray: the cluster to join (default: start a local one)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Fit a GPU memory budget per engine: 24gb | 12gb "
                                          "| auto (docs/memory.md). Default: everything on the GPU."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="The same frames for the same request every "
-                                       "time, whether or not --memory streams the weights: kernels chosen by "
-                                       "fixed rules instead of by timing (a little slower; docs/memory.md)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Kernel choices made by fixed rules instead "
+                                       "of by timing (a little slower): runs repeat far more often, but on a GPU "
+                                       "a compiled forward can still change between processes (docs/memory.md)."),
     decoder: str = typer.Option("full", "--decoder", help="tiny | tiny:PATH: load a preview decoder, so that jobs "
                                 "may ask for live chunks through it (the mp4 is still decoded by the full VAE)."),
 ) -> None:

@@ -732,9 +732,10 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     folder's configs before anything is loaded (helios.engine.memory; logged, and kept in
     `pipe.memory.report`); height/width/preset/guidance_scale: what it must fit (default: the model's own).
     A budget no plan fits raises MemoryBudgetError with the figure needed and what would fit.
-    deterministic: the same frames from every run, and from a plan that streams the weights as from one that
-    does not (`helios generate --deterministic`; measured: docs/memory.md): kernels chosen without timing (helios.runtime.use_deterministic_kernels; process-wide, set here before
-    anything is compiled) and the VAE decoder's implementations fixed by shape (wan_vae.static_impl).
+    deterministic: kernels chosen without timing (helios.runtime.use_deterministic_kernels; process-wide, set
+    here before anything is compiled) and the VAE decoder's implementations fixed by shape (wan_vae.static_impl),
+    so that runs and memory plans repeat each other's frames far more often (`helios generate --deterministic`).
+    Not a guarantee on a GPU: a compiled forward was measured to change between processes (docs/memory.md).
     """
     preview_path = None
     if preview_decoder is not None:

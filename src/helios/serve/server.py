@@ -22,7 +22,7 @@ def run_server(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     devices: device groups, one engine each (serve.engines.device_groups builds them for --gpus);
     default: one engine on `device`. Raises EngineStartError when an engine group does not start.
     memory: each one-GPU engine's memory budget (helios.engine.memory), e.g. "24gb".
-    deterministic: every engine loaded with `load_pipeline(deterministic=True)` (reproducible frames).
+    deterministic: every engine loaded with `load_pipeline(deterministic=True)` (kernel choices by rule; docs/memory.md).
     """
     token = token or None
     check_bind(host, token)
