@@ -10,7 +10,8 @@ RSS, its GPU memory cap and its compiled code are its own), in this order, withi
 - `bandwidth`: host-to-device copies from pinned and from pageable memory.
 - `fp8`: the unconstrained FP8 engine (`load_pipeline(fp8=True)`, everything on the GPU): the reference.
 - `24gb`, `12gb`: the process capped with `torch.cuda.set_per_process_memory_fraction` to the budget,
-  `load_pipeline(memory_budget=...)`, then generation.
+  `load_pipeline(memory_budget=...)`, then generation. The `24gb` part ends by moving its blocks to pinned
+  host memory and streaming them (the 12 GB plan's path) in the same process, against its own resident chunk.
 - `attention`: the attention each compute capability gets (forced) against float32.
 - `text-cpu`: the text encoder on the host CPU, against the GPU's embeddings.
 - `sm86`: the 12 GB plan as an sm86 card gets it (forced): bf16 blocks streamed, FlashAttention-2.
@@ -661,6 +662,30 @@ def generation_part(p: Part, args, budget: str | None, reference: bool) -> None:
     p.save()
     if budget is not None and p.left() > 25:
         p.phase("conditioning", lambda: conditioning_peaks(pipe, 81 if CUDA else 33))
+    if budget == "24gb" and p.left() > 30:  # last: it turns this pipeline into a streaming one
+        p.phase("streamed_same_process", lambda: streamed_same_process(pipe, scratch))
+
+
+def streamed_same_process(pipe, scratch: Path) -> dict:
+    """This plan's pipeline with its blocks then moved to pinned host memory and streamed through a ring of 3
+    (the 12 GB plan's path: no CUDA graphs, compiled ring slots), in the same process: its compared chunk against
+    the resident one's. Equal latents show that streaming moves weights and not numbers, with no question of
+    whether another process compiles the blocks alike (docs/memory.md)."""
+    from helios.model.offload import enable_block_streaming
+
+    pipe.graphs = None  # captured on the resident blocks' addresses; the streamed path runs without graphs
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    ring = enable_block_streaming(pipe.model, 3, pipe.device)
+    if CUDA:
+        ring.compile_()
+    t0 = time.perf_counter()
+    chunks = list(pipe.stream(PROMPT, keep_latents=True, **stream_args(CHUNK, 3)))
+    mine = {"latents": torch.cat([c.latents for c in chunks], dim=2),
+            "frames": torch.cat([c.frames for c in chunks]), "decode_slice": pipe.codec.decode_slice}
+    return {"first_chunk_s": time.perf_counter() - t0, "ring": 3,
+            "vs_resident": compare(mine, torch.load(scratch / "run_24gb.pt"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,6 +938,9 @@ def targets(res: dict) -> list[dict]:
     rows.append(_row("12gb: frames vs 24gb plan (max abs, same decode slices)",
                      _get(res, "12gb", "compare", "vs_24gb", "frames_max_abs"), 0.0, True,
                      "12gb.compare.vs_24gb.frames_max_abs"))
+    rows.append(_row("24gb: streamed vs resident, same process (latents max abs)",
+                     _get(res, "24gb", "streamed_same_process", "vs_resident", "latents_max_abs"), 0.0, True,
+                     "24gb.streamed_same_process.vs_resident.latents_max_abs"))
     rows.append(_row("12gb: predicted frames/s on PCIe 4 (no target)", _get(res, "12gb", "streaming",
                      "predicted_fps_pcie4"), None, False, "12gb.streaming.predicted_fps_pcie4", "frames/s"))
     rows.append(_row("pinned host-to-device (no target)", _get(res, "bandwidth", "pinned_gib_s"), None, False,

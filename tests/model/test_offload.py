@@ -160,3 +160,17 @@ def test_pinned_arena_packs_many_buffers_into_few_power_of_two_blocks(monkeypatc
     assert all(bool((v == i % 251).all()) for i, v in enumerate(views))
     plain = PinnedArena(block_bytes=2**20, pin=True)  # no hint: blocks of block_bytes
     assert plain.next_block_bytes(1000) == 2**20
+
+
+def test_a_resident_model_streamed_in_place_computes_what_it_computed(folder, request):
+    """enable_block_streaming on a model loaded resident packs its blocks on the host first (values kept):
+    the same model, before and after, gives the same forward exactly."""
+    model = helios.load_transformer(folder, dtype=torch.bfloat16, fp8=True)
+    gen = generator_for(request.node.name)
+    inputs = [random_inputs(gen, text_dim=24) for _ in range(2)]
+    before = [_forward(model, kw) for kw in inputs]
+    ring = enable_block_streaming(model, 2, "cpu")
+    assert all(flat_buffer(b) is not None for b in model.blocks)
+    for kw, want in zip(inputs, before):
+        assert torch.equal(_forward(model, kw), want)
+    assert ring.max_resident <= 2

@@ -247,8 +247,24 @@ class BlockRing:
         return self
 
 
+def pack_on_host_(blocks: Sequence[nn.Module], pin: bool) -> None:
+    """Move each block's tensors into one flat host buffer of its own (page-locked if `pin`), the layout a
+    BlockRing streams from, values kept; the copies they had elsewhere (a GPU) are freed."""
+    arena = PinnedArena(expected_bytes=sum(flat_layout(b)[1] for b in blocks), pin=pin)
+    for block in blocks:
+        before = dict(module_tensors(block))
+        materialize_flat_(block, "cpu", arena)
+        for name, t in module_tensors(block):
+            t.copy_(before[name])
+
+
 def enable_block_streaming(model: nn.Module, size: int, device: torch.device | str) -> BlockRing:
-    """Stream `model.blocks` (packed on the host) through a ring of `size` device slots."""
+    """Stream `model.blocks` through a ring of `size` device slots. Blocks not yet packed on the host (a model
+    loaded resident) are packed first (`pack_on_host_`): the same weights, streamed."""
+    device = torch.device(device)
+    packed = [flat_buffer(b) for b in model.blocks]
+    if any(f is None or f.device.type != "cpu" for f in packed):
+        pack_on_host_(model.blocks, pin=device.type == "cuda")
     ring = BlockRing(model.blocks, size, device)
     model.block_stream = ring
     return ring
