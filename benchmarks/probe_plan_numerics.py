@@ -11,6 +11,10 @@ the first record that differs names the step that changed the numbers.
     python benchmarks/probe_plan_numerics.py --variants fp8,24gb --out probe.json
     python benchmarks/probe_plan_numerics.py --kernels 3 --out kernels.json         # ~1 min
 
+--own-caches: each process compiles from scratch into an Inductor and a Triton cache of its own, and the report
+lists the generated kernels (their files are named by their source's hash) that one process made and the other
+did not, and the autotuning choices (`.best_config`) that differ: code, or launch configs, or neither.
+
 --kernels N: the stage-2 forward's kernels alone (cuDNN FP8 attention, the fused q/k/v norm + RoPE + FP8
 attention op, FP8 matmuls, the GELU + quantisation pass, bf16 cross-attention) on fixed random inputs, in N
 processes: each op runs twice per process, once on memory the allocator last held as zeros and once as NaN
@@ -20,8 +24,10 @@ processes: each op runs twice per process, once on memory the allocator last hel
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +175,35 @@ def kernel_outputs(out: Path) -> None:
     torch.save(res, out)
 
 
+def generated_code(cache: Path) -> dict[str, str]:
+    """An Inductor cache's generated kernels and autotuning records: {file name: content hash}."""
+    out = {}
+    for f in sorted(cache.rglob("*")) if cache.is_dir() else []:
+        if f.is_file() and f.suffix in (".py", ".best_config"):
+            out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def code_differences(caches: dict[str, Path], reference: str) -> dict:
+    """Per process against the reference's: kernels only one of them generated, autotuning records that differ."""
+    ref = generated_code(caches[reference])
+    report = {}
+    for name, cache in caches.items():
+        if name == reference:
+            continue
+        mine = generated_code(cache)
+        py = lambda d: {k for k in d if k.endswith(".py")}  # noqa: E731
+        report[name] = {
+            "kernels": len(py(mine)), "reference_kernels": len(py(ref)),
+            "only_here": sorted(py(mine) - py(ref))[:20], "only_in_reference": sorted(py(ref) - py(mine))[:20],
+            "best_config_differs": sorted(k for k in mine if k.endswith(".best_config") and k in ref
+                                          and mine[k] != ref[k])[:20],
+        }
+        for key in report[name]["best_config_differs"][:5]:
+            report[name][key] = [next(caches[n].rglob(key)).read_text()[:400] for n in (reference, name)]
+    return report
+
+
 def compare(results: dict[str, Path], reference: str) -> dict:
     ref = torch.load(results[reference])
     report = {}
@@ -192,6 +227,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--folder", default="auto", help="bench_memory.py's random-weight folder (written if absent)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/probe-plan-numerics"))
+    ap.add_argument("--own-caches", action="store_true",
+                    help="every process compiles from scratch in caches of its own; the report diffs their kernels")
     ap.add_argument("--kernels", type=int, default=0, help="the kernels alone, in this many processes")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # the child's own variant
     ap.add_argument("--timeout-s", type=float, default=150)
@@ -222,11 +259,15 @@ def main() -> None:
         bm.write_folder(folder, False, text)
     a.scratch.mkdir(parents=True, exist_ok=True)
     names = [v for v in a.variants.split(",") if v]
-    status, results = {}, {}
+    status, results, caches = {}, {}, {}
     for name in names:
         env = dict(os.environ)
         if VARIANTS[name.split("#")[0]][2]:
             env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        if a.own_caches:
+            caches[name] = a.scratch / f"inductor-{name}"
+            shutil.rmtree(caches[name], ignore_errors=True)
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(caches[name]), TRITON_CACHE_DIR=str(a.scratch / f"triton-{name}"))
         t0 = time.perf_counter()
         try:
             rc = subprocess.run([sys.executable, __file__, "--variant", name, "--folder", str(folder),
@@ -238,9 +279,11 @@ def main() -> None:
         if rc == 0:
             results[name] = a.scratch / f"{name}.pt"
         print(name, status[name], flush=True)
-    report = {"gpu": torch.cuda.get_device_name(0), "status": status, "reference": names[0],
-              "max_abs_vs_reference": compare(results, names[0]) if names[0] in results else {}}
-    a.out.write_text(json.dumps(report, indent=1))
+        report = {"gpu": torch.cuda.get_device_name(0), "status": status, "reference": names[0],
+                  "max_abs_vs_reference": compare(results, names[0]) if names[0] in results else {}}
+        if caches:
+            report["generated_code"] = code_differences(caches, names[0])
+        a.out.write_text(json.dumps(report, indent=1))  # after every process: a run cut short keeps what it did
     for name, rows in report["max_abs_vs_reference"].items():
         print(f"== {name} vs {names[0]}")
         for key, value in rows.items():
