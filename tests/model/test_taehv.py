@@ -183,6 +183,20 @@ def test_the_reduced_decoder_equals_the_plain_layer_by_layer_decode_over_chunks(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_training_through_the_reduced_decoder_gets_the_plain_decoders_gradients():
+    # helios train-decoder backpropagates through decode_video: the folded final ReLU and the phase convolution
+    # must pass the same gradients to the weights as the published layer order does.
+    model = randomize_(TAEHV(small_config()), seed=9)
+    z = torch.randn(1, 3, 16, 4, 4)
+    ours = model.decode_video(z, clamp=False)
+    grads_ours = torch.autograd.grad(ours.square().sum(), list(model.decoder.parameters()))
+    plain = run_sequence(model.decoder, z)[:, model.frames_to_trim:]
+    grads_plain = torch.autograd.grad(plain.square().sum(), list(model.decoder.parameters()))
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    for a, b in zip(grads_ours, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_a_fresh_decode_forgets_the_previous_chunk():
     model = randomize_(TAEHV(small_config()), seed=4)
     a, b = torch.randn(1, 3, 16, 4, 4), torch.randn(1, 3, 16, 4, 4)

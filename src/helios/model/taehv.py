@@ -182,17 +182,18 @@ def _phase_weight(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _grow_upsample_conv(x: torch.Tensor, n: int, up: nn.Upsample, grow: TGrow, conv: nn.Conv2d,
-                        drop: int) -> torch.Tensor:
-    """Upsample -> TGrow -> conv3 as TGrow at low resolution (a 1x1 conv commutes with nearest upsampling)
-    and, for 2x, one four-phase 2x2 conv of the low-resolution frames (no upsampled copy); the first
-    `drop` frames per sample after TGrow are not computed further."""
+                        drop: int, relu: bool = False) -> torch.Tensor:
+    """Upsample -> TGrow -> conv3 (-> ReLU if `relu`) as TGrow at low resolution (a 1x1 conv commutes with
+    nearest upsampling) and, for 2x, one four-phase 2x2 conv of the low-resolution frames (no upsampled copy),
+    whose interleaving pass also applies the ReLU; the first `drop` frames per sample after TGrow are not
+    computed further."""
     x = grow(x)
     if drop:
         x = x.unflatten(0, (n, -1))[:, drop:].flatten(0, 1)
     if up.scale_factor in (1, 1.0):
-        return conv(x)
+        return F.relu(conv(x)) if relu else conv(x)
     y = F.conv2d(x, _phase_weight(conv), None, padding=1)
-    return shuffle_phases(y, conv.bias, _nchw_or_nhwc(x))
+    return shuffle_phases(y, conv.bias, _nchw_or_nhwc(x), relu=relu)
 
 
 def run_decoder(seq: nn.Sequential, x: torch.Tensor, memory: dict[int, torch.Tensor] | None = None,
@@ -208,8 +209,9 @@ def run_decoder(seq: nn.Sequential, x: torch.Tensor, memory: dict[int, torch.Ten
         block = seq[i]
         if isinstance(block, nn.Upsample) and i + 1 in grows:
             last = i + 1 == grows[-1]
-            x = _grow_upsample_conv(x, n, block, seq[i + 1], seq[i + 2], drop if last else 0)
-            i += 3
+            relu = i + 3 < len(seq) and isinstance(seq[i + 3], nn.ReLU)  # the decoder's last one: folded in
+            x = _grow_upsample_conv(x, n, block, seq[i + 1], seq[i + 2], drop if last else 0, relu)
+            i += 4 if relu else 3
             continue
         if isinstance(block, MemBlock):
             x = _memblock_step(block, i, x, n, memory)

@@ -318,10 +318,13 @@ def phase_weights(w: torch.Tensor) -> torch.Tensor:
     return k.reshape(4 * w.shape[0], w.shape[1], 2, 2)
 
 
-def shuffle_phases(y: torch.Tensor, bias: torch.Tensor | None, memory_format: torch.memory_format) -> torch.Tensor:
-    """y (N, 4 C, h + 1, w + 1), the 2x2 phase convolution -> (N, C, 2h, 2w) (+ bias)."""
+def shuffle_phases(y: torch.Tensor, bias: torch.Tensor | None, memory_format: torch.memory_format,
+                   relu: bool = False) -> torch.Tensor:
+    """y (N, 4 C, h + 1, w + 1), the 2x2 phase convolution -> (N, C, 2h, 2w) (+ bias), then ReLU'd if `relu`
+    (without bias in the same pass that interleaves the phases: no pass of its own over the output)."""
     n, c4, h1, w1 = y.shape
     c, h, w = c4 // 4, h1 - 1, w1 - 1
+    fused = relu and bias is None and not (torch.is_grad_enabled() and y.requires_grad)  # (out= has no autograd)
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=memory_format)
     phases = y.unflatten(1, (2, 2, c))  # (N, a, b, C, h + 1, w + 1)
     rows = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # (N, C, h, a, w, b)
@@ -329,10 +332,10 @@ def shuffle_phases(y: torch.Tensor, bias: torch.Tensor | None, memory_format: to
         for b in range(2):
             src, dst = phases[:, a, b, :, a:a + h, b:b + w], rows[:, :, :, a, :, b]
             if bias is None:
-                dst.copy_(src)
+                torch.clamp(src, min=0, out=dst) if fused else dst.copy_(src)
             else:
                 torch.add(src, bias.to(y.dtype).view(c, 1, 1), out=dst)
-    return out
+    return F.relu(out) if relu and not fused else out
 
 
 def upsample_conv_direct(rs: "Resample", frames: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
