@@ -15,6 +15,9 @@ the first record that differs names the step that changed the numbers.
 lists the generated kernels (their files are named by their source's hash) that one process made and the other
 did not, and the autotuning choices (`.best_config`) that differ: code, or launch configs, or neither.
 
+PROBE_DETERMINISTIC_ALGORITHMS=1 (environment): each variant also turns on torch.use_deterministic_algorithms
+(warn only; Inductor filters its reduction configs on it too) before loading.
+
 --kernels N: the stage-2 forward's kernels alone (cuDNN FP8 attention, the fused q/k/v norm + RoPE + FP8
 attention op, FP8 matmuls, the GELU + quantisation pass, bf16 cross-attention) on fixed random inputs, in N
 processes: each op runs twice per process, once on memory the allocator last held as zeros and once as NaN
