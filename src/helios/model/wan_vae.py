@@ -131,7 +131,8 @@ FREE_BIAS = {"folded", "phase", "gather"}
 # Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
 PARTIAL_SUMS = {"taps"}
 PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
-# Built and equal in float32, but not measured on a GPU yet: tuned only when asked for by name.
+# Equal in float32; on an H200 (2026-12-03) faster alone (2.9 against 5.3 ms) but the whole decode 1.7 ms slower
+# with it (benchmarks/RESULTS.md): tuned only when asked for by name.
 NOT_TUNED_BY_DEFAULT = {"gather"}
 _tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
