@@ -97,9 +97,10 @@ def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
 
 
 def use_deterministic_kernels() -> dict[str, bool]:
-    """Kernel choices that do not depend on timing, so that frames repeat across runs, whether or not a memory
-    plan streams the weights (`load_pipeline(deterministic=True)`). Process-wide; call it before anything is compiled. Returns what
-    was set.
+    """Kernel choices that do not depend on timing (`load_pipeline(deterministic=True)`), so that runs and memory
+    plans repeat each other's frames far more often; not a guarantee on a GPU, where a compiled forward was
+    measured to change between processes (docs/memory.md). Process-wide; call it before anything is compiled.
+    Returns what was set.
 
     - Inductor's deterministic mode: compiled blocks skip the on-device benchmarking whose winner changes
       the numerics (e.g. a reduction's block size, timed under whatever else the GPU is doing).

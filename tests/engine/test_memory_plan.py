@@ -248,6 +248,16 @@ def test_cli_and_server_pass_deterministic_to_the_loader(monkeypatch, tmp_path):
     assert "--deterministic" in CliRunner().invoke(app, ["serve", "--help"]).output
 
 
+@pytest.mark.parametrize("option", [["--deterministic"], ["--memory", "24gb"]])
+def test_serve_refuses_single_host_options_with_ray_before_loading(monkeypatch, option):
+    from helios.engine import pipeline
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **kw: pytest.fail("loaded a model"))
+    result = CliRunner().invoke(app, ["serve", "--ray", *option])
+    assert result.exit_code == 2
+    assert "--memory, --decoder and --deterministic are not supported with --ray yet" in result.output
+
+
 def test_allocator_segments_are_summed_by_stream_and_by_pool(monkeypatch):
     import importlib
 
