@@ -472,12 +472,8 @@ def compare_run(pipe, scratch: Path, name: str, reference: bool) -> dict:
     """One chunk (seed 3) with its latents; saved by the reference (and the 24gb plan), compared by the
     others: latents (0 expected: the plans move weights, not numbers) and frames (max difference and
     PSNR: the plans decode in slices, the reference a chunk at once)."""
-    t0 = time.perf_counter()
-    chunks = list(pipe.stream(PROMPT, keep_latents=True, **stream_args(CHUNK, 3)))
-    out: dict[str, Any] = {"first_chunk_s": time.perf_counter() - t0,
-                           "decode_slice": pipe.codec.decode_slice}
-    mine = {"latents": torch.cat([c.latents for c in chunks], dim=2),
-            "frames": torch.cat([c.frames for c in chunks]), "decode_slice": pipe.codec.decode_slice}
+    mine, seconds = compared_chunk(pipe)
+    out: dict[str, Any] = {"first_chunk_s": seconds, "decode_slice": pipe.codec.decode_slice}
     if reference or name == "24gb":
         torch.save(mine, scratch / f"run_{name}.pt")
     for other in ("fp8", "24gb"):
@@ -485,6 +481,15 @@ def compare_run(pipe, scratch: Path, name: str, reference: bool) -> dict:
         if other != name and path.exists():
             out[f"vs_{other}"] = compare(mine, torch.load(path))
     return out
+
+
+def compared_chunk(pipe) -> tuple[dict, float]:
+    """The compared chunk (seed 3): its latents, frames and decode slice, and the seconds it took."""
+    t0 = time.perf_counter()
+    chunks = list(pipe.stream(PROMPT, keep_latents=True, **stream_args(CHUNK, 3)))
+    mine = {"latents": torch.cat([c.latents for c in chunks], dim=2),
+            "frames": torch.cat([c.frames for c in chunks]), "decode_slice": pipe.codec.decode_slice}
+    return mine, time.perf_counter() - t0
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -680,12 +685,8 @@ def streamed_same_process(pipe, scratch: Path) -> dict:
     ring = enable_block_streaming(pipe.model, 3, pipe.device)
     if CUDA:
         ring.compile_()
-    t0 = time.perf_counter()
-    chunks = list(pipe.stream(PROMPT, keep_latents=True, **stream_args(CHUNK, 3)))
-    mine = {"latents": torch.cat([c.latents for c in chunks], dim=2),
-            "frames": torch.cat([c.frames for c in chunks]), "decode_slice": pipe.codec.decode_slice}
-    return {"first_chunk_s": time.perf_counter() - t0, "ring": 3,
-            "vs_resident": compare(mine, torch.load(scratch / "run_24gb.pt"))}
+    mine, seconds = compared_chunk(pipe)
+    return {"first_chunk_s": seconds, "ring": 3, "vs_resident": compare(mine, torch.load(scratch / "run_24gb.pt"))}
 
 
 # ----------------------------------------------------------------------------------------------

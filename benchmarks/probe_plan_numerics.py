@@ -113,8 +113,8 @@ def run_variant(name: str, folder: Path, out: Path) -> None:
     rec = Recorder(pipe.graphs or (lambda x, t, text, layout, inputs, slot=0:
                                    model(x, t, text, layout=layout, **inputs).sample))
     pipe.graphs = rec
-    chunks = list(pipe.stream(bm.PROMPT, keep_latents=True, **bm.stream_args(bm.CHUNK, 3)))
-    res = {"latents": torch.cat([c.latents for c in chunks], dim=2).float().cpu()}
+    mine, _ = bm.compared_chunk(pipe)  # bench_memory.py's compared chunk
+    res = {"latents": mine["latents"].float().cpu()}
     for i, call in enumerate(rec.calls):
         res.update({f"call{i}_{k}": v for k, v in call.items()})
     for eager in (False, True):
