@@ -159,11 +159,11 @@ def part_tiny(res: dict, height: int, width: int) -> None:
     print("tiny", json.dumps(out), flush=True)
 
 
-def part_e2e(res: dict) -> None:
+def part_e2e(res: dict, precisions: tuple[str, ...] = ("bf16", "fp8")) -> None:
     from bench_e2e import build_ours  # same folder: the 14B distilled engine with random weights
 
     out = {}
-    for fp8 in (False, True):
+    for fp8 in [p == "fp8" for p in precisions]:
         pipe = build_ours(fp8=fp8, compile=True)
         pipe.preview = wan_tiny_decoder(pipe.c.vae.config, pipe.device, pipe.codec.dtype)
         for decoder in ("full", "tiny"):
@@ -260,12 +260,16 @@ def main() -> None:
     ap.add_argument("--frames-plot", type=Path, default=None,
                     help="quality part: plot the held-out PSNR per frame of a chunk of each decoder here")
     ap.add_argument("--out", default="tiny_decoder.json")
+    ap.add_argument("--e2e-precisions", default="bf16,fp8", help="e2e part: which engines to build (bf16, fp8)")
     ap.add_argument("--height", type=int, default=HEIGHT, help="frame size for the tiny part")
     ap.add_argument("--width", type=int, default=WIDTH)
     args = ap.parse_args()
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    precisions = tuple(p.strip() for p in args.e2e_precisions.split(",") if p.strip())
+    if not precisions or set(precisions) - {"bf16", "fp8"}:
+        raise SystemExit(f"--e2e-precisions {args.e2e_precisions!r}: give bf16, fp8 or both, comma-separated")
     for part in parts:
         if part in ("speed", "e2e") and not torch.cuda.is_available():
             raise SystemExit(f"the {part} part needs a CUDA GPU")
@@ -276,13 +280,14 @@ def main() -> None:
             elif part == "tiny":
                 part_tiny(res, args.height, args.width)
             elif part == "e2e":
-                part_e2e(res)
+                part_e2e(res, precisions)
             elif part == "quality":
                 from helios.cli import default_model
 
                 part_quality(res, Path(args.model) if args.model else default_model(), args.decoder, args.frames_plot)
             else:
                 raise SystemExit(f"unknown part {part!r}: speed, tiny, e2e or quality")
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")  # what is done survives a later part's failure
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print("wrote", args.out)
 

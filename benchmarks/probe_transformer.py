@@ -7,6 +7,7 @@ reference (eager), random bf16 weights made on the GPU, and the Wan VAE decode o
 
     python benchmarks/probe_transformer.py --out results.json
     python benchmarks/probe_transformer.py --glue --out glue.json   # the optimize() path's kernel breakdown
+    python benchmarks/probe_transformer.py --attention-kernels --out attn.json  # cuDNN plans, FlashAttention-4
 
 `--glue` profiles the forwards of one 1/1/1 chunk as `optimize()` runs them (fused projections, compiled
 blocks, CUDA graphs): per-stage times, each stage's kernels by category (GEMM, attention, fused elementwise,
@@ -176,6 +177,102 @@ def attention_times(dev, lengths: dict[str, int], heads: int = 40, head_dim: int
     return out
 
 
+def _frontend_sdpa_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """cuDNN's bf16 attention through its Python frontend, every execution plan its heuristics offer:
+    [(plan name, run())], run() writing into one output; PyTorch's cuDNN path runs the first plan only."""
+    import cudnn
+
+    handle = cudnn.create_handle()
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+
+    def bhsd(name: str, t: torch.Tensor):  # (B, L, H, D) memory seen as (B, H, L, D)
+        b, s, h, d = t.shape
+        return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1],
+                            data_type=cudnn.data_type.BFLOAT16)
+
+    tq, tk, tv = bhsd("q", q), bhsd("k", k), bhsd("v", v)
+    try:
+        o, _ = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=q.shape[-1] ** -0.5,
+                          use_causal_mask=False)
+    except TypeError:  # older frontends spell it is_inference
+        o, _ = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, is_inference=True, attn_scale=q.shape[-1] ** -0.5,
+                          use_causal_mask=False)
+    b, s, h, d = q.shape
+    o.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    out = torch.empty_like(q)
+    plans = []
+    for i in range(graph.get_execution_plan_count()):
+        try:
+            graph.build_plan_at_index(i)
+            ws = torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=q.device)
+            name = graph.get_plan_name_at_index(i)
+        except Exception as e:  # a plan that does not build for this shape
+            plans.append((f"plan{i}: {type(e).__name__}: {e}"[:200], None))
+            continue
+
+        def run(i=i, ws=ws):
+            cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+            graph.execute_plan_at_index({tq: q, tk: k, tv: v, o: out}, ws, i, handle=handle)
+            return out
+        plans.append((f"plan{i}:{name}", run))
+    return plans
+
+
+def attention_kernel_candidates(dev, lengths: dict[str, int], heads: int = 40, head_dim: int = 128) -> dict:
+    """Self-attention kernels that could replace PyTorch's cuDNN path, at each stage's length (and the last
+    block's noisy-rows-only queries): every plan of cuDNN's frontend, and FlashAttention-4's Hopper forward
+    (`flash_attn.cute`) where it is installed, each with its error against a float32 reference."""
+    out: dict = {}
+    try:
+        from flash_attn.cute.interface import flash_attn_func as fa4
+        out["fa4"] = "ok"
+    except Exception as e:
+        fa4, out["fa4"] = None, f"{type(e).__name__}: {e}"[:300]
+    g = torch.Generator(device=dev).manual_seed(0)
+    shapes = dict(lengths)
+    shapes["stage2_last_block"] = (lengths["stage2"] - 2400, lengths["stage2"])
+    for stage, length in shapes.items():
+        lq, lk = length if isinstance(length, tuple) else (length, length)
+        q = torch.randn(1, lq, heads, head_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, lk, heads, head_dim, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(2))
+        flop = 4 * lq * lk * heads * head_dim
+        rows = q[:, :2048].float()  # the error is checked on the first 2048 queries
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            rows.transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+
+        def score(fn) -> dict:
+            res = fn()
+            res = res[0] if isinstance(res, tuple) else res
+            err = ((res[:, :2048].float() - ref).norm() / ref.norm()).item()
+            t = cuda_time(fn, warmup=3, iters=10)
+            return {"ms": t * 1e3, "tflops": flop / t / 1e12, "rel_err": err}
+
+        row: dict = {"lq": lq, "lk": lk}
+        set_attention_backends(["cudnn"])
+        from helios.model.attention import attention
+        row["torch_cudnn"] = score(lambda: attention(q, k, v))
+        set_attention_backends(["cudnn", "flash", "efficient", "math"])
+        try:
+            for name, run in _frontend_sdpa_plans(q, k, v):
+                row[f"frontend_{name}"] = score(run) if run is not None else "did not build"
+        except Exception as e:
+            row["frontend"] = f"{type(e).__name__}: {e}"[:300]
+        if fa4 is not None:
+            for tag, kw in (("default", {}),):
+                try:
+                    row[f"fa4_{tag}"] = score(lambda: fa4(q, k, v, **kw))
+                except Exception as e:
+                    row[f"fa4_{tag}"] = f"{type(e).__name__}: {e}"[:300]
+        out[stage] = row
+        print("attention-kernels", stage, json.dumps(row), flush=True)
+    return out
+
+
 def gemm_epilogue_times(dev, m: int, d: int = 5120, ffn: int = 13824) -> dict:
     """The FFN's up projection + tanh-GELU: separate (compiled) against cuBLASLt's GELU epilogue."""
     import torch.nn.functional as F
@@ -284,7 +381,18 @@ def main() -> None:
     ap.add_argument("--skip-attention", action="store_true", help="--glue: skip the attention/GEMM timings")
     ap.add_argument("--last-block-ab", action="store_true",
                     help="--glue: also time each forward with a last block that computes every token")
+    ap.add_argument("--attention-kernels", action="store_true",
+                    help="only the self-attention kernels that could replace PyTorch's cuDNN path (see "
+                         "attention_kernel_candidates)")
     args = ap.parse_args()
+    if args.attention_kernels:
+        res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+        with torch.no_grad():
+            res["attention_kernels"] = attention_kernel_candidates(
+                torch.device("cuda"), {k: 9 * h * w // 4 + 2400 for k, (h, w) in STAGES.items()})
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        return
     if args.glue:
         glue_probe(args)
         return
