@@ -318,6 +318,8 @@ def glue_probe(args) -> None:
         print("gemm_gelu", res["gemm_gelu"], flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
+    set_attention_backends(args.attention.split(","))
+    res["attention_backends"] = args.attention
     torch.manual_seed(0)
     model = build_transformer(HeliosConfig(num_layers=args.layers), device=dev, dtype=dtype).eval()
     model.fuse_projections_(kernels=not args.no_kernels)
@@ -381,6 +383,8 @@ def main() -> None:
     ap.add_argument("--skip-attention", action="store_true", help="--glue: skip the attention/GEMM timings")
     ap.add_argument("--last-block-ab", action="store_true",
                     help="--glue: also time each forward with a last block that computes every token")
+    ap.add_argument("--attention", default="cudnn,flash,efficient,math",
+                    help="--glue: the attention backends, in order (e.g. fa4,cudnn,flash,efficient,math)")
     ap.add_argument("--attention-kernels", action="store_true",
                     help="only the self-attention kernels that could replace PyTorch's cuDNN path (see "
                          "attention_kernel_candidates)")

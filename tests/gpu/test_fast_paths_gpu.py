@@ -24,6 +24,31 @@ def test_cudnn_attention_matches_math():
     assert rel(fast.float(), ref) < 1e-2
 
 
+def test_fa4_attention_matches_math_and_keeps_its_op_in_a_cuda_graph():
+    from helios.model.attention import attention, fa4_available, set_attention_backends
+
+    if fa4_available() is not None:
+        pytest.skip(f"FlashAttention-4 is not installed: {fa4_available()}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 1500, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2000, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    set_attention_backends(["math"])
+    ref = attention(q.float(), k.float(), v.float())
+    try:
+        set_attention_backends(["fa4", "cudnn", "flash", "efficient", "math"])
+        fast = attention(q, k, v)
+        assert rel(fast.float(), ref) < 1e-2
+        graph, out = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(graph):
+            out = attention(q, k, v)
+        q.copy_(q.flip(1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(out.float(), attention(q.float(), k.float(), v.float()).float()) < 1e-2
+    finally:
+        set_attention_backends(["cudnn", "flash", "efficient", "math"])
+
+
 def test_fp8_scaled_mm_matches_the_emulated_product():
     from helios.model.fp8 import Fp8Linear
 

@@ -45,3 +45,48 @@ def test_a_forced_capability_steers_the_memory_plan(restore):
     force_capability((8, 9))
     plan, _, _ = plan_for("24gb", None, 384, 640, device="cuda", sizes=ModelSizes.helios_14b())
     assert plan.fp8 and not plan.stream_blocks
+
+
+def test_fa4_refused_with_the_install_line_when_missing(restore, monkeypatch):
+    monkeypatch.setattr(attention, "fa4_available", lambda: "ModuleNotFoundError: No module named 'flash_attn'")
+    with pytest.raises(RuntimeError, match="pip install flash-attn-4"):
+        attention.set_attention_backends(["fa4", "cudnn"])
+    with pytest.raises(ValueError, match="no SDPA backend to fall back on"):
+        attention.set_attention_backends(["fa4"])
+
+
+def test_fa4_goes_through_one_custom_op_that_compiles_without_a_break(restore, monkeypatch):
+    """The plumbing of the fa4 backend on the CPU: FlashAttention-4 stands in as SDPA (its own kernel needs a
+    Hopper GPU; tests/gpu checks it against cuDNN). A compiled caller keeps the op in one graph."""
+    import sys
+    import types
+
+    import torch
+
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).contiguous(), None
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface.flash_attn_func = flash_attn_func
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+                      ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    attention.set_attention_backends(["fa4", "cudnn", "flash", "efficient", "math"])
+    monkeypatch.setattr(attention, "_fa4_device", lambda q: True)  # the CPU stands in for the GPU
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g, dtype=torch.bfloat16) for n in (6, 9, 9))
+    eager = attention.attention(q, k, v)
+    assert len(calls) == 1
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert torch.equal(eager, want.transpose(1, 2))
+    compiled = torch.compile(lambda q, k, v: attention.attention(q, k, v) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v), eager * 2)
+    n = len(calls)
+    assert n >= 2
+    attention.set_attention_backends(["cudnn", "flash", "efficient", "math"])
+    attention.attention(q, k, v)
+    assert len(calls) == n  # the SDPA order leaves fa4 alone

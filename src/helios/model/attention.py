@@ -2,6 +2,8 @@
 
 On Hopper, PyTorch's cuDNN attention ran at about 580 TFLOP/s against 290-360 for its
 FlashAttention-2 backend at Helios' sequence lengths, so it comes first where it exists.
+"fa4" (FlashAttention-4's CuTe forward, `pip install flash-attn-4`) is a backend of its own outside
+SDPA, for inference in half precision: a custom op, so compiled blocks and CUDA graphs keep it.
 Layout in and out: (B, L, H, D).
 """
 
@@ -20,21 +22,62 @@ except ImportError:  # pragma: no cover - old torch
 
 _BACKEND_NAMES = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                   "math": "MATH"}
+FA4 = "fa4"  # not an SDPA backend: FlashAttention-4's forward, tried first when named first
 _preferred: list[str] = ["cudnn", "flash", "efficient", "math"]
 
 
 def set_attention_backends(names: list[str]) -> None:
-    """Choose the SDPA backends to try on CUDA, in order of preference (e.g. ["flash", "math"])."""
-    unknown = [n for n in names if n not in _BACKEND_NAMES]
-    if unknown or not names:
-        raise ValueError(f"unknown attention backend(s) {unknown}; choose from {list(_BACKEND_NAMES)}")
+    """Choose the attention backends to try on CUDA, in order of preference (e.g. ["flash", "math"], or
+    ["fa4", "cudnn", ...]: FlashAttention-4 where it takes the inputs, else the SDPA ones after it)."""
+    unknown = [n for n in names if n not in _BACKEND_NAMES and n != FA4]
+    if unknown or not [n for n in names if n != FA4]:
+        raise ValueError(f"unknown attention backend(s) {unknown}, or no SDPA backend to fall back on; "
+                         f"choose from {[FA4, *_BACKEND_NAMES]}")
+    if names[0] == FA4:
+        missing = fa4_available()
+        if missing is not None:
+            raise RuntimeError(f"attention backend fa4 needs FlashAttention-4 (pip install flash-attn-4): {missing}")
     _preferred[:] = names
+
+
+def fa4_available() -> str | None:
+    """None if FlashAttention-4's CuTe interface imports, else why not."""
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception as e:  # not installed, or its compiler libraries are missing
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@torch.library.custom_op("helios::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-4's non-causal forward: (B, Lq, H, D), (B, Lk, H, D) x2 -> (B, Lq, H, D)."""
+    from flash_attn.cute.interface import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@fa4_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fa4_device(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def _fa4_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """FlashAttention-4 here: named first, CUDA, half precision, no gradient wanted (its forward only)."""
+    return (_preferred[0] == FA4 and _fa4_device(q) and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
 
 
 def _backend_context(device: torch.device):
     if device.type != "cuda" or sdpa_kernel is None:
         return contextlib.nullcontext()
-    backends = [getattr(SDPBackend, _BACKEND_NAMES[n]) for n in _preferred if hasattr(SDPBackend, _BACKEND_NAMES[n])]
+    backends = [getattr(SDPBackend, _BACKEND_NAMES[n]) for n in _preferred
+                if n in _BACKEND_NAMES and hasattr(SDPBackend, _BACKEND_NAMES[n])]
     try:
         return sdpa_kernel(backends, set_priority=True)
     except TypeError:  # torch without set_priority: the set is still restricted, order is torch's own
@@ -43,6 +86,8 @@ def _backend_context(device: torch.device):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full (non-causal) attention. q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
+    if _fa4_takes(q, k):
+        return fa4_attention(q, k, v)
     with _backend_context(q.device):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
@@ -75,7 +120,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     lq = q.shape[1]
-    names = ["cpu"] if q.device.type == "cpu" else [n for n in _preferred if n != "math"] if q.device.type == "cuda" else []
+    names = (["cpu"] if q.device.type == "cpu" else [n for n in _preferred if n not in ("math", FA4)]
+             if q.device.type == "cuda" else [])
     for name in names:
         key = (name, q.device.type, q.dtype)
         # cuDNN's kernel returned NaN (no error) for float32 on an H100: only half precision goes there.
