@@ -204,7 +204,22 @@ def code_differences(caches: dict[str, Path], reference: str) -> dict:
         }
         for key in report[name]["best_config_differs"][:5]:
             report[name][key] = [next(caches[n].rglob(key)).read_text()[:400] for n in (reference, name)]
+    for name, cache in caches.items():  # was Inductor's deterministic mode in each kernel's metadata?
+        sources = [f.read_text() for f in cache.rglob("*.py")] if cache.is_dir() else []
+        report.setdefault(name, {})["inductor_meta_deterministic"] = {
+            flag: sum(f"'deterministic': {flag}" in src for src in sources) for flag in ("True", "False")}
     return report
+
+
+def pack_kernels(caches: dict[str, Path], out: Path) -> None:
+    """Every process's generated kernels and autotuning records, in one archive beside the report."""
+    import tarfile
+
+    with tarfile.open(out, "w:gz") as tar:
+        for name, cache in caches.items():
+            for f in sorted(cache.rglob("*")) if cache.is_dir() else []:
+                if f.is_file() and f.suffix in (".py", ".best_config"):
+                    tar.add(f, arcname=f"{name}/{f.name}")
 
 
 def compare(results: dict[str, Path], reference: str) -> dict:
@@ -286,6 +301,7 @@ def main() -> None:
                   "max_abs_vs_reference": compare(results, names[0]) if names[0] in results else {}}
         if caches:
             report["generated_code"] = code_differences(caches, names[0])
+            pack_kernels(caches, a.out.with_suffix(".kernels.tgz"))
         a.out.write_text(json.dumps(report, indent=1))  # after every process: a run cut short keeps what it did
     for name, rows in report["max_abs_vs_reference"].items():
         print(f"== {name} vs {names[0]}")

@@ -26,7 +26,8 @@ def restore():
     ((10, 0), "flash", False, True, True),  # Blackwell: no Hopper kernels
     ((7, 5), "efficient", False, False, False),  # Turing: no FlashAttention-2
 ])
-def test_selection_by_capability(restore, cap, first, has_cudnn, has_flash, fp8):
+def test_selection_by_capability(restore, monkeypatch, cap, first, has_cudnn, has_flash, fp8):
+    monkeypatch.setenv("HELIOS_NO_FA4", "1")  # the SDPA order alone (FlashAttention-4: the next test)
     backends = attention_backends_for(cap)
     assert backends[0] == first and backends[-1] == "math"
     assert ("cudnn" in backends) == has_cudnn and ("flash" in backends) == has_flash
@@ -90,3 +91,20 @@ def test_fa4_goes_through_one_custom_op_that_compiles_without_a_break(restore, m
     attention.set_attention_backends(["cudnn", "flash", "efficient", "math"])
     attention.attention(q, k, v)
     assert len(calls) == n  # the SDPA order leaves fa4 alone
+
+
+def test_fa4_comes_first_on_hopper_only_where_installed_and_not_turned_off(restore, monkeypatch):
+    monkeypatch.setattr(attention, "fa4_available", lambda: None)  # as if installed
+    import helios.model.backends as backends
+
+    monkeypatch.setattr(backends, "fa4_available", lambda: None)
+    monkeypatch.delenv("HELIOS_NO_FA4", raising=False)
+    assert attention_backends_for((9, 0))[:2] == ["fa4", "cudnn"]
+    assert "fa4" not in attention_backends_for((8, 0)) and "fa4" not in attention_backends_for((10, 0))
+    configure_device("cuda", capability=(9, 0))
+    assert attention._preferred[0] == "fa4"
+    monkeypatch.setenv("HELIOS_NO_FA4", "1")
+    assert attention_backends_for((9, 0))[0] == "cudnn"
+    monkeypatch.setattr(backends, "fa4_available", lambda: "ModuleNotFoundError: No module named 'flash_attn'")
+    monkeypatch.delenv("HELIOS_NO_FA4")
+    assert attention_backends_for((9, 0))[0] == "cudnn"
