@@ -98,17 +98,23 @@ def broadcast_seed(seed: int, group: dist.ProcessGroup | None = None) -> int:
 
 def use_deterministic_kernels() -> dict[str, bool]:
     """Kernel choices that do not depend on timing (`load_pipeline(deterministic=True)`), so that runs and memory
-    plans repeat each other's frames far more often; not a guarantee on a GPU, where a compiled forward was
-    measured to change between processes (docs/memory.md). Process-wide; call it before anything is compiled.
-    Returns what was set.
+    plans repeat each other's frames. Process-wide; call it before anything is compiled. Returns what was set.
 
-    - Inductor's deterministic mode: compiled blocks skip the on-device benchmarking whose winner changes
-      the numerics (e.g. a reduction's block size, timed under whatever else the GPU is doing).
+    - Inductor's reductions with one block size each, chosen by rule: a reduction's block size sets its
+      summation order, and timing several on the device picked different ones in different processes
+      (R0_BLOCK 8192 in one, 2048 in the next: docs/memory.md). Inductor's deterministic mode does this, but
+      it does not last: Dynamo restores `torch.use_deterministic_algorithms`' state after tracing each frame,
+      and that call also sets Inductor's flag, so every graph after the first was compiled without it (found in
+      the generated kernels' metadata, H100, 2026-12-06). The two settings that decide a reduction's block
+      size are set as well, and nothing resets them: the reduction-config filter forced on, and no scaling
+      of a reduction's block at run time (`dynamic_scale_rblock`, which adds smaller blocks and times them).
     - cuDNN's benchmark mode off (PyTorch's default, made sure of): each convolution's algorithm then comes
       from cuDNN's heuristics, a function of shapes, dtypes, layout and device, the same every run.
       `torch.backends.cudnn.deterministic` is left alone: forward convolutions are already deterministic for
       a given algorithm (the non-deterministic ones are backward kernels with atomics), and the flag could
       only narrow the heuristics' list, possibly dropping the Hopper kernels the VAE decode relies on.
+
+    Eager kernels are untouched (`torch.use_deterministic_algorithms` is not turned on: it would change them).
     """
     import torch._inductor.config as inductor
 
@@ -117,9 +123,16 @@ def use_deterministic_kernels() -> dict[str, bool]:
     if hasattr(inductor, "deterministic"):  # not in older torch
         inductor.deterministic = True
         done["inductor_deterministic"] = True
-    else:
-        log.warning("this torch %s has no Inductor deterministic mode; compiled kernels may differ between runs",
-                    torch.__version__)
+    tests = getattr(inductor, "test_configs", None)
+    if tests is not None and hasattr(tests, "force_filter_reduction_configs"):
+        tests.force_filter_reduction_configs = True
+        done["inductor_one_reduction_config"] = True
+    if hasattr(inductor, "dynamic_scale_rblock"):
+        inductor.dynamic_scale_rblock = False
+        done["inductor_no_rblock_scaling"] = True
+    if "inductor_one_reduction_config" not in done:
+        log.warning("this torch %s cannot fix Inductor's reduction block sizes; compiled kernels may differ "
+                    "between runs", torch.__version__)
     return done
 
 
