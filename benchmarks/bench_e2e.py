@@ -7,7 +7,9 @@ Ours runs its default optimized engine path (`pipe.optimize()`, as `helios gener
 blocks, each forward replayed as a CUDA graph, and each chunk's VAE decode overlapped with the next
 chunk's denoising; then `HeliosVideoPipeline.stream`, frames handed over as uint8 on the host);
 `ours-no-overlap` is the same with the decode after the denoising and `ours-no-graphs` the same with
-the forwards launched kernel by kernel, for each one's effect in one run. The reference runs
+the forwards launched kernel by kernel, for each one's effect in one run. Ours picks its attention as
+`load_pipeline` does (FlashAttention-4 first on Hopper where `flash-attn-4` is installed); a config ending in
+`-no-fa4` keeps cuDNN's, for the A/B in one process. The reference runs
 `HeliosPyramidPipeline` with tensor output.
 
 Seconds per chunk = (time for 165 frames - time for 33 frames) / 4, after warm-up (as in
@@ -15,6 +17,7 @@ shared/reference/anchors.md). Writes a JSON and appends rows to benchmarks/RESUL
 
     python benchmarks/bench_e2e.py --configs ours,ours-no-overlap,ours-fp8 --out result.json
     python benchmarks/bench_e2e.py --configs reference-eager,reference-compiled --out ref.json
+    python benchmarks/bench_e2e.py --configs ours-111,ours-111-no-fa4,reference-compiled --ref-steps 111 --out fa4.json
 """
 
 from __future__ import annotations
@@ -66,8 +69,14 @@ class FixedPrompt:
         return self.emb.to(dtype) if dtype else self.emb
 
 
-def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True, deterministic: bool = False):
+def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True, deterministic: bool = False,
+               fa4: bool | None = None):
+    """The 14B distilled engine on random weights, as `load_pipeline` sets it up (its attention backends too:
+    FlashAttention-4 first on Hopper where installed; fa4=False: without it)."""
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
+
+    from helios.model.attention import set_attention_backends
+    from helios.model.backends import attention_backends_for, device_capability
 
     from helios.engine.components import Components
     from helios.engine.pipeline import HeliosVideoPipeline
@@ -75,6 +84,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = Tr
     from helios.model.transformer import build_transformer
 
     dev = torch.device("cuda")
+    set_attention_backends(attention_backends_for(device_capability(dev), fa4=fa4))
     torch.manual_seed(0)
     transformer = build_transformer(HeliosConfig(), device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
     vae = AutoencoderKLWan().to(dev, torch.bfloat16).eval()
@@ -104,10 +114,12 @@ VIDEOS: dict[str, tuple[tuple, torch.Tensor]] = {}  # config -> (sampling, its 1
 
 def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
                  overlap: bool = True, graphs: bool = True, fast_start: bool = False,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, fa4: bool | None = None) -> None:
+    from helios.model import attention
+
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = build_ours(fp8, compile, overlap, graphs, deterministic)
+    pipe = build_ours(fp8, compile, overlap, graphs, deterministic, fa4)
     sync()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -120,7 +132,7 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
     steady = chunks[1:]
     per_chunk = (t165 - t33) / 4
     out = {
-        "steps": list(steps), "fast_start": fast_start, "overlap_decode": overlap, "build_s": build_s,
+        "steps": list(steps), "fast_start": fast_start, "attention": list(attention._preferred), "overlap_decode": overlap, "build_s": build_s,
         "cuda_graphs": len(pipe.graphs.graphs) if pipe.graphs else 0,  # graphs captured (0: graphs off)
         "graph_failures": dict(pipe.graphs.failed) if pipe.graphs else {},
         "warmup_s": warmup_s,
@@ -311,14 +323,18 @@ def main() -> None:
     lin, att = chunk_flops()
     res["chunk_tflop"] = {"matmul": lin / 1e12, "attention": att / 1e12}
     for name in args.configs.split(","):
-        base, fast_start = (name[:-len("-fast-start")], True) if name.endswith("-fast-start") else (name, False)
-        if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest
-            measure_ours(name, res=res, fast_start=fast_start, deterministic=args.deterministic, **OURS[base])
+        base, no_fa4 = (name[:-len("-no-fa4")], True) if name.endswith("-no-fa4") else (name, False)
+        base, fast_start = (base[:-len("-fast-start")], True) if base.endswith("-fast-start") else (base, False)
+        if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest;
+            # "-no-fa4": cuDNN attention even where FlashAttention-4 is installed
+            measure_ours(name, res=res, fast_start=fast_start, deterministic=args.deterministic,
+                         fa4=False if no_fa4 else None, **OURS[base])
         elif name in ("reference-eager", "reference-compiled"):
             steps_list = [tuple(int(c) for c in s) for s in args.ref_steps.split(",")]
             measure_reference(name, compile=name.endswith("compiled"), res=res, steps_list=steps_list)
         else:
-            raise SystemExit(f"unknown config {name} (ours: {', '.join(OURS)}, each also with -fast-start; "
+            raise SystemExit(f"unknown config {name} (ours: {', '.join(OURS)}, each also with -fast-start and/or "
+                             "-no-fa4 (in that order); "
                              "reference-eager, reference-compiled)")
         Path(args.out).write_text(json.dumps(res, indent=2))
     append_results(res, Path(args.results_md))
