@@ -75,8 +75,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = Tr
     FlashAttention-4 first on Hopper where installed; fa4=False: without it)."""
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
 
-    from helios.model.attention import set_attention_backends
-    from helios.model.backends import attention_backends_for, device_capability
+    from helios.model.backends import configure_device
 
     from helios.engine.components import Components
     from helios.engine.pipeline import HeliosVideoPipeline
@@ -84,7 +83,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = Tr
     from helios.model.transformer import build_transformer
 
     dev = torch.device("cuda")
-    set_attention_backends(attention_backends_for(device_capability(dev), fa4=fa4))
+    configure_device(dev, fa4=fa4)
     torch.manual_seed(0)
     transformer = build_transformer(HeliosConfig(), device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
     vae = AutoencoderKLWan().to(dev, torch.bfloat16).eval()

@@ -103,6 +103,8 @@ def test_fa4_comes_first_on_hopper_only_where_installed_and_not_turned_off(resto
     assert "fa4" not in attention_backends_for((8, 0)) and "fa4" not in attention_backends_for((10, 0))
     configure_device("cuda", capability=(9, 0))
     assert attention._preferred[0] == "fa4"
+    configure_device("cuda", capability=(9, 0), fa4=False)  # bench_e2e's -no-fa4 configs
+    assert attention._preferred[0] == "cudnn"
     monkeypatch.setenv("HELIOS_NO_FA4", "1")
     assert attention_backends_for((9, 0))[0] == "cudnn"
     monkeypatch.setattr(backends, "fa4_available", lambda: "ModuleNotFoundError: No module named 'flash_attn'")

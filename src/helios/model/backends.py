@@ -70,16 +70,18 @@ def weight_dtype_for(capability: Capability, fp8_requested: bool) -> str:
     return "fp8" if fp8_requested and fp8_matmul_supported(capability) else "bf16"
 
 
-def configure_device(device: torch.device | str, capability: Capability | None = None) -> dict:
+def configure_device(device: torch.device | str, capability: Capability | None = None,
+                     fa4: bool | None = None) -> dict:
     """Set the attention backends for `device` (a CUDA device; others are left alone) and say what was chosen.
 
     capability: force one (tests, and trying a fallback path on a newer card); default: the device's own.
+    fa4: as in `attention_backends_for` (False: cuDNN first on Hopper even where FlashAttention-4 is installed).
     """
     device = torch.device(device)
     if device.type != "cuda" and capability is None:
         return {}
     cap = tuple(capability or device_capability(device) or (0, 0))
-    backends = attention_backends_for(cap)
+    backends = attention_backends_for(cap, fa4=fa4)
     set_attention_backends(backends)
     chosen = {"capability": f"sm{cap[0]}{cap[1]}", "attention": backends, "fp8_matmul": fp8_matmul_supported(cap)}
     log.info("kernels for %s: attention %s, FP8 matmuls %s", chosen["capability"], " > ".join(backends),
