@@ -37,7 +37,9 @@ pack)
     md5sum < "$work/bundle.tar" | cut -d' ' -f1 | tee .fa4a/bundle.md5
     rm -rf "$work" ;;
 gather)
-    mkdir -p /tmp/fa4p && cp "${2:?gather DIR}"/part.* /tmp/fa4p/ && cp "$2"/*.md5 /tmp/fa4p/ 2>/dev/null || true
+    mkdir -p /tmp/fa4p
+    cp "${2:?gather DIR}"/part.* /tmp/fa4p/
+    if ls "$2"/*.md5 >/dev/null 2>&1; then cp "$2"/*.md5 /tmp/fa4p/; fi  # (.fa4a only)
     ls -l /tmp/fa4p ;;
 install)
     target=${2:?install TARGET}
