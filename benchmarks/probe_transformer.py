@@ -23,12 +23,14 @@ import time
 
 import torch
 
-from helios.model.attention import set_attention_backends
+from helios.model.attention import attention, set_attention_backends
 from helios.model.config import HeliosConfig
 from helios.model.transformer import build_transformer
 
 H, W = 48, 80  # latent size at 384x640
 STAGES = {"stage0": (12, 20), "stage1": (24, 40), "stage2": (48, 80)}
+# tokens per forward: 9 latent frames of 2x2 patches + the 2400 history tokens
+STAGE_LENGTHS = {k: 9 * h * w // 4 + 2400 for k, (h, w) in STAGES.items()}
 
 
 def cuda_time(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -104,7 +106,7 @@ def kernel_table(prof) -> dict:
 
 def attention_times(dev, lengths: dict[str, int], heads: int = 40, head_dim: int = 128) -> dict:
     """Self-attention at each stage's length: each SDPA backend, and FP8 (cuDNN frontend) with its error."""
-    from helios.model.attention import CudnnFp8Attention, attention, cudnn_frontend_available
+    from helios.model.attention import CudnnFp8Attention, cudnn_frontend_available
 
     out: dict = {"cudnn_frontend": cudnn_frontend_available() or "ok"}
     fp8 = None
@@ -254,7 +256,6 @@ def attention_kernel_candidates(dev, lengths: dict[str, int], heads: int = 40, h
 
         row: dict = {"lq": lq, "lk": lk}
         set_attention_backends(["cudnn"])
-        from helios.model.attention import attention
         row["torch_cudnn"] = score(lambda: attention(q, k, v))
         set_attention_backends(["cudnn", "flash", "efficient", "math"])
         try:
@@ -262,12 +263,11 @@ def attention_kernel_candidates(dev, lengths: dict[str, int], heads: int = 40, h
                 row[f"frontend_{name}"] = score(run) if run is not None else "did not build"
         except Exception as e:
             row["frontend"] = f"{type(e).__name__}: {e}"[:300]
-        if fa4 is not None:
-            for tag, kw in (("default", {}),):
-                try:
-                    row[f"fa4_{tag}"] = score(lambda: fa4(q, k, v, **kw))
-                except Exception as e:
-                    row[f"fa4_{tag}"] = f"{type(e).__name__}: {e}"[:300]
+        if fa4 is not None:  # its own heuristics' tiles ("default")
+            try:
+                row["fa4_default"] = score(lambda: fa4(q, k, v))
+            except Exception as e:
+                row["fa4_default"] = f"{type(e).__name__}: {e}"[:300]
         out[stage] = row
         print("attention-kernels", stage, json.dumps(row), flush=True)
     return out
@@ -312,9 +312,8 @@ def glue_probe(args) -> None:
                  "fused_kernels": not args.no_kernels}
     hist, ctx, noisy = inputs(dev, dtype)
     if not args.skip_attention:
-        lengths = {k: 9 * h * w // 4 + 2400 for k, (h, w) in STAGES.items()}
-        res["attention"] = attention_times(dev, lengths)
-        res["gemm_gelu"] = gemm_epilogue_times(dev, lengths["stage2"])
+        res["attention"] = attention_times(dev, STAGE_LENGTHS)
+        res["gemm_gelu"] = gemm_epilogue_times(dev, STAGE_LENGTHS["stage2"])
         print("gemm_gelu", res["gemm_gelu"], flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
@@ -392,8 +391,7 @@ def main() -> None:
     if args.attention_kernels:
         res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
         with torch.no_grad():
-            res["attention_kernels"] = attention_kernel_candidates(
-                torch.device("cuda"), {k: 9 * h * w // 4 + 2400 for k, (h, w) in STAGES.items()})
+            res["attention_kernels"] = attention_kernel_candidates(torch.device("cuda"), STAGE_LENGTHS)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
         return
