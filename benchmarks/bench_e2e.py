@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from probe_transformer import cuda_time  # same folder: median of CUDA-event timings after warm-up
+from probe_transformer import cuda_time, timeline_table  # same folder
 
 HEIGHT, WIDTH = 384, 640
 STEPS = (2, 2, 2)
@@ -113,7 +113,7 @@ VIDEOS: dict[str, tuple[tuple, torch.Tensor]] = {}  # config -> (sampling, its 1
 
 def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
                  overlap: bool = True, graphs: bool = True, fast_start: bool = False,
-                 deterministic: bool = False, fa4: bool | None = None) -> None:
+                 deterministic: bool = False, fa4: bool | None = None, profile: bool = False) -> None:
     from helios.model import attention
 
     torch.cuda.reset_peak_memory_stats()
@@ -143,6 +143,15 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
         "frames_returned": sum(c.frames.shape[0] for c in parts),
     }
+    if profile:  # where a chunk's time goes between the forwards, the decode and the GPU waiting
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:  # four chunks alike: none amplified
+            for _ in pipe.stream("benchmark", num_frames=132, height=HEIGHT, width=WIDTH, settings="distilled",
+                                 steps=list(steps), seed=0, amplify_first_chunk=False):
+                pass
+            sync()
+        out["profile_4_chunks"] = timeline_table(prof, chunks=4)
     # Each optimisation alone, on the warm model (for NOTES.md): decode paths, one stage-2 forward.
     z = torch.randn(1, 16, 9, HEIGHT // 8, WIDTH // 8, device="cuda")
     out["decode_batched_s"] = timed(lambda: pipe.codec.decode(z))
@@ -296,6 +305,7 @@ OURS = {
     "ours-no-overlap": dict(fp8=False, compile=True, overlap=False),  # decode after denoising: the overlap's effect
     "ours-no-graphs": dict(fp8=False, compile=True, graphs=False),  # forwards launched kernel by kernel
     "ours-111-no-graphs": dict(fp8=False, compile=True, steps=(1, 1, 1), graphs=False),
+    "ours-111-no-overlap": dict(fp8=False, compile=True, steps=(1, 1, 1), overlap=False),
     "ours-eager": dict(fp8=False, compile=False),
     "ours-fp8": dict(fp8=True, compile=True),
     "ours-111": dict(fp8=False, compile=True, steps=(1, 1, 1)),  # the paper's 3-step setting
@@ -312,6 +322,9 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true",
                     help="kernel choices that do not depend on timing (helios.runtime.use_deterministic_kernels), "
                          "so that frames_vs compares what the options change and nothing else")
+    ap.add_argument("--profile", action="store_true",
+                    help="ours: also profile a 4-chunk run after the timed ones (GPU busy and idle time per chunk, "
+                         "per stream and kernel category; the profiler slows it, so its times are not the timed ones)")
     args = ap.parse_args()
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "date": datetime.date.today().isoformat(), "deterministic": args.deterministic}
@@ -327,7 +340,7 @@ def main() -> None:
         if base in OURS:  # "-fast-start": first chunk not amplified, its frame 0 handed over before the rest;
             # "-no-fa4": cuDNN attention even where FlashAttention-4 is installed
             measure_ours(name, res=res, fast_start=fast_start, deterministic=args.deterministic,
-                         fa4=False if no_fa4 else None, **OURS[base])
+                         fa4=False if no_fa4 else None, profile=args.profile, **OURS[base])
         elif name in ("reference-eager", "reference-compiled"):
             steps_list = [tuple(int(c) for c in s) for s in args.ref_steps.split(",")]
             measure_reference(name, compile=name.endswith("compiled"), res=res, steps_list=steps_list)

@@ -76,12 +76,12 @@ def kernel_category(name: str) -> str:
     n = name.lower()
     if n.startswith("triton"):
         return "triton"
-    if any(k in n for k in ("sdpa", "fmha", "flash", "attention", "cudnn")):
+    if any(k in n for k in ("sdpa", "fmha", "flash", "attention")):
         return "attention"
+    if any(k in n for k in ("conv", "fprop", "dgrad", "wgrad")):  # cuDNN's and cuBLAS's convolution kernels
+        return "conv"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "wgmma")):
         return "gemm"
-    if n.startswith("triton"):
-        return "triton"
     if any(k in n for k in ("copy", "memcpy", "memset", "cat", "fill")):
         return "copy"
     return "other"
@@ -102,6 +102,55 @@ def kernel_table(prof) -> dict:
     return {"total_ms": sum(cats.values()), "by_category_ms": cats,
             "top": [{"name": n[:160], "category": kernel_category(n), "ms": sum(ts), "calls": len(ts)}
                     for n, ts in top]}
+
+
+def timeline_table(prof, chunks: int = 1) -> dict:
+    """Where the GPU's time went over a profiled run, across streams: `timeline` of its kernels and copies."""
+    from torch.autograd import DeviceType
+
+    return timeline([(e.time_range.start, e.time_range.end, e.device_resource_id, e.name)
+                     for e in prof.events() if e.device_type == DeviceType.CUDA], chunks)
+
+
+def timeline(spans: list[tuple[float, float, int, str]], chunks: int = 1, top: int = 15) -> dict:
+    """GPU time of (start_us, end_us, stream, kernel name) spans, in ms, also per chunk over `chunks`.
+
+    busy: the union of the spans on every stream; idle: the window less busy (the GPU waiting on the host);
+    concurrent: time two streams ran at once (the streams' sums less busy). Per stream, its time by category
+    (`kernel_category`) and its `top` kernels by time."""
+    if not spans:
+        return {"kernels": 0}
+    spans = sorted(spans)
+    busy, gaps = 0.0, []
+    start, end = spans[0][0], spans[0][1]
+    for s, e, _, _ in spans[1:]:
+        if s > end:
+            busy, start = busy + end - start, s
+            gaps.append(s - end)
+        end = max(end, e)
+    busy += end - start
+    window = end - spans[0][0]
+    streams: dict[int, dict] = {}
+    names: dict[int, dict[str, list[float]]] = {}
+    for s, e, stream, name in spans:
+        row = streams.setdefault(stream, {"kernels": 0, "ms": 0.0, "by_category_ms": {}})
+        cat = kernel_category(name)
+        row["kernels"] += 1
+        row["ms"] += (e - s) / 1e3
+        row["by_category_ms"][cat] = row["by_category_ms"].get(cat, 0.0) + (e - s) / 1e3
+        names.setdefault(stream, {}).setdefault(name, []).append((e - s) / 1e3)
+    for stream, row in streams.items():
+        ranked = sorted(names[stream].items(), key=lambda kv: -sum(kv[1]))[:top]
+        row["top"] = [{"name": n[:160], "category": kernel_category(n), "ms": sum(t), "calls": len(t)}
+                      for n, t in ranked]
+    big = [g for g in gaps if g > 50]
+    out = {"kernels": len(spans), "window_ms": window / 1e3, "busy_ms": busy / 1e3, "idle_ms": (window - busy) / 1e3,
+           "concurrent_ms": sum(r["ms"] for r in streams.values()) - busy / 1e3,
+           "gaps_over_50us": len(big), "idle_in_gaps_over_50us_ms": sum(big) / 1e3,
+           "largest_gaps_ms": [g / 1e3 for g in sorted(gaps, reverse=True)[:10]],
+           "per_stream": {str(k): v for k, v in streams.items()}}
+    out["per_chunk_ms"] = {k: out[k] / chunks for k in ("window_ms", "busy_ms", "idle_ms", "concurrent_ms")}
+    return out
 
 
 def attention_times(dev, lengths: dict[str, int], heads: int = 40, head_dim: int = 128) -> dict:

@@ -3,24 +3,18 @@ must score right in every window, and the per-model summary and strips come out 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helios.train.synthetic import SyntheticConfig, SyntheticVideo
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers.benchmarks import load_benchmark as load_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("minute_eval", ROOT / "benchmarks" / "minute_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("minute_eval")
 
 
 class RenderedPipeline:
