@@ -44,8 +44,9 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=384)
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--quick", action="store_true",
-                    help="only the reference, the default tuned graph and cuDNN's own searches (its top 10 "
-                         "algorithms, then all of them), not each development step")
+                    help="only the reference, the default tuned graph, the implicit-GEMM convolution (alone and "
+                         "fused with the norm after it) and cuDNN's own searches (its top 10 algorithms, then all "
+                         "of them), not each development step")
     args = ap.parse_args()
     torch.manual_seed(0)
     vae = AutoencoderKLWan().to("cuda").eval()
@@ -102,6 +103,7 @@ def main() -> None:
     codec.fast_decode_(shape, graphs=False)  # back to the default choices
     codec.fast_decode_(None, graphs=True)  # keeps the tuned choices
     record("ours-tuned-graph", lambda: codec.decode(z))
+    igemm(codec, shape, z, z_raw, res, record)
     first, rest = codec.decode_parts(z)
     res["parts_vs_whole_max_abs"] = (torch.cat([first, rest], 2).float() - codec.decode(z).float()).abs().max().item()
     res["first_frame_s"] = cuda_time(lambda: next(iter(codec.decode_parts(z))), warmup=1, iters=5)
@@ -113,12 +115,33 @@ def main() -> None:
     save()
 
 
+def igemm(codec, shape, z, z_raw, res: dict, record) -> None:
+    """Not tuned by default yet: the implicit-GEMM convolution (`igemm`, every output channel of a position in one
+    Triton program) as one more candidate, then each residual block's conv1 + norm2 + SiLU fused into it; each
+    as a CUDA graph, and back to the default choices after."""
+    from helios.model.wan_vae import CONV_IMPLS, UPSAMPLE_IMPLS, autotune_convs
+
+    decoder = codec.decoder
+    res["conv_timings_with_igemm_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
+    codec.fast_decode_(None, graphs=True)
+    record("ours-tuned-graph+igemm", lambda: codec.decode(z))
+    res["fused_conv_norm_blocks"] = decoder.fuse_conv_norms_()
+    res["conv_timings_fused_conv_norm_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
+    codec.fast_decode_(None, graphs=True)
+    record("ours-tuned-graph+igemm+fused-conv-norm", lambda: codec.decode(z))
+    res["profile_fused_conv_norm"] = profile(lambda: codec.decode(z))
+    decoder.fuse_conv_norms_(False)
+    codec.fast_decode_(shape, graphs=True)  # the default choices again
+
+
 def quick(codec, shape, z, res: dict, record, save) -> None:
     """The default fast path (tuned, graphed), then the same tuned again under cuDNN's benchmark mode: first
     its default search (the heuristics' top 10 algorithms per shape), then every algorithm it has
     (`benchmark_limit = 0`), for a better kernel for the 96-channel full-resolution convolutions."""
     res["conv_timings_ms"] = codec.fast_decode_(shape, graphs=True)
     record("ours-tuned-graph", lambda: codec.decode(z))
+    igemm(codec, shape, z, codec._vae_latents(z), res, record)
+    save()
     limit = torch.backends.cudnn.benchmark_limit
     try:
         torch.backends.cudnn.benchmark = True

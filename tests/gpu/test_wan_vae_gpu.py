@@ -57,6 +57,29 @@ def test_tap_sum_kernel_equals_the_torch_ops(dtype, channels):
     assert rel(out.float(), ref) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c_in, c_out, norm", [(96, 96, True), (96, 96, False), (192, 192, True), (192, 96, False)])
+def test_implicit_gemm_conv_kernel_equals_the_torch_ops(dtype, c_in, c_out, norm):
+    from helios.model import vae_kernels
+
+    g = torch.Generator("cuda").manual_seed(2)
+    fmt = torch.channels_last_3d
+    x = torch.randn(2, c_in, 5, 24, 40, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=g) / (27 * c_in) ** 0.5).to(dtype)
+    bias = torch.randn(c_out, device="cuda", generator=g).to(dtype)
+    gain = 1 + 0.3 * torch.randn(c_out, device="cuda", generator=g)
+    buf = torch.full((2, c_out, 5, 24, 40), float("nan"), device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    assert vae_kernels.use_triton(x, buf[:, :, 2:]) and vae_kernels.igemm_fits(c_in, c_out)
+    vae_kernels.conv3x3x3(x, w, bias, buf[:, :, 2:], gain=gain if norm else None, scale=c_out**0.5, silu=norm)
+    ref = torch.nn.functional.conv3d(x.double(), w.double(), bias.double(), padding=(0, 1, 1))
+    if norm:
+        ref = torch.nn.functional.silu(torch.nn.functional.normalize(ref, dim=1) * c_out**0.5
+                                       * gain.double().view(-1, 1, 1, 1))
+    assert buf[:, :, :2].isnan().all()  # the history frames are untouched
+    # against float64: float32 runs exact products (no TF32); bf16 rounds inputs and output once each
+    assert rel(buf[:, :, 2:], ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
     from diffusers import AutoencoderKLWan
 
@@ -86,7 +109,8 @@ def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
     # each implementation on its own, whatever the timing chose (the Triton tap sum and the phase shuffle)
     from helios.model.wan_vae import CausalConv3d, Resample
 
-    for conv_impl, upsample_impl in [("folded", "phase"), ("taps", "upsample"), ("pad16", "phase"), ("gather", "phase")]:
+    for conv_impl, upsample_impl in [("folded", "phase"), ("taps", "upsample"), ("pad16", "phase"), ("gather", "phase"),
+                                     ("igemm", "phase")]:
         for m in codec.decoder.modules():
             if isinstance(m, CausalConv3d) and conv_impl in m.impls:
                 m.impl = conv_impl
@@ -95,3 +119,12 @@ def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
         forced = codec.decoder.decode(codec._vae_latents(z)).float()
         print(f"{conv_impl}/{upsample_impl}: bf16 vs float32 relative error {rel(forced, exact):.4f}")
         assert rel(forced, exact) <= err_ref
+    # each residual block's conv1 + norm2 + SiLU as one kernel (not the default yet), eager and as a graph
+    assert codec.decoder.fuse_conv_norms_()
+    fused = codec.decoder.decode(codec._vae_latents(z)).float()
+    print(f"fused conv + norm: bf16 vs float32 relative error {rel(fused, exact):.4f}")
+    assert rel(fused, exact) <= err_ref
+    codec.fast_decode_(None, graphs=True)
+    assert torch.equal(codec.decode(z).float(), codec.decode(z).float())
+    assert rel(codec.decode(z).float(), exact) <= err_ref
+    codec.decoder.fuse_conv_norms_(False)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -154,7 +160,7 @@ def test_settling_a_choice_drops_the_other_weights_and_the_cached_blocks(vae, mo
 @pytest.mark.parametrize("kernel, padding, c_out", [((3, 3, 3), 1, 7), ((3, 3, 3), 1, 3), ((3, 1, 1), (1, 0, 0), 7),
                                                      ((1, 1, 1), 0, 7)])
 def test_each_convolution_implementation_equals_conv3d(kernel, padding, c_out, channels_last):
-    from helios.model.wan_vae import CONV_IMPLS, CausalConv3d, run_conv_deferred
+    from helios.model.wan_vae import CONV_IMPLS, FREE_BIAS, CausalConv3d, run_conv_deferred
 
     torch.manual_seed(0)
     conv = CausalConv3d(5, c_out, kernel, padding=padding)
@@ -175,7 +181,7 @@ def test_each_convolution_implementation_equals_conv3d(kernel, padding, c_out, c
         parts, bias = run_conv_deferred(conv, x, defer=True)
         y = sum(parts) if bias is None else sum(parts) + bias.view(-1, 1, 1, 1)
         assert (y - ref).abs().max().item() < 1e-5, name
-        assert (bias is None) == (name in ("folded", "gather")), name
+        assert (bias is None) == (name in FREE_BIAS), name
         assert len(parts) == (kernel[0] if name == "taps" else 1), name  # the taps come back unsummed
         assert len(run_conv_deferred(conv, x, defer=True, partial_sums=False)[0]) == 1
 
@@ -215,6 +221,85 @@ def test_the_fused_norm_adds_a_deferred_bias_the_taps_and_the_residual():
     assert (total - s).abs().max().item() < 1e-5 and (out - ref).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="at most 3"):
         vae_kernels.rms_norm_silu(x, gain, 6**0.5, out=out, residual=[r] * 4)
+
+
+def test_the_implicit_gemm_convolution_takes_power_of_two_sums_of_widths():
+    from helios.model import vae_kernels
+    from helios.model.wan_vae import CausalConv3d
+
+    assert [vae_kernels.igemm_split(c) for c in (96, 192, 128, 80, 16)] == [(64, 32), (128, 64), (128, 0), (64, 16),
+                                                                             (16, 0)]
+    assert [vae_kernels.igemm_split(c) for c in (3, 72, 112, 384)] == [None] * 4  # 8 or 48 left over; too wide
+    assert "igemm" in CausalConv3d(96, 96, 3, padding=1).impls
+    assert "igemm" not in CausalConv3d(96, 384, 3, padding=1).impls  # too wide for one program's accumulators
+    assert "igemm" not in CausalConv3d(5, 96, 3, padding=1).impls  # inputs not in blocks of 32
+    assert "igemm" not in CausalConv3d(96, 96, (3, 1, 1), padding=(1, 0, 0)).impls
+    w = torch.randn(48, 32, 3, 3, 3)
+    packed = vae_kernels.pack_igemm_weight(w)  # row (tap, input channel), tap = 9 kt + 3 ky + kx
+    assert packed.shape == (27 * 32, 48) and torch.equal(packed[(9 * 2 + 3 * 1 + 0) * 32 + 5], w[:, 5, 2, 1, 0])
+    with pytest.raises(ValueError, match="conv3x3x3"):
+        vae_kernels.conv3x3x3(torch.randn(1, 32, 4, 5, 6), w, None, out=torch.empty(1, 48, 4, 5, 6))
+
+
+def test_the_conv_with_its_norm_fused_equals_the_conv_then_the_norm():
+    from helios.model import vae_kernels
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 5, 4, 6, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    w, bias, gain = torch.randn(48, 32, 3, 3, 3, generator=g) / 30, torch.randn(48, generator=g), torch.rand(48) + 0.5
+    conv = torch.nn.functional.conv3d(x, w, bias, padding=(0, 1, 1))
+    buf = torch.full((2, 48, 5, 4, 6), float("nan")).contiguous(memory_format=torch.channels_last_3d)
+    vae_kernels.conv3x3x3(x, w, bias, buf[:, :, 2:], gain=gain, scale=48**0.5, silu=True)
+    ref = torch.nn.functional.silu(torch.nn.functional.normalize(conv, dim=1) * 48**0.5 * gain.view(-1, 1, 1, 1))
+    assert (buf[:, :, 2:] - ref).abs().max().item() < 1e-5 and buf[:, :, :2].isnan().all()  # history left alone
+    plain = vae_kernels.conv3x3x3(x, w, bias, torch.empty_like(conv))
+    assert (plain - conv).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_implicit_gemm_kernel_under_the_triton_interpreter():
+    """The Triton kernel itself (its CUDA run is in tests/gpu/test_wan_vae_gpu.py): split output widths, a batch
+    stride, an output view inside a history buffer, positions past the last block, the frame's borders."""
+    script = textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from helios.model import vae_kernels as vk
+        torch.manual_seed(0)
+        for b, c_in, c_out, t, h, w, norm, block_m in ((2, 32, 96, 2, 5, 7, True, 32), (1, 64, 128, 1, 4, 9, False, 16),
+                                                       (1, 96, 48, 2, 3, 5, True, 64)):
+            fmt = torch.channels_last_3d
+            x = torch.randn(b, c_in, t + 2, h, w).contiguous(memory_format=fmt)
+            wt = torch.randn(c_out, c_in, 3, 3, 3) / (27 * c_in) ** 0.5
+            bias, gain = torch.randn(c_out), torch.rand(c_out) + 0.5
+            buf = torch.full((b, c_out, t + 2, h, w), float("nan")).contiguous(memory_format=fmt)
+            ref = F.conv3d(x, wt, bias, padding=(0, 1, 1))
+            if norm:
+                ref = F.silu(F.normalize(ref, dim=1) * c_out ** 0.5 * gain.view(-1, 1, 1, 1))
+            vk._conv3x3x3_triton(x, vk.pack_igemm_weight(wt), bias, buf[:, :, 2:], gain if norm else None,
+                                 c_out ** 0.5, norm, block_m=block_m)
+            err = ((buf[:, :, 2:] - ref).norm() / ref.norm()).item()
+            assert err < 1e-6 and buf[:, :, :2].isnan().all(), err
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_fusing_each_blocks_first_conv_with_its_norm_decodes_the_same_frames(released_vae):
+    decoder = WanVAEDecoder.from_vae(released_vae)
+    z = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(6))
+    ref = reference(released_vae, z)
+    fused = decoder.fuse_conv_norms_()
+    assert "decoder.up_blocks.3.resnets.0" in fused and "decoder.mid_block.resnets.0" not in fused  # 96 / 384 wide
+    assert all(decoder.get_submodule(name).conv1.impl == "igemm" for name in fused)
+    decoder.channels_last_()
+    assert (decoder.decode(z) - ref).abs().max().item() < 1e-5
+    state = DecodeState()  # the fused kernel keeps each conv1's history for the next call, as the conv does
+    parts = [decoder.decode(z[:, :, :1], state), decoder.decode(z[:, :, 1:], state)]
+    assert (torch.cat(parts, 2) - ref).abs().max().item() < 1e-5
+    assert decoder.fuse_conv_norms_(False) == [] and not decoder.fuse_conv_norm
+    assert all(decoder.get_submodule(name).conv1.impl != "igemm" for name in fused)
 
 
 def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():

@@ -268,3 +268,134 @@ if triton is not None:
             acc += tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
         o = ((b[:, None] * C + c[None, :]) * frames + t[:, None]) * (H * W) + hw[:, None]
         tl.store(o_ptr + o, acc.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (c[None, :] < C))
+
+
+# ----------------------------------------------------------------------------------------------
+# a 3x3x3 convolution as one implicit GEMM, all output channels per program, with an optional fused
+# RMS norm + SiLU epilogue
+
+
+IGEMM_BLOCK_M = 128  # output positions per program
+
+
+def igemm_split(c_out: int) -> tuple[int, int] | None:
+    """(N0, N1): the output channels as two power-of-two GEMM widths (96 = 64 + 32, 192 = 128 + 64, 128 =
+    128 + 0), so that a program computes every output channel without padding them; None if C_out is not
+    such a sum within 16..192 (Triton's dot takes power-of-two widths of at least 16)."""
+    if not 16 <= c_out <= 192:
+        return None
+    n0 = 1 << (c_out.bit_length() - 1)
+    n1 = c_out - n0
+    return (n0, n1) if n1 == 0 or (n1 >= 16 and n1 & (n1 - 1) == 0) else None
+
+
+def igemm_fits(c_in: int, c_out: int) -> bool:
+    return c_in % 32 == 0 and igemm_split(c_out) is not None
+
+
+def pack_igemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3, 3) -> (27 C_in, C_out): row (tap, input channel), tap = 9 kt + 3 ky + kx."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(2, 3, 4, 1, 0).reshape(27 * c_in, c_out).contiguous()
+
+
+def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+              gain: torch.Tensor | None = None, scale: float = 1.0, silu: bool = False,
+              packed: torch.Tensor | None = None) -> torch.Tensor:
+    """out = conv(x) + bias for a 3x3x3 convolution with no temporal and unit spatial padding (the causal
+    convolution of a buffer that holds its history frames in front): x (B, C_in, T + 2, H, W) -> out
+    (B, C_out, T, H, W). With `gain`, out = silu?(norm(conv(x) + bias) * scale * gain) instead: the RMS
+    norm (and SiLU) that follows the convolution, made on the float32 sum before it is rounded.
+
+    `weight` is the convolution's (C_out, C_in, 3, 3, 3) weight; `out` may be a view into a larger buffer.
+    On CUDA with channels-last x and out and `igemm_fits` shapes, one Triton kernel (`_conv3x3x3_triton`, with
+    the weight packed by `pack_igemm_weight`, or `packed` if the caller keeps it packed); elsewhere cuDNN's or
+    the CPU's convolution, then the fused norm.
+    """
+    b, c_in, t_in, h, w = x.shape
+    c_out = weight.shape[0]
+    if weight.shape != (c_out, c_in, 3, 3, 3) or out.shape != (b, c_out, t_in - 2, h, w):
+        raise ValueError(f"conv3x3x3: weight {tuple(weight.shape)} and out {tuple(out.shape)} do not fit "
+                         f"x {tuple(x.shape)} (a 3x3x3 kernel, T + 2 input frames -> T output frames)")
+    if x.is_cuda and igemm_fits(c_in, c_out) and use_triton(x, out):
+        _conv3x3x3_triton(x, pack_igemm_weight(weight) if packed is None else packed, bias, out, gain, scale, silu)
+        return out
+    y = F.conv3d(x, weight, bias, padding=(0, 1, 1))
+    if gain is None:
+        return out.copy_(y)
+    return rms_norm_silu(y, gain, scale, out=out, silu=silu)
+
+
+def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, block_m=IGEMM_BLOCK_M):
+    """`conv3x3x3` by the Triton kernel, `packed` from `pack_igemm_weight` (made once by the caller)."""
+    b, c_in, t_in, h, w = x.shape
+    c_out = out.shape[1]
+    n0, n1 = igemm_split(c_out)
+    rows = b * (t_in - 2) * h * w
+    grid = (triton.cdiv(rows, block_m),)
+    fp32 = x.dtype == torch.float32
+    _conv3x3x3_kernel[grid](
+        x, packed, bias if bias is not None else packed, gain.float().contiguous() if gain is not None else packed,
+        out, rows, t_in - 2, h, w, float(scale), _row_batch_stride(x), _row_batch_stride(out),
+        C_IN=c_in, C_OUT=c_out, N0=n0, N1=n1, BK=64 if c_in % 64 == 0 else 32, BLOCK_M=block_m,
+        HAS_BIAS=bias is not None, NORM=gain is not None, SILU=silu, PRECISION="ieee" if fp32 else "tf32",
+        num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv3x3x3_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, o_ptr, rows, T, H, W, scale, xs, os,
+                          C_IN: tl.constexpr, C_OUT: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
+                          BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                          SILU: tl.constexpr, PRECISION: tl.constexpr):
+        # One row per output position (b, t, y, x). The K loop runs over the 27 taps x C_IN / BK channel
+        # blocks; tap (kt, ky, kx) reads input position (t + kt, y + ky - 1, x + kx - 1), zero outside the frame.
+        row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = row < rows
+        x_ = row % W
+        y_ = (row // W) % H
+        t_ = (row // (W * H)) % T
+        b_ = row // (W * H * T)
+        k = tl.arange(0, BK)
+        n0 = tl.arange(0, N0)
+        acc0 = tl.zeros((BLOCK_M, N0), dtype=tl.float32)
+        if N1 > 0:
+            n1 = N0 + tl.arange(0, N1)
+            acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
+        CHUNKS: tl.constexpr = C_IN // BK
+        for it in range(27 * CHUNKS):
+            tap = it // CHUNKS
+            c0 = (it % CHUNKS) * BK
+            kt = tap // 9
+            yy = y_ + (tap // 3) % 3 - 1
+            xx = x_ + tap % 3 - 1
+            valid = rmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            pos = ((t_ + kt) * H + yy) * W + xx
+            src = b_ * xs + pos * C_IN + c0
+            a = tl.load(x_ptr + src[:, None] + k[None, :], mask=valid[:, None], other=0.0)
+            wrow = (tap * C_IN + c0 + k).to(tl.int64) * C_OUT
+            acc0 = tl.dot(a, tl.load(w_ptr + wrow[:, None] + n0[None, :]), acc0, input_precision=PRECISION)
+            if N1 > 0:
+                acc1 = tl.dot(a, tl.load(w_ptr + wrow[:, None] + n1[None, :]), acc1, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc0 += tl.load(bias_ptr + n0).to(tl.float32)[None, :]
+            if N1 > 0:
+                acc1 += tl.load(bias_ptr + n1).to(tl.float32)[None, :]
+        if NORM:
+            sq = tl.sum(acc0 * acc0, axis=1)
+            if N1 > 0:
+                sq += tl.sum(acc1 * acc1, axis=1)
+            inv = scale / tl.maximum(tl.sqrt(sq), 1e-12)
+            acc0 = acc0 * inv[:, None] * tl.load(g_ptr + n0)[None, :]
+            if SILU:
+                acc0 = acc0 * tl.sigmoid(acc0)
+            if N1 > 0:
+                acc1 = acc1 * inv[:, None] * tl.load(g_ptr + n1)[None, :]
+                if SILU:
+                    acc1 = acc1 * tl.sigmoid(acc1)
+        opos = ((t_ * H + y_) * W + x_) * C_OUT + b_ * os
+        tl.store(o_ptr + opos[:, None] + n0[None, :], acc0.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+        if N1 > 0:
+            tl.store(o_ptr + opos[:, None] + n1[None, :], acc1.to(o_ptr.dtype.element_ty), mask=rmask[:, None])

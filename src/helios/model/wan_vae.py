@@ -117,7 +117,15 @@ class CausalConv3d(nn.Conv3d):
         if (self.out_channels <= vae_kernels.GATHER_CHANNELS and self.kernel_size == (3, 3, 3)
                 and self.padding == (0, 1, 1)):
             names.append("gather")
+        if self.fits_igemm:
+            names.append("igemm")
         return names
+
+    @property
+    def fits_igemm(self) -> bool:
+        """A 3x3x3 convolution whose widths the implicit-GEMM kernel takes (`vae_kernels.igemm_fits`)."""
+        return (self.kernel_size == (3, 3, 3) and self.padding == (0, 1, 1)
+                and vae_kernels.igemm_fits(self.in_channels, self.out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_conv(self, x)
@@ -127,13 +135,14 @@ class CausalConv3d(nn.Conv3d):
 CONV_IMPLS: dict[str, Callable[[CausalConv3d, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
 # Implementations that add a bias for free (in a pass they make anyway); the others leave it to a consumer
 # that can take it (`run_conv_deferred`), as cuDNN's bias is a separate pass over the output.
-FREE_BIAS = {"folded", "phase", "gather"}
+FREE_BIAS = {"folded", "phase", "gather", "igemm"}
 # Implementations that can leave their partial sums (one per temporal tap) to such a consumer too.
 PARTIAL_SUMS = {"taps"}
 PADDED_CHANNELS = 16  # "pad16": a convolution with fewer outputs runs with zero weights up to this many
-# Equal in float32; on an H200 (2026-12-03) faster alone (2.9 against 5.3 ms) but the whole decode 1.7 ms slower
-# with it (benchmarks/RESULTS.md): tuned only when asked for by name.
-NOT_TUNED_BY_DEFAULT = {"gather"}
+# Equal in float32; tuned only when asked for by name. "gather": on an H200 (2026-12-03) faster alone (2.9
+# against 5.3 ms) but the whole decode 1.7 ms slower with it (benchmarks/RESULTS.md). "igemm": checked under
+# Triton's interpreter, not yet timed on a GPU.
+NOT_TUNED_BY_DEFAULT = {"gather", "igemm"}
 _tuning: list[set[str] | None] = [None]  # while autotune_convs runs: the implementations it may choose
 
 
@@ -296,8 +305,25 @@ def conv3d_by_gather(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | N
     return vae_kernels.gather_taps(p, b, t_in, h, w, conv.out_channels, bias)
 
 
+def igemm_weight(conv: CausalConv3d) -> torch.Tensor:
+    """The weight as the implicit-GEMM kernel reads it (`vae_kernels.pack_igemm_weight`), kept on the module."""
+    return derived_weight(conv, "igemm", conv.weight, vae_kernels.pack_igemm_weight, torch.contiguous_format)
+
+
+def conv3d_igemm(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The 3x3x3 convolution as one implicit GEMM over all 27 taps (`vae_kernels.conv3x3x3`): every output
+    channel of a position in one program (96 as 64 + 32 wide, where cuDNN pads its GEMM to 128), the bias added
+    and the taps summed in float32 before the one store; no partial outputs."""
+    b, _, t_in, h, w = x.shape
+    if out is None:
+        fmt = torch.channels_last_3d if _format2d(x) == torch.channels_last else torch.contiguous_format
+        out = torch.empty((b, conv.out_channels, t_in - 2, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return vae_kernels.conv3x3x3(x, conv.weight, bias, out, packed=igemm_weight(conv) if x.is_cuda else None)
+
+
 CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded,
-                  gather=conv3d_by_gather)
+                  gather=conv3d_by_gather, igemm=conv3d_igemm)
 
 
 # ---- nearest 2x upsampling + 3x3 convolution -----------------------------------------------------
@@ -525,6 +551,9 @@ class WanVAEDecoder(nn.Module):
         # per-tap convolution's partial sums (switches for measuring what each brings)
         self.defer_biases = True
         self.defer_tap_sums = True
+        # each residual block's first convolution and the norm + SiLU after it as one kernel (see
+        # `fuse_conv_norms_`); off until measured on a GPU
+        self.fuse_conv_norm = False
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -562,6 +591,22 @@ class WanVAEDecoder(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         self.channels_last = True
         return self
+
+    def fuse_conv_norms_(self, on: bool = True) -> list[str]:
+        """Run each residual block's conv1 and the norm2 + SiLU after it as one implicit-GEMM kernel with the
+        norm in its epilogue (`vae_kernels.conv3x3x3`), where the widths fit: conv1's output is then never
+        written, only its normalised activation, straight into conv2's history buffer. Those convolutions run
+        "igemm" (their own choice no longer applies). Returns the blocks fused."""
+        self.fuse_conv_norm = on
+        fused = []
+        for name, m in self.named_modules():
+            if isinstance(m, ResidualBlock) and m.conv1.fits_igemm:
+                if on:
+                    m.conv1.impl = "igemm"
+                elif m.conv1.impl == "igemm":
+                    m.conv1.impl = static_impl(m.conv1)
+                fused.append(name)
+        return fused if on else []
 
     # ---- forward ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -662,6 +707,15 @@ class _Run:
                                   silu=True, bias=p.bias)
         return buf
 
+    def conv_norm_silu_into(self, key: str, conv_key: str, conv: CausalConv3d, buf: torch.Tensor, norm: RMSNorm
+                            ) -> torch.Tensor:
+        """silu(norm(conv(buf) + bias)) written into a history buffer for `key`, in one kernel."""
+        self.keep_history(conv_key, buf)
+        out_buf, new = self.buffer(key, buf, conv.out_channels, buf.shape[2] - HISTORY)
+        vae_kernels.conv3x3x3(buf, conv.weight, conv.bias, new, gain=norm.gain(), scale=norm.scale, silu=True,
+                              packed=igemm_weight(conv) if buf.is_cuda else None)
+        return out_buf
+
     def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer: bool = True) -> Pending:
         """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
         `defer` where that consumer is a fused norm."""
@@ -672,9 +726,12 @@ class _Run:
             identity = x
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
         h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
-        y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer=True)  # norm2 adds what conv1 leaves
-        y = self.causal_conv(f"{key}.conv2", blk.conv2, self.norm_silu_into(f"{key}.conv2", blk.norm2, y),
-                             defer=defer)
+        if self.model.fuse_conv_norm and blk.conv1.fits_igemm:
+            buf2 = self.conv_norm_silu_into(f"{key}.conv2", f"{key}.conv1", blk.conv1, buf1, blk.norm2)
+        else:
+            y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer=True)  # norm2 adds what conv1 leaves
+            buf2 = self.norm_silu_into(f"{key}.conv2", blk.norm2, y)
+        y = self.causal_conv(f"{key}.conv2", blk.conv2, buf2, defer=defer)
         return Pending([y], h) if isinstance(y, torch.Tensor) else Pending(y.parts, h, y.bias)
 
     def settle(self, x: Activation) -> torch.Tensor:
