@@ -117,20 +117,22 @@ def main() -> None:
 
 def igemm(codec, shape, z, z_raw, res: dict, record) -> None:
     """Not tuned by default yet: the implicit-GEMM convolution (`igemm`, every output channel of a position in one
-    Triton program) as one more candidate, then each residual block's conv1 + norm2 + SiLU fused into it; each
-    as a CUDA graph, and back to the default choices after."""
+    Triton program) as one more candidate, then each residual block's conv1 with the norm2 + SiLU after it fused
+    into it, then conv2 with the next norm too; each as a CUDA graph, and back to the default choices after."""
     from helios.model.wan_vae import CONV_IMPLS, UPSAMPLE_IMPLS, autotune_convs
 
     decoder = codec.decoder
     res["conv_timings_with_igemm_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
     codec.fast_decode_(None, graphs=True)
     record("ours-tuned-graph+igemm", lambda: codec.decode(z))
-    res["fused_conv_norm_blocks"] = decoder.fuse_conv_norms_()
-    res["conv_timings_fused_conv_norm_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
-    codec.fast_decode_(None, graphs=True)
-    record("ours-tuned-graph+igemm+fused-conv-norm", lambda: codec.decode(z))
-    res["profile_fused_conv_norm"] = profile(lambda: codec.decode(z))
-    decoder.fuse_conv_norms_(False)
+    for convs in (("conv1",), ("conv1", "conv2")):
+        name = "+".join(convs)
+        res[f"fused_{name}"] = decoder.fuse_conv_norms_(convs)
+        res[f"conv_timings_fused_{name}_ms"] = autotune_convs(decoder, z_raw, set(CONV_IMPLS) | set(UPSAMPLE_IMPLS))
+        codec.fast_decode_(None, graphs=True)
+        record(f"ours-tuned-graph+igemm+fused-{name}-norm", lambda: codec.decode(z))
+    res["profile_fused_conv_norms"] = profile(lambda: codec.decode(z))
+    decoder.fuse_conv_norms_(())
     codec.fast_decode_(shape, graphs=True)  # the default choices again
 
 

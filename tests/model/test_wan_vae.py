@@ -265,20 +265,24 @@ def test_implicit_gemm_kernel_under_the_triton_interpreter():
         import torch.nn.functional as F
         from helios.model import vae_kernels as vk
         torch.manual_seed(0)
-        for b, c_in, c_out, t, h, w, norm, block_m in ((2, 32, 96, 2, 5, 7, True, 32), (1, 64, 128, 1, 4, 9, False, 16),
-                                                       (1, 96, 48, 2, 3, 5, True, 64)):
+        for b, c_in, c_out, t, h, w, norm, res, block_m in ((2, 32, 96, 2, 5, 7, True, False, 32),
+                                                            (1, 64, 128, 1, 4, 9, False, False, 16),
+                                                            (1, 96, 48, 2, 3, 5, True, True, 64),
+                                                            (2, 32, 96, 1, 3, 4, True, True, 16)):
             fmt = torch.channels_last_3d
             x = torch.randn(b, c_in, t + 2, h, w).contiguous(memory_format=fmt)
             wt = torch.randn(c_out, c_in, 3, 3, 3) / (27 * c_in) ** 0.5
             bias, gain = torch.randn(c_out), torch.rand(c_out) + 0.5
             buf = torch.full((b, c_out, t + 2, h, w), float("nan")).contiguous(memory_format=fmt)
-            ref = F.conv3d(x, wt, bias, padding=(0, 1, 1))
-            if norm:
-                ref = F.silu(F.normalize(ref, dim=1) * c_out ** 0.5 * gain.view(-1, 1, 1, 1))
+            r = torch.randn(b, c_out, t, h, w).contiguous(memory_format=fmt) if res else None
+            total = torch.empty_like(r) if res else None
+            s = F.conv3d(x, wt, bias, padding=(0, 1, 1)) + (r if res else 0)
+            ref = F.silu(F.normalize(s, dim=1) * c_out ** 0.5 * gain.view(-1, 1, 1, 1)) if norm else s
             vk._conv3x3x3_triton(x, vk.pack_igemm_weight(wt), bias, buf[:, :, 2:], gain if norm else None,
-                                 c_out ** 0.5, norm, block_m=block_m)
+                                 c_out ** 0.5, norm, r, total, block_m=block_m)
             err = ((buf[:, :, 2:] - ref).norm() / ref.norm()).item()
             assert err < 1e-6 and buf[:, :, :2].isnan().all(), err
+            assert not res or ((total - s).norm() / s.norm()).item() < 1e-6
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -286,20 +290,41 @@ def test_implicit_gemm_kernel_under_the_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_fusing_each_blocks_first_conv_with_its_norm_decodes_the_same_frames(released_vae):
+@pytest.mark.parametrize("convs", [("conv1",), ("conv2",), ("conv1", "conv2")])
+def test_fusing_block_convs_with_the_norms_after_them_decodes_the_same_frames(released_vae, convs):
     decoder = WanVAEDecoder.from_vae(released_vae)
     z = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(6))
     ref = reference(released_vae, z)
-    fused = decoder.fuse_conv_norms_()
-    assert "decoder.up_blocks.3.resnets.0" in fused and "decoder.mid_block.resnets.0" not in fused  # 96 / 384 wide
-    assert all(decoder.get_submodule(name).conv1.impl == "igemm" for name in fused)
+    fused = decoder.fuse_conv_norms_(convs)
+    for which in ("conv1", "conv2"):  # 96 and 192 wide fit, 384 does not
+        assert (f"decoder.up_blocks.3.resnets.0.{which}" in fused) == (which in convs)
+        assert f"decoder.mid_block.resnets.0.{which}" not in fused
+    assert all(decoder.get_submodule(name).impl == "igemm" for name in fused)
     decoder.channels_last_()
     assert (decoder.decode(z) - ref).abs().max().item() < 1e-5
-    state = DecodeState()  # the fused kernel keeps each conv1's history for the next call, as the conv does
+    state = DecodeState()  # the fused kernels keep each convolution's history for the next call
     parts = [decoder.decode(z[:, :, :1], state), decoder.decode(z[:, :, 1:], state)]
     assert (torch.cat(parts, 2) - ref).abs().max().item() < 1e-5
-    assert decoder.fuse_conv_norms_(False) == [] and not decoder.fuse_conv_norm
-    assert all(decoder.get_submodule(name).conv1.impl != "igemm" for name in fused)
+    assert decoder.fuse_conv_norms_(()) == [] and not decoder.fused_convs
+    assert all(decoder.get_submodule(name).impl != "igemm" for name in fused)
+    with pytest.raises(ValueError, match="conv3"):
+        decoder.fuse_conv_norms_(("conv3",))
+
+
+def test_the_conv_with_a_residual_and_its_norm_fused_writes_the_sum_and_the_norm():
+    from helios.model import vae_kernels
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 32, 4, 3, 5, generator=g)
+    w, bias, gain = torch.randn(16, 32, 3, 3, 3, generator=g) / 30, torch.randn(16, generator=g), torch.rand(16) + 0.5
+    r = torch.randn(1, 16, 2, 3, 5, generator=g)
+    out, total = torch.empty_like(r), torch.empty_like(r)
+    vae_kernels.conv3x3x3(x, w, bias, out, gain=gain, scale=4.0, silu=True, residual=r, total=total)
+    s = torch.nn.functional.conv3d(x, w, bias, padding=(0, 1, 1)) + r
+    ref = torch.nn.functional.silu(torch.nn.functional.normalize(s, dim=1) * 4.0 * gain.view(-1, 1, 1, 1))
+    assert (total - s).abs().max().item() < 1e-5 and (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="give both"):
+        vae_kernels.conv3x3x3(x, w, bias, out, total=total)
 
 
 def test_summing_folded_taps_takes_tap_k_from_frame_t_plus_k():

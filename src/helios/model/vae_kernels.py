@@ -301,32 +301,40 @@ def pack_igemm_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
               gain: torch.Tensor | None = None, scale: float = 1.0, silu: bool = False,
+              residual: torch.Tensor | None = None, total: torch.Tensor | None = None,
               packed: torch.Tensor | None = None) -> torch.Tensor:
-    """out = conv(x) + bias for a 3x3x3 convolution with no temporal and unit spatial padding (the causal
-    convolution of a buffer that holds its history frames in front): x (B, C_in, T + 2, H, W) -> out
-    (B, C_out, T, H, W). With `gain`, out = silu?(norm(conv(x) + bias) * scale * gain) instead: the RMS
-    norm (and SiLU) that follows the convolution, made on the float32 sum before it is rounded.
+    """out = conv(x) + bias [+ residual] for a 3x3x3 convolution with no temporal and unit spatial padding (the
+    causal convolution of a buffer that holds its history frames in front): x (B, C_in, T + 2, H, W) -> out
+    (B, C_out, T, H, W). With `gain`, the RMS norm (and SiLU) that follows the convolution is made in the same
+    pass and `out` receives silu?(norm(s) * scale * gain) of that sum s instead; `total` (with `residual`)
+    then receives s itself, rounded once to out's dtype (the norm reads the rounded s, as `rms_norm_silu` does).
+    Without a residual the norm reads the float32 sum.
 
-    `weight` is the convolution's (C_out, C_in, 3, 3, 3) weight; `out` may be a view into a larger buffer.
-    On CUDA with channels-last x and out and `igemm_fits` shapes, one Triton kernel (`_conv3x3x3_triton`, with
+    `weight` is the convolution's (C_out, C_in, 3, 3, 3) weight; `out` and `total` may be views into larger
+    buffers. On CUDA with channels-last tensors and `igemm_fits` widths, one Triton kernel (`_conv3x3x3_triton`,
     the weight packed by `pack_igemm_weight`, or `packed` if the caller keeps it packed); elsewhere cuDNN's or
     the CPU's convolution, then the fused norm.
     """
     b, c_in, t_in, h, w = x.shape
     c_out = weight.shape[0]
-    if weight.shape != (c_out, c_in, 3, 3, 3) or out.shape != (b, c_out, t_in - 2, h, w):
-        raise ValueError(f"conv3x3x3: weight {tuple(weight.shape)} and out {tuple(out.shape)} do not fit "
-                         f"x {tuple(x.shape)} (a 3x3x3 kernel, T + 2 input frames -> T output frames)")
-    if x.is_cuda and igemm_fits(c_in, c_out) and use_triton(x, out):
-        _conv3x3x3_triton(x, pack_igemm_weight(weight) if packed is None else packed, bias, out, gain, scale, silu)
+    shape = (b, c_out, t_in - 2, h, w)
+    if weight.shape != (c_out, c_in, 3, 3, 3) or any(t is not None and t.shape != shape for t in (out, residual, total)):
+        raise ValueError(f"conv3x3x3: weight {tuple(weight.shape)}, out {tuple(out.shape)} (and residual, total) do "
+                         f"not fit x {tuple(x.shape)} (a 3x3x3 kernel, T + 2 input frames -> T output frames)")
+    if total is not None and (residual is None or gain is None):
+        raise ValueError("conv3x3x3: `total` is the sum with the residual before the norm; give both")
+    if x.is_cuda and igemm_fits(c_in, c_out) and use_triton(x, out, residual, total):
+        _conv3x3x3_triton(x, pack_igemm_weight(weight) if packed is None else packed, bias, out, gain, scale, silu,
+                          residual, total)
         return out
     y = F.conv3d(x, weight, bias, padding=(0, 1, 1))
     if gain is None:
-        return out.copy_(y)
-    return rms_norm_silu(y, gain, scale, out=out, silu=silu)
+        return out.copy_(y if residual is None else y + residual)
+    return rms_norm_silu(y, gain, scale, out=out, residual=residual, total=total, silu=silu)
 
 
-def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, block_m=IGEMM_BLOCK_M):
+def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, residual=None, total=None,
+                      block_m=IGEMM_BLOCK_M):
     """`conv3x3x3` by the Triton kernel, `packed` from `pack_igemm_weight` (made once by the caller)."""
     b, c_in, t_in, h, w = x.shape
     c_out = out.shape[1]
@@ -334,11 +342,15 @@ def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, bl
     rows = b * (t_in - 2) * h * w
     grid = (triton.cdiv(rows, block_m),)
     fp32 = x.dtype == torch.float32
+    res = residual if residual is not None else out
+    tot = total if total is not None else out
     _conv3x3x3_kernel[grid](
         x, packed, bias if bias is not None else packed, gain.float().contiguous() if gain is not None else packed,
-        out, rows, t_in - 2, h, w, float(scale), _row_batch_stride(x), _row_batch_stride(out),
+        res, tot, out, rows, t_in - 2, h, w, float(scale), _row_batch_stride(x), _row_batch_stride(res),
+        _row_batch_stride(tot), _row_batch_stride(out),
         C_IN=c_in, C_OUT=c_out, N0=n0, N1=n1, BK=64 if c_in % 64 == 0 else 32, BLOCK_M=block_m,
-        HAS_BIAS=bias is not None, NORM=gain is not None, SILU=silu, PRECISION="ieee" if fp32 else "tf32",
+        HAS_BIAS=bias is not None, NORM=gain is not None, SILU=silu, HAS_RES=residual is not None,
+        WRITE_TOTAL=total is not None, PRECISION="ieee" if fp32 else "tf32",
         num_warps=8 if block_m >= 128 else 4, num_stages=3)
     return out
 
@@ -346,10 +358,11 @@ def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, bl
 if triton is not None:
 
     @triton.jit
-    def _conv3x3x3_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, o_ptr, rows, T, H, W, scale, xs, os,
+    def _conv3x3x3_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, r_ptr, t_ptr, o_ptr, rows, T, H, W, scale, xs, rs, ts, os,
                           C_IN: tl.constexpr, C_OUT: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
                           BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                          SILU: tl.constexpr, PRECISION: tl.constexpr):
+                          SILU: tl.constexpr, HAS_RES: tl.constexpr, WRITE_TOTAL: tl.constexpr,
+                          PRECISION: tl.constexpr):
         # One row per output position (b, t, y, x). The K loop runs over the 27 taps x C_IN / BK channel
         # blocks; tap (kt, ky, kx) reads input position (t + kt, y + ky - 1, x + kx - 1), zero outside the frame.
         row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -383,6 +396,19 @@ if triton is not None:
             acc0 += tl.load(bias_ptr + n0).to(tl.float32)[None, :]
             if N1 > 0:
                 acc1 += tl.load(bias_ptr + n1).to(tl.float32)[None, :]
+        pos = (t_ * H + y_) * W + x_  # the output position within its batch element
+        if HAS_RES:  # the residual, then the sum rounded once to the activations' dtype (the next identity)
+            rpos = pos * C_OUT + b_ * rs
+            acc0 += tl.load(r_ptr + rpos[:, None] + n0[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            acc0 = acc0.to(o_ptr.dtype.element_ty).to(tl.float32)
+            if N1 > 0:
+                acc1 += tl.load(r_ptr + rpos[:, None] + n1[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+                acc1 = acc1.to(o_ptr.dtype.element_ty).to(tl.float32)
+        if WRITE_TOTAL:
+            tpos = pos * C_OUT + b_ * ts
+            tl.store(t_ptr + tpos[:, None] + n0[None, :], acc0.to(t_ptr.dtype.element_ty), mask=rmask[:, None])
+            if N1 > 0:
+                tl.store(t_ptr + tpos[:, None] + n1[None, :], acc1.to(t_ptr.dtype.element_ty), mask=rmask[:, None])
         if NORM:
             sq = tl.sum(acc0 * acc0, axis=1)
             if N1 > 0:
@@ -395,7 +421,7 @@ if triton is not None:
                 acc1 = acc1 * inv[:, None] * tl.load(g_ptr + n1)[None, :]
                 if SILU:
                     acc1 = acc1 * tl.sigmoid(acc1)
-        opos = ((t_ * H + y_) * W + x_) * C_OUT + b_ * os
+        opos = pos * C_OUT + b_ * os
         tl.store(o_ptr + opos[:, None] + n0[None, :], acc0.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
         if N1 > 0:
             tl.store(o_ptr + opos[:, None] + n1[None, :], acc1.to(o_ptr.dtype.element_ty), mask=rmask[:, None])

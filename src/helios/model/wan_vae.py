@@ -551,9 +551,9 @@ class WanVAEDecoder(nn.Module):
         # per-tap convolution's partial sums (switches for measuring what each brings)
         self.defer_biases = True
         self.defer_tap_sums = True
-        # each residual block's first convolution and the norm + SiLU after it as one kernel (see
-        # `fuse_conv_norms_`); off until measured on a GPU
-        self.fuse_conv_norm = False
+        # which residual-block convolutions run with the norm after them as one kernel (`fuse_conv_norms_`);
+        # none until measured on a GPU
+        self.fused_convs: frozenset[str] = frozenset()
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -592,21 +592,30 @@ class WanVAEDecoder(nn.Module):
         self.channels_last = True
         return self
 
-    def fuse_conv_norms_(self, on: bool = True) -> list[str]:
-        """Run each residual block's conv1 and the norm2 + SiLU after it as one implicit-GEMM kernel with the
-        norm in its epilogue (`vae_kernels.conv3x3x3`), where the widths fit: conv1's output is then never
-        written, only its normalised activation, straight into conv2's history buffer. Those convolutions run
-        "igemm" (their own choice no longer applies). Returns the blocks fused."""
-        self.fuse_conv_norm = on
+    def fuse_conv_norms_(self, convs: tuple[str, ...] = ("conv1", "conv2")) -> list[str]:
+        """Run residual-block convolutions and the norm + SiLU that reads them as one implicit-GEMM kernel with
+        the norm in its epilogue (`vae_kernels.conv3x3x3`), where the widths fit. "conv1": a block's first
+        convolution with its norm2; its output is never written, only the normalised activation, straight into
+        conv2's history buffer. "conv2": a block's second convolution + its identity, where the next consumer
+        is a norm (the next block's norm1, or norm_out): the kernel writes the block's output (the next
+        identity) and the next normalised activation. Those convolutions run "igemm" (their own choice no
+        longer applies). `()` turns it off. Returns the convolutions fused."""
+        unknown = set(convs) - {"conv1", "conv2"}
+        if unknown:
+            raise ValueError(f"fuse_conv_norms_: unknown convolutions {sorted(unknown)}; choose from conv1, conv2")
+        self.fused_convs = frozenset(convs)
         fused = []
         for name, m in self.named_modules():
-            if isinstance(m, ResidualBlock) and m.conv1.fits_igemm:
-                if on:
-                    m.conv1.impl = "igemm"
-                elif m.conv1.impl == "igemm":
-                    m.conv1.impl = static_impl(m.conv1)
-                fused.append(name)
-        return fused if on else []
+            if not isinstance(m, ResidualBlock):
+                continue
+            for which in ("conv1", "conv2"):
+                conv = getattr(m, which)
+                if which in convs and conv.fits_igemm:
+                    conv.impl = "igemm"
+                    fused.append(f"{name}.{which}")
+                elif conv.impl == "igemm":
+                    conv.impl = static_impl(conv)
+        return fused
 
     # ---- forward ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -641,11 +650,14 @@ class WanVAEDecoder(nn.Module):
 @dataclass
 class Pending:
     """The sum of parts + residual + bias, not added yet: the next fused norm adds them on its way in (a pass
-    each saved). The parts are one convolution's output, or its unsummed per-tap outputs."""
+    each saved). The parts are one convolution's output, or its unsummed per-tap outputs; or the convolution
+    itself, for the norm to run with it."""
 
     parts: list[torch.Tensor]
     residual: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # a convolution's bias, per channel
+    # a convolution not run yet and the history buffer it reads (then parts is empty): see `_Run.pending_conv`
+    conv: tuple["CausalConv3d", torch.Tensor] | None = None
 
     def addends(self) -> list[torch.Tensor]:
         """What the norm adds to parts[0]."""
@@ -701,43 +713,63 @@ class _Run:
         """silu(norm(x)) written into a history buffer for `key`. A pending x is summed on the way in;
         with `total`, that sum is also written there (the next block's identity)."""
         p = x if isinstance(x, Pending) else Pending([x])
+        if p.conv is not None:  # the convolution, its bias, the residual and this norm in one kernel
+            conv, src = p.conv
+            buf, new = self.buffer(key, src, conv.out_channels, src.shape[2] - HISTORY)
+            vae_kernels.conv3x3x3(src, conv.weight, conv.bias, new, gain=norm.gain(), scale=norm.scale, silu=True,
+                                  residual=p.residual, total=total, packed=igemm_weight(conv) if src.is_cuda else None)
+            return buf
         first = p.parts[0]
         buf, new = self.buffer(key, first, first.shape[1], first.shape[2])
         vae_kernels.rms_norm_silu(first, norm.gain(), norm.scale, out=new, residual=p.addends(), total=total,
                                   silu=True, bias=p.bias)
         return buf
 
-    def conv_norm_silu_into(self, key: str, conv_key: str, conv: CausalConv3d, buf: torch.Tensor, norm: RMSNorm
-                            ) -> torch.Tensor:
-        """silu(norm(conv(buf) + bias)) written into a history buffer for `key`, in one kernel."""
-        self.keep_history(conv_key, buf)
-        out_buf, new = self.buffer(key, buf, conv.out_channels, buf.shape[2] - HISTORY)
-        vae_kernels.conv3x3x3(buf, conv.weight, conv.bias, new, gain=norm.gain(), scale=norm.scale, silu=True,
-                              packed=igemm_weight(conv) if buf.is_cuda else None)
-        return out_buf
+    def pending_conv(self, key: str, conv: CausalConv3d, buf: torch.Tensor, residual: torch.Tensor | None = None
+                     ) -> Pending:
+        """A convolution of a history buffer left for its consumer to run: a fused norm runs it in one kernel
+        (`norm_silu_into`), any other consumer as it is (`settle`)."""
+        self.keep_history(key, buf)
+        return Pending([], residual, conv=(conv, buf))
 
     def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer: bool = True) -> Pending:
         """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
         `defer` where that consumer is a fused norm."""
         if isinstance(x, Pending):
-            identity = torch.empty_like(x.parts[0], memory_format=self.fmt)
+            identity = self.empty_output(x)
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
         else:
             identity = x
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x)
         h = identity if isinstance(blk.conv_shortcut, nn.Identity) else run_conv(blk.conv_shortcut, identity)
-        if self.model.fuse_conv_norm and blk.conv1.fits_igemm:
-            buf2 = self.conv_norm_silu_into(f"{key}.conv2", f"{key}.conv1", blk.conv1, buf1, blk.norm2)
+        fused = self.model.fused_convs
+        if "conv1" in fused and blk.conv1.fits_igemm:
+            buf2 = self.norm_silu_into(f"{key}.conv2", blk.norm2, self.pending_conv(f"{key}.conv1", blk.conv1, buf1))
         else:
             y = self.causal_conv(f"{key}.conv1", blk.conv1, buf1, defer=True)  # norm2 adds what conv1 leaves
             buf2 = self.norm_silu_into(f"{key}.conv2", blk.norm2, y)
+        if defer and "conv2" in fused and blk.conv2.fits_igemm:  # the next norm runs conv2 in its kernel
+            return self.pending_conv(f"{key}.conv2", blk.conv2, buf2, residual=h)
         y = self.causal_conv(f"{key}.conv2", blk.conv2, buf2, defer=defer)
         return Pending([y], h) if isinstance(y, torch.Tensor) else Pending(y.parts, h, y.bias)
+
+    def empty_output(self, p: Pending) -> torch.Tensor:
+        """An uninitialised tensor of the pending sum's shape, dtype and layout."""
+        if p.conv is None:
+            return torch.empty_like(p.parts[0], memory_format=self.fmt)
+        conv, src = p.conv
+        b, _, t_in, h, w = src.shape
+        return torch.empty((b, conv.out_channels, t_in - HISTORY, h, w), dtype=src.dtype, device=src.device,
+                           memory_format=self.fmt)
 
     def settle(self, x: Activation) -> torch.Tensor:
         """A pending sum made into a tensor (where the next consumer is no fused norm)."""
         if not isinstance(x, Pending):
             return x
+        if x.conv is not None:
+            conv, src = x.conv
+            out = run_conv(conv, src)
+            return out if x.residual is None else out.add_(x.residual)
         out = x.parts[0]
         for a in x.addends():
             out = out.add_(a)
