@@ -78,6 +78,13 @@ def test_implicit_gemm_conv_kernel_equals_the_torch_ops(dtype, c_in, c_out, norm
     assert buf[:, :, :2].isnan().all()  # the history frames are untouched
     # against float64: float32 runs exact products (no TF32); bf16 rounds inputs and output once each
     assert rel(buf[:, :, 2:], ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # every launch configuration the tuner may pick sums the same way: bit for bit the same output
+    packed = vae_kernels.pack_igemm_weight(w)
+    for block_m in (64, 128):
+        again = torch.empty_like(buf[:, :, 2:])
+        vae_kernels._conv3x3x3_triton(x, packed, bias, again, gain if norm else None, c_out**0.5, norm,
+                                      block_m=block_m)
+        assert torch.equal(again, buf[:, :, 2:]), block_m
 
 
 def test_fast_decode_is_as_close_to_float32_as_diffusers_bf16():

@@ -275,7 +275,6 @@ if triton is not None:
 # RMS norm + SiLU epilogue
 
 
-IGEMM_BLOCK_M = 128  # output positions per program
 
 
 def igemm_split(c_out: int) -> tuple[int, int] | None:
@@ -334,24 +333,28 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def _conv3x3x3_triton(x, packed, bias, out, gain=None, scale=1.0, silu=False, residual=None, total=None,
-                      block_m=IGEMM_BLOCK_M):
-    """`conv3x3x3` by the Triton kernel, `packed` from `pack_igemm_weight` (made once by the caller)."""
+                      block_m: int | None = None):
+    """`conv3x3x3` by the Triton kernel, `packed` from `pack_igemm_weight` (made once by the caller). The launch
+    configuration is tuned per shape (`_IGEMM_CONFIGS`) unless `block_m` fixes it: none of them changes what a
+    position sums or in which order (the K loop is the same), only how many positions a program takes."""
     b, c_in, t_in, h, w = x.shape
     c_out = out.shape[1]
     n0, n1 = igemm_split(c_out)
     rows = b * (t_in - 2) * h * w
-    grid = (triton.cdiv(rows, block_m),)
     fp32 = x.dtype == torch.float32
     res = residual if residual is not None else out
     tot = total if total is not None else out
-    _conv3x3x3_kernel[grid](
-        x, packed, bias if bias is not None else packed, gain.float().contiguous() if gain is not None else packed,
-        res, tot, out, rows, t_in - 2, h, w, float(scale), _row_batch_stride(x), _row_batch_stride(res),
-        _row_batch_stride(tot), _row_batch_stride(out),
-        C_IN=c_in, C_OUT=c_out, N0=n0, N1=n1, BK=64 if c_in % 64 == 0 else 32, BLOCK_M=block_m,
-        HAS_BIAS=bias is not None, NORM=gain is not None, SILU=silu, HAS_RES=residual is not None,
-        WRITE_TOTAL=total is not None, PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    args = (x, packed, bias if bias is not None else packed, gain.float().contiguous() if gain is not None else packed,
+            res, tot, out, rows, t_in - 2, h, w, float(scale), _row_batch_stride(x), _row_batch_stride(res),
+            _row_batch_stride(tot), _row_batch_stride(out))
+    meta = dict(C_IN=c_in, C_OUT=c_out, N0=n0, N1=n1, BK=64 if c_in % 64 == 0 else 32,
+                HAS_BIAS=bias is not None, NORM=gain is not None, SILU=silu, HAS_RES=residual is not None,
+                WRITE_TOTAL=total is not None, PRECISION="ieee" if fp32 else "tf32")
+    if block_m is not None:
+        _conv3x3x3_kernel[(triton.cdiv(rows, block_m),)](*args, **meta, BLOCK_M=block_m,
+                                                          num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    else:
+        _conv3x3x3_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]),)](*args, **meta)
     return out
 
 
@@ -425,3 +428,9 @@ if triton is not None:
         tl.store(o_ptr + opos[:, None] + n0[None, :], acc0.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
         if N1 > 0:
             tl.store(o_ptr + opos[:, None] + n1[None, :], acc1.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+    # (output positions per program, warps, pipeline stages); the outputs are only written, so timing reruns are safe
+    _IGEMM_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=wp, num_stages=st)
+                      for m, wp, st in ((128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3))]
+    _conv3x3x3_tuned = triton.autotune(_IGEMM_CONFIGS, key=["rows", "C_IN", "C_OUT", "NORM", "HAS_RES"])(
+        _conv3x3x3_kernel)
