@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# One run on one GPU for the speed work of issue 4: the GPU tests, then bench_e2e.py's configs.
-#   bash benchmarks/device_speed.sh OUT_DIR tests,bench CONFIGS [TAG]
+# One run on one GPU for the speed work: the GPU tests, the VAE decode probe, then bench_e2e.py's configs.
+#   bash benchmarks/device_speed.sh OUT_DIR tests,vae,bench CONFIGS [TAG]
 # Needs diffusers (and ftfy) importable: bring them as wheels in .whl (the GPU machine has no network);
 # this script installs whatever is in .whl into /tmp/site. Each part writes under OUT_DIR as it goes,
 # so a run stopped at its limit still returns what finished.
-# The tracked tree is over the GPU machine's 64 MiB limit because of the two kept small-model bundles under
-# benchmarks/results/ (run 10's base, run 11's mid; 19 MB each): move those folders out of the tree for the
-# run and back after it (on 2026-12-02 they went to /tmp/parked; they are not needed on the GPU).
 set -uo pipefail
 OUT=${1:?usage: device_speed.sh OUT_DIR PARTS CONFIGS [TAG]}
 PARTS=${2:-tests,bench}
@@ -28,6 +25,10 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 if [[ ,$PARTS, == *,tests,* ]]; then
     timeout 240 python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider > "$OUT/gpu-tests-$TAG.log" 2>&1
     tail -3 "$OUT/gpu-tests-$TAG.log"
+fi
+if [[ ,$PARTS, == *,vae,* ]]; then  # the decode alone: default tuned graph, the implicit-GEMM variants, cuDNN's searches
+    timeout 300 python3 benchmarks/probe_vae_decode.py --quick --out "$OUT/vae-$TAG.json" > "$OUT/vae-$TAG.log" 2>&1
+    grep -E '^(diffusers|ours)' "$OUT/vae-$TAG.log" | cut -c1-160
 fi
 if [[ ,$PARTS, == *,bench,* ]]; then
     python3 benchmarks/bench_e2e.py --configs "$CONFIGS" --out "$OUT/bench-$TAG.json" \
