@@ -2,6 +2,13 @@
 
     python benchmarks/measure_distill_memory.py --out results/distill_memory     # on an H200, ~5-6 min
     python benchmarks/measure_distill_memory.py --smoke --out /tmp/smoke         # tiny model, CPU, minutes
+    python benchmarks/measure_distill_memory.py --layers 16 --only official_one_gpu official_resident --out d16
+
+Without a card that holds the uncapped official run (~127 GiB), the time ratio comes from fewer blocks
+(``--layers``): every per-block cost (compute, base switches, the host optimiser's and EMA's share) grows
+with the blocks, and the rest (the four GAN heads, the embeddings) does not, so each configuration's time
+is a + b * layers. Two depths that fit an 80 GB card uncapped (8 and 16) give a and b for both, the 40-block
+time follows, and the measured 40-block time with the options checks the line.
 
 One process, three configurations in this order (docs/distillation.md, "Stage 3 at the official sizes on
 one 80 GB GPU"):
@@ -104,6 +111,7 @@ class Setup:
     text_len: int
     repeats: int
     deadline_s: float
+    layers: int | None = None  # fewer transformer blocks than the preset's (--layers)
 
 
 class Recorder:
@@ -152,7 +160,7 @@ def _build_models(spec: Spec, setup: Setup, dev: torch.device):
     from helios.model.transformer import build_transformer
     from helios.train.stage3 import GANConfig, ScoreCritic, build_generator, scaled_head_blocks
 
-    cfg = named_config(setup.preset)
+    cfg = named_config(setup.preset) if setup.layers is None else named_config(setup.preset, num_layers=setup.layers)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(dev):
@@ -311,7 +319,8 @@ def _run_passes(it: Iterations, setup: Setup, res: dict[str, Any], phase: list[s
 def measure(spec: Spec, setup: Setup, dev: torch.device, host: RssMeter) -> dict[str, Any]:
     res: dict[str, Any] = {"config": spec.name, "preset": setup.preset, "rank": spec.rank, "head_dim": spec.head_dim,
                            "memory_options": spec.options, "cap_gib": spec.cap_gib,
-                           "latent": [9, setup.height // 8, setup.width // 8], "text_len": setup.text_len,
+                           "layers": setup.layers, "latent": [9, setup.height // 8, setup.width // 8],
+                           "text_len": setup.text_len,
                            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                            "started_at_s": round(elapsed(), 1)}
@@ -459,6 +468,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes after the warm-up (default 1)")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="seconds from the start by which the run ends (default 540)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="build the transformers with this many blocks instead of 40 (every cost the memory options "
+                         "add and every compute cost grow with the blocks, the GAN heads' blocks scaled alike, so "
+                         "the time ratio of the options holds; at 16 the uncapped run fits an 80 GB card)")
     ap.add_argument("--min-config-s", type=float, default=60.0,
                     help="a configuration starts only with this many seconds left (default 60)")
     a = ap.parse_args()
@@ -466,8 +479,8 @@ def main() -> None:
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if not a.smoke and dev.type != "cuda":
         raise SystemExit("needs a CUDA GPU (or --smoke)")
-    setup = (Setup("tiny", 64, 64, 16, a.repeats, a.deadline_s) if a.smoke
-             else Setup("14b", 384, 640, 512, a.repeats, a.deadline_s))
+    setup = (Setup("tiny", 64, 64, 16, a.repeats, a.deadline_s, a.layers) if a.smoke
+             else Setup("14b", 384, 640, 512, a.repeats, a.deadline_s, a.layers))
     a.out.mkdir(parents=True, exist_ok=True)
     host, results = RssMeter(period=0.05), []
     for spec in specs(a.smoke, a.cap_gib):
