@@ -129,7 +129,10 @@ def test_non_blocking_noise_copies_give_the_same_draws():
 def test_an_early_first_frame_under_overlap_gives_the_same_frames(pipe):
     # first_frame_early (--fast-start): chunk 0's frame 0 is copied out on its own event, before the rest.
     seq, _ = run(pipe, overlap_decode=False)
-    split = list(pipe.stream(PROMPT, num_frames=FRAMES, seed=7, overlap_decode=True, first_frame_early=True))
+    split, events = run(pipe, overlap_decode=True, first_frame_early=True)
+    # frame 0 goes out before chunk 1 is queued (its decode alone on the GPU), the rest of chunk 0 after
+    first, rest = [i for i, e in enumerate(events) if e == ("chunk", 0)]
+    assert first < events.index(("step", 1, 0, 0)) < rest
     # chunk 0 in two parts (frame 0, then its other 32), the later chunks as the sequential loop gave them
     expected = [(0, 0, 1, False), (0, 1, 32, True)]
     expected += [(c.index, c.first_frame, c.frames.shape[0], True) for c in seq[1:]]

@@ -15,6 +15,7 @@ plan that decodes after each chunk's denoising (helios.engine.memory, `MemoryPla
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -371,7 +372,8 @@ class HeliosVideoPipeline:
         frame comes about twice as soon, at some cost to the first chunk (`helios generate --fast-start`).
         first_frame_early: hand over the first chunk's frame 0 as soon as the VAE has decoded it (the
         causal decoder makes it first, from latent frame 0 alone), as a Chunk of one frame with
-        complete=False, then the chunk's other frames; the frames are the same (`--fast-start`).
+        complete=False, then the chunk's other frames; the frames are the same (`--fast-start`). Under
+        overlap that frame goes out before the next chunk is queued, so that its decode does not share the GPU.
 
         overlap_decode (CUDA only; elsewhere the chunks run one after the other): None follows
         `optimize()` (on), except for a LivePrompt, which stays sequential unless asked; a memory plan
@@ -471,6 +473,12 @@ class HeliosVideoPipeline:
                 pending.append(_Handoff(frames_decoder, latents, keep, side, pinned[k % len(pinned)], marks,
                                         fields, split_first=first_frame_early and k == 0, keep_latents=keep_latents))
                 produced += keep
+                if overlap and pending[-1].count > 1 and k < plan.chunks - 1:
+                    # An early frame 0 goes out before the next chunk is queued, so that its decode has the GPU
+                    # to itself (the rest of the chunk's decode, already queued, keeps the GPU busy meanwhile).
+                    for chunk in pending[-1].chunks(since=resumed, parts=1):
+                        yield chunk
+                        resumed = time.perf_counter()
                 # Under overlap chunk k-1 goes out only now, once chunk k's work is queued behind its decode.
                 while len(pending) > (1 if overlap and k < plan.chunks - 1 else 0):
                     for chunk in pending.pop(0).chunks(since=resumed):
@@ -626,6 +634,7 @@ class _Handoff:
         # decoded only as it is handed over, so that frame 0 can go out before the rest is decoded.
         self.parts: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         self._lazy: Iterator | None = None
+        self.handed = 0  # parts handed over so far
         if pinned is None:
             self.decode = _Marks(device)
             self._lazy = self._parts(decoded, keep, None, device)
@@ -656,9 +665,13 @@ class _Handoff:
             if copied is not None:
                 copied.synchronize()
 
-    def chunks(self, since: float) -> Iterator[Chunk]:
-        """The chunk's frames, each part as soon as it is on the host; `since` for the first part's seconds."""
-        for n, (start, frames, copied) in enumerate(self._lazy if self._lazy is not None else self.parts):
+    def chunks(self, since: float, parts: int | None = None) -> Iterator[Chunk]:
+        """The chunk's frames, each part as soon as it is on the host; `since` for the first part's seconds.
+        parts: hand over at most this many (a later call goes on from the next)."""
+        source = self._lazy if self._lazy is not None else iter(self.parts[self.handed:])
+        for start, frames, copied in itertools.islice(source, parts):
+            n = self.handed
+            self.handed += 1
             if copied is not None:
                 copied.synchronize()  # its decode mark, queued before the copy, is done too
                 frames = torch.empty(frames.shape, dtype=frames.dtype).copy_(frames)  # the buffer is reused
