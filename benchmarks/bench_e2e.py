@@ -7,7 +7,8 @@ Ours runs its default optimized engine path (`pipe.optimize()`, as `helios gener
 blocks, each forward replayed as a CUDA graph, and each chunk's VAE decode overlapped with the next
 chunk's denoising; then `HeliosVideoPipeline.stream`, frames handed over as uint8 on the host);
 `ours-no-overlap` is the same with the decode after the denoising and `ours-no-graphs` the same with
-the forwards launched kernel by kernel, for each one's effect in one run. Ours picks its attention as
+the forwards launched kernel by kernel, for each one's effect in one run; `-inline` configs queue the decode in
+line between the chunks' denoising on one stream (`optimize(decode_beside=False)`). Ours picks its attention as
 `load_pipeline` does (FlashAttention-4 first on Hopper where `flash-attn-4` is installed); a config ending in
 `-no-fa4` keeps cuDNN's, for the A/B in one process. The reference runs
 `HeliosPyramidPipeline` with tensor output.
@@ -70,7 +71,7 @@ class FixedPrompt:
 
 
 def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = True, deterministic: bool = False,
-               fa4: bool | None = None):
+               fa4: bool | None = None, beside: bool = True):
     """The 14B distilled engine on random weights, as `load_pipeline` sets it up (its attention backends too:
     FlashAttention-4 first on Hopper where installed; fa4=False: without it)."""
     from diffusers import AutoencoderKLWan, HeliosDMDScheduler
@@ -92,7 +93,7 @@ def build_ours(fp8: bool, compile: bool, overlap: bool = True, graphs: bool = Tr
     comps = Components(transformer, vae, None, None, sched, "HeliosPyramidPipeline", {"is_distilled": True})
     pipe = HeliosVideoPipeline(comps, prompt_encoder=FixedPrompt(dev))
     return pipe.optimize(compile=compile, fp8=fp8, overlap_decode=overlap, cuda_graphs=graphs,
-                         deterministic=deterministic)
+                         deterministic=deterministic, decode_beside=beside)
 
 
 def run_ours(pipe, frames: int, seed: int = 0, steps=STEPS, fast_start: bool = False):
@@ -113,12 +114,13 @@ VIDEOS: dict[str, tuple[tuple, torch.Tensor]] = {}  # config -> (sampling, its 1
 
 def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp8_check: bool = True,
                  overlap: bool = True, graphs: bool = True, fast_start: bool = False,
-                 deterministic: bool = False, fa4: bool | None = None, profile: bool = False) -> None:
+                 deterministic: bool = False, fa4: bool | None = None, profile: bool = False,
+                 beside: bool = True) -> None:
     from helios.model import attention
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = build_ours(fp8, compile, overlap, graphs, deterministic, fa4)
+    pipe = build_ours(fp8, compile, overlap, graphs, deterministic, fa4, beside)
     sync()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -131,7 +133,8 @@ def measure_ours(name: str, fp8: bool, compile: bool, res: dict, steps=STEPS, fp
     steady = chunks[1:]
     per_chunk = (t165 - t33) / 4
     out = {
-        "steps": list(steps), "fast_start": fast_start, "attention": list(attention._preferred), "overlap_decode": overlap, "build_s": build_s,
+        "steps": list(steps), "fast_start": fast_start, "attention": list(attention._preferred), "overlap_decode": overlap,
+        "decode_beside": beside, "build_s": build_s,
         "cuda_graphs": len(pipe.graphs.graphs) if pipe.graphs else 0,  # graphs captured (0: graphs off)
         "graph_failures": dict(pipe.graphs.failed) if pipe.graphs else {},
         "warmup_s": warmup_s,
@@ -306,6 +309,10 @@ OURS = {
     "ours-no-graphs": dict(fp8=False, compile=True, graphs=False),  # forwards launched kernel by kernel
     "ours-111-no-graphs": dict(fp8=False, compile=True, steps=(1, 1, 1), graphs=False),
     "ours-111-no-overlap": dict(fp8=False, compile=True, steps=(1, 1, 1), overlap=False),
+    # the decode in line between the chunks' denoising, the host still a chunk ahead: no sharing, no idle GPU
+    "ours-inline": dict(fp8=False, compile=True, beside=False),
+    "ours-111-inline": dict(fp8=False, compile=True, steps=(1, 1, 1), beside=False),
+    "ours-fp8-111-inline": dict(fp8=True, compile=True, steps=(1, 1, 1), fp8_check=False, beside=False),
     "ours-eager": dict(fp8=False, compile=False),
     "ours-fp8": dict(fp8=True, compile=True),
     "ours-111": dict(fp8=False, compile=True, steps=(1, 1, 1)),  # the paper's 3-step setting

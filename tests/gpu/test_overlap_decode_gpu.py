@@ -61,6 +61,30 @@ def test_overlap_gives_the_same_frames_bit_for_bit(pipe):
     assert not handed_over_before_next_chunk_steps(ovl_events)
 
 
+def test_an_inline_decode_queues_ahead_on_one_stream_with_the_same_frames(pipe):
+    # optimize(decode_beside=False): the decode between the chunks' denoising on one stream, the host a chunk ahead
+    seq, _ = run(pipe, overlap_decode=False)
+    pipe.decode_beside = False
+    try:
+        streams_before = pipe._decode_stream
+        inline, events = run(pipe, overlap_decode=True)
+        assert pipe._decode_stream is streams_before  # no side stream made or used for it
+        stream = pipe.stream(PROMPT, num_frames=5 * 33, seed=7, overlap_decode=True)
+        next(stream)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rest = list(stream)  # still no host sync inside the loop
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        pipe.decode_beside = True
+    assert [c.index for c in rest] == [1, 2, 3, 4]
+    assert not handed_over_before_next_chunk_steps(events)  # the host queued chunk 1 before waiting for chunk 0
+    for a, b in zip(inline, seq, strict=True):
+        assert torch.equal(a.frames, b.frames), a.index
+    assert all(0 < c.decode_seconds < 60 and 0 < c.denoise_seconds < 60 for c in inline)  # each timed by its marks
+
+
 def test_optimize_turns_overlap_on_except_for_a_live_prompt(pipe):
     pipe.overlap_decode = True  # what optimize() sets, without compiling
     try:

@@ -230,6 +230,7 @@ class HeliosVideoPipeline:
         self.fp8 = False
         self.optimized = False
         self.overlap_decode = False  # stream's default; optimize() turns it on
+        self.decode_beside = True  # under overlap: the decode on a side stream (False: in line, see optimize)
         self.deterministic = False  # optimize(deterministic=True): the decoder's implementations fixed by shape
         self.graphs: GraphedForward | None = None  # optimize(): the forward replayed as CUDA graphs
         self._decode_stream: torch.cuda.Stream | None = None
@@ -248,17 +249,21 @@ class HeliosVideoPipeline:
 
     def optimize(self, compile: bool = True, fp8: bool = False, fuse: bool = True,
                  overlap_decode: bool = True, cuda_graphs: bool = True,
-                 deterministic: bool = False) -> "HeliosVideoPipeline":
+                 deterministic: bool = False, decode_beside: bool = True) -> "HeliosVideoPipeline":
         """The fast inference path: fused q/k/v projections, optional FP8 matmuls, compiled blocks,
         and on CUDA each forward replayed as a CUDA graph (one per pyramid stage size; helios.model.graphs),
         the VAE decode's fast path (LatentCodec.fast_decode_: channels-last, tuned convolutions, CUDA
         graphs), and each chunk's VAE decode overlapped with the next chunk's denoising (see `stream`).
         deterministic: the decoder's convolutions by a fixed rule of their shapes instead of timed
         (helios.model.wan_vae.static_impl), so that every run decodes alike.
+        decode_beside: under overlap, each decode runs on a side stream beside the next chunk's denoising;
+        False queues it in line, between the chunks' denoising on one stream, the host still queuing a chunk
+        ahead (see `stream`).
 
         Compilation and graph capture happen lazily on the first chunk (once per pyramid stage size).
         """
         self.overlap_decode = overlap_decode
+        self.decode_beside = decode_beside
         self.deterministic = deterministic
         self.optimized = True
         if self.device.type == "cuda":
@@ -389,7 +394,9 @@ class HeliosVideoPipeline:
         wall time between hand-overs (the rate chunks arrive); `denoise_seconds` and
         `decode_seconds` are device intervals on the two streams, overlapping in time and stretched
         by sharing the GPU (mostly the denoising: the decode's stream has priority), so together
-        they exceed `seconds`.
+        they exceed `seconds`. With `optimize(decode_beside=False)` the decode is queued in line instead,
+        between chunk k's and chunk k+1's denoising on one stream: the host still queues a chunk ahead (no
+        idle GPU), the two never share it, and the intervals do not overlap.
 
         decoder: "full" decodes with the VAE; "tiny" with the preview decoder (set_preview_decoder /
         load_pipeline(preview_decoder=...)), far cheaper, for live previews; the frame counts are the same.
@@ -434,12 +441,13 @@ class HeliosVideoPipeline:
         window = (layout.chunk_frames - 1) * self.codec.temporal + 1
         cuda = device.type == "cuda"
         overlap = cuda and self._overlap(overlap_decode, isinstance(schedule, LivePrompt))
-        if overlap and (self._decode_stream is None or self._decode_stream.device != device):
+        beside = overlap and self.decode_beside
+        if beside and (self._decode_stream is None or self._decode_stream.device != device):
             # One per pipeline: the caching allocator keeps a memory pool per stream. High priority:
             # as SMs free up the decode's blocks go first, so chunk k is ready about as early as
             # without overlap, and the transformer fills the rest.
             self._decode_stream = torch.cuda.Stream(device, priority=-1)
-        side = self._decode_stream if overlap else None
+        side = self._decode_stream if beside else None
         # Page-locked buffers the frames are copied into (two under overlap: chunk k+1's copy is
         # queued before chunk k is read out of its buffer).
         pinned = [torch.empty((window, height, width, 3), dtype=torch.uint8, pin_memory=True)
