@@ -8,6 +8,7 @@ reference (eager), random bf16 weights made on the GPU, and the Wan VAE decode o
     python benchmarks/probe_transformer.py --out results.json
     python benchmarks/probe_transformer.py --glue --out glue.json   # the optimize() path's kernel breakdown
     python benchmarks/probe_transformer.py --attention-kernels --out attn.json  # cuDNN plans, FlashAttention-4
+    python benchmarks/probe_transformer.py --gemm-shapes --out gemm.json        # the block GEMMs per stage, clocks
 
 `--glue` profiles the forwards of one 1/1/1 chunk as `optimize()` runs them (fused projections, compiled
 blocks, CUDA graphs): per-stage times, each stage's kernels by category (GEMM, attention, fused elementwise,
@@ -274,6 +275,63 @@ def _frontend_sdpa_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return plans
 
 
+# The block's GEMMs as (name, N, K) for M tokens: fused q/k/v, the attention output, the cross-attention's query
+# and output (its keys and values come from the text, once per prompt), the feed-forward's two.
+BLOCK_GEMMS = (("qkv", 3 * 5120, 5120), ("out", 5120, 5120), ("cross_q", 5120, 5120), ("cross_out", 5120, 5120),
+               ("ffn_up", 13824, 5120), ("ffn_down", 5120, 13824))
+
+
+def clock_and_power(dev) -> dict:
+    """The SM clock (MHz) and board power (W) now: NVML through torch, else nvidia-smi."""
+    try:
+        return {"sm_clock_mhz": torch.cuda.clock_rate(dev), "power_w": torch.cuda.power_draw(dev) / 1e3}
+    except Exception:  # torch reads NVML through nvidia-ml-py, which may be absent
+        import subprocess
+
+        try:
+            line = subprocess.run(["nvidia-smi", "-i", str(dev.index or 0), "--query-gpu=clocks.sm,power.draw",
+                                   "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+            clock, power = (float(v) for v in line.strip().split(",")[:2])
+            return {"sm_clock_mhz": clock, "power_w": power}
+        except Exception as e:
+            return {"clock": f"{type(e).__name__}: {e}"[:120]}
+
+
+def gemm_shapes(dev, lengths: dict[str, int], seconds: float = 1.0) -> dict:
+    """Each block GEMM alone at each stage's token count, bf16 with bias (as the model's Linear): TFLOP/s, and
+    the same with its rows in two halves (the same numbers per row, another kernel choice), with the SM clock
+    and board power read while it runs (`torch.cuda.clock_rate`, `power_draw`): is a stage's lower GEMM rate
+    the kernel chosen for its shape, or the card slowing under sustained load?"""
+    import torch.nn.functional as F
+
+    def probe(fn, flop):
+        t = cuda_time(fn, warmup=3, iters=10)
+        reps = max(1, int(seconds / t))
+        start = time.perf_counter()
+        for _ in range(reps):  # sustained, for the clock and power reading at its end
+            fn()
+        torch.cuda.synchronize()
+        row = {"ms": t * 1e3, "tflops": flop / t / 1e12, "sustained_tflops": flop * reps / (time.perf_counter() - start) / 1e12}
+        row.update(clock_and_power(dev))
+        return row
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    out: dict = {}
+    for stage, m in lengths.items():
+        for name, n, k in BLOCK_GEMMS:
+            x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)
+            w = torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) / k**0.5
+            b = torch.randn(n, device=dev, generator=g, dtype=torch.bfloat16)
+            flop = 2 * m * n * k
+            half = m // 2
+            out[f"{stage}_{name}"] = {"m": m, "n": n, "k": k, "whole": probe(lambda: F.linear(x, w, b), flop),
+                                      "halves": probe(lambda: (F.linear(x[:half], w, b), F.linear(x[half:], w, b)),
+                                                      flop)}
+            print(stage, name, {h: round(out[f"{stage}_{name}"][h]["tflops"]) for h in ("whole", "halves")},
+                  flush=True)
+    return out
+
+
 def attention_kernel_candidates(dev, lengths: dict[str, int], heads: int = 40, head_dim: int = 128) -> dict:
     """Self-attention kernels that could replace PyTorch's cuDNN path, at each stage's length (and the last
     block's noisy-rows-only queries): every plan of cuDNN's frontend, and FlashAttention-4's Hopper forward
@@ -433,10 +491,19 @@ def main() -> None:
                     help="--glue: also time each forward with a last block that computes every token")
     ap.add_argument("--attention", default="cudnn,flash,efficient,math",
                     help="--glue: the attention backends, in order (e.g. fa4,cudnn,flash,efficient,math)")
+    ap.add_argument("--gemm-shapes", action="store_true",
+                    help="only the block's GEMMs alone at each stage's token count (see gemm_shapes)")
     ap.add_argument("--attention-kernels", action="store_true",
                     help="only the self-attention kernels that could replace PyTorch's cuDNN path (see "
                          "attention_kernel_candidates)")
     args = ap.parse_args()
+    if args.gemm_shapes:
+        res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+        with torch.no_grad():
+            res["gemms"] = gemm_shapes(torch.device("cuda"), STAGE_LENGTHS)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        return
     if args.attention_kernels:
         res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
         with torch.no_grad():
