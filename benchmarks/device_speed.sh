@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
     | tee -a "$OUT/gpu-$TAG.txt"
 if [[ ,$PARTS, == *,tests,* ]]; then
-    timeout 240 python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider > "$OUT/gpu-tests-$TAG.log" 2>&1
+    timeout 300 python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider > "$OUT/gpu-tests-$TAG.log" 2>&1
     tail -3 "$OUT/gpu-tests-$TAG.log"
 fi
 if [[ ,$PARTS, == *,vae,* ]]; then  # the decode alone: default tuned graph, the implicit-GEMM variants, cuDNN's searches
