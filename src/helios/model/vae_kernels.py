@@ -16,6 +16,10 @@ of input frame t + k) with the bias added, in float32, rounded once.
 `gather_taps`: a 3x3x3 convolution with very few outputs computed as one matmul to every tap's contribution,
 then summed back over the 27 shifted taps per output position, in float32.
 
+`conv3x3x3`: a 3x3x3 causal convolution as one implicit GEMM over its 27 taps, every output channel of a
+position in one program, optionally with the residual add and the RMS norm + SiLU that follow it in the same
+pass (the decoder's `fuse_conv_norms_`).
+
 The torch paths compute the same in plain ops; they run on the CPU, where Triton is absent, and for
 layouts the kernels do not take.
 """
@@ -275,8 +279,6 @@ if triton is not None:
 # RMS norm + SiLU epilogue
 
 
-
-
 def igemm_split(c_out: int) -> tuple[int, int] | None:
     """(N0, N1): the output channels as two power-of-two GEMM widths (96 = 64 + 32, 192 = 128 + 64, 128 =
     128 + 0), so that a program computes every output channel without padding them; None if C_out is not
@@ -289,6 +291,7 @@ def igemm_split(c_out: int) -> tuple[int, int] | None:
 
 
 def igemm_fits(c_in: int, c_out: int) -> bool:
+    """Whether `conv3x3x3`'s Triton kernel takes these widths (input channels in blocks of 32)."""
     return c_in % 32 == 0 and igemm_split(c_out) is not None
 
 

@@ -734,7 +734,7 @@ class _Run:
 
     def residual_block(self, key: str, blk: ResidualBlock, x: Activation, defer: bool = True) -> Pending:
         """Returns the pending sum (conv2 output, identity[, conv2's bias]) for the next consumer to add;
-        `defer` where that consumer is a fused norm."""
+        `defer` where that consumer is a fused norm (which may then run conv2 itself: `fuse_conv_norms_`)."""
         if isinstance(x, Pending):
             identity = self.empty_output(x)
             buf1 = self.norm_silu_into(f"{key}.conv1", blk.norm1, x, total=identity)
