@@ -432,8 +432,11 @@ if triton is not None:
         if N1 > 0:
             tl.store(o_ptr + opos[:, None] + n1[None, :], acc1.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    # (output positions per program, warps, pipeline stages); the outputs are only written, so timing reruns are safe
+    # (output positions per program, warps, pipeline stages); the outputs are only written, so timing reruns are
+    # safe. 256 positions halve how often each program's weight tiles are read from L2 (a 96-wide GEMM reuses
+    # them little), where the accumulators fit in registers (96 channels; at 192 the tuner finds it slow).
     _IGEMM_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=wp, num_stages=st)
-                      for m, wp, st in ((128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3))]
+                      for m, wp, st in ((128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3),
+                                        (256, 8, 4))]
     _conv3x3x3_tuned = triton.autotune(_IGEMM_CONFIGS, key=["rows", "C_IN", "C_OUT", "NORM", "HAS_RES"])(
         _conv3x3x3_kernel)
