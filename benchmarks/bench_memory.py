@@ -35,6 +35,7 @@ the parent ends with a table of the issue's targets (also `--summarize FILE`).
     python benchmarks/bench_memory.py --parts folder,fp8,12gb --out m.json     # a subset
     python benchmarks/bench_memory.py --smoke --folder /tmp/smoke --out s.json # CPU: the plumbing
     python benchmarks/bench_memory.py --deterministic --out d.json            # load_pipeline(deterministic=True)
+    python benchmarks/bench_memory.py --parts fp8,24gb --inline --out i.json  # decode in line, a chunk queued ahead
 """
 
 from __future__ import annotations
@@ -400,7 +401,17 @@ class Part:
         return out if ok else None
 
 
-def load_for(folder: Path, budget: str | None, smoke: bool, deterministic: bool = False) -> "HeliosVideoPipeline":
+def load_for(folder: Path, budget: str | None, smoke: bool, deterministic: bool = False,
+             inline: bool = False) -> "HeliosVideoPipeline":
+    """`_load_for`, then with `inline` (--inline) each chunk's decode queued in line with the host a chunk ahead
+    (`optimize(decode_beside=False)`), under a plan too (the plans otherwise wait for each chunk's frames)."""
+    pipe = _load_for(folder, budget, smoke, deterministic)
+    if inline:
+        pipe.overlap_decode, pipe.decode_beside = True, False
+    return pipe
+
+
+def _load_for(folder: Path, budget: str | None, smoke: bool, deterministic: bool = False) -> "HeliosVideoPipeline":
     """The pipeline as a user gets it: `load_pipeline(fp8=True, memory_budget=budget, deterministic=...)` on
     the GPU. On the CPU (--smoke), a plan cannot be chosen (it plans GPU memory): the plan the budget takes on
     a card is applied by hand, in float32, so that the rest of the script runs."""
@@ -641,11 +652,11 @@ def generation_part(p: Part, args, budget: str | None, reference: bool) -> None:
     image/video conditioning while time is left."""
     folder, scratch = Path(args.folder), Path(args.scratch)
     p.res.update(budget=budget, **cap_memory(budget), size=f"{SIZE['width']}x{SIZE['height']}", steps=list(STEPS),
-                 deterministic=args.deterministic, system_before=system_memory())
+                 deterministic=args.deterministic, inline=args.inline, system_before=system_memory())
     holder: dict[str, Any] = {}
 
     def load() -> dict:
-        holder["pipe"] = pipe = load_for(folder, budget, args.smoke, args.deterministic)
+        holder["pipe"] = pipe = load_for(folder, budget, args.smoke, args.deterministic, args.inline)
         sync()
         return {"plan": pipe.memory.report if pipe.memory else "unconstrained FP8, everything on the GPU"}
 
@@ -822,6 +833,7 @@ def spawn(name: str, args, timeout: float) -> dict:
            "--scratch", args.scratch, "--long-frames", str(args.long_frames), "--deadline", str(time.time() + timeout)]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--deterministic"] if args.deterministic else []
+    cmd += ["--inline"] if args.inline else []
     t0 = time.perf_counter()
     _child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -850,7 +862,7 @@ def orchestrate(args) -> None:
                              "date": datetime.date.today().isoformat(), "budget_s": args.budget_s,
                              "size": f"{SIZE['width']}x{SIZE['height']}", "steps": list(STEPS),
                              "prompt_embeddings": list(EMB_SHAPE), "parts": parts, "smoke": args.smoke,
-                             "deterministic": args.deterministic})
+                             "deterministic": args.deterministic, "inline": args.inline})
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
     folder, text = choose_folder(args.folder, args.smoke)
     args.folder = str(folder)
@@ -975,6 +987,8 @@ def main() -> None:
                     "by hand in float32): the script's own plumbing")
     ap.add_argument("--deterministic", action="store_true", help="load every part's pipeline with "
                     "load_pipeline(deterministic=True): kernels chosen by fixed rules, not timing")
+    ap.add_argument("--inline", action="store_true", help="every part decodes in line with the host a chunk "
+                    "ahead (optimize(decode_beside=False)), the plans included")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     ap.add_argument("--summarize", help="print the targets table of a results file and exit")

@@ -183,6 +183,8 @@ def test_load_pipeline_under_a_plan_decodes_after_the_denoising_with_tap_sums_no
     assert seen["overlap_decode"] is False and seen["defer_tap_sums"] is False  # before the decode is tuned
     assert pipe.overlap_decode is False and pipe.codec.decoder.defer_tap_sums is False
     assert pipe._overlap(None, live=False) is False and pipe._overlap(True, live=False) is False
+    pipe.decode_beside = False  # in line (bench_memory --inline): one working set, so a chunk may be queued ahead
+    assert pipe._overlap(True, live=False) is True and pipe._overlap(None, live=False) is False
     resident = load_pipeline(default_model()).optimize(compile=False, fuse=False)
     assert resident._overlap(None, live=False) is True and resident.codec.decoder.defer_tap_sums is True
 

@@ -519,9 +519,10 @@ class HeliosVideoPipeline:
 
     # ---- pieces -----------------------------------------------------------------------------
     def _overlap(self, requested: bool | None, live: bool) -> bool:
-        """Whether stream() decodes on a side stream (on CUDA): as asked, else optimize()'s setting (off for
-        a LivePrompt); never under a memory plan that counts the two working sets as one."""
-        if self.memory is not None and not self.memory.plan.overlap_decode:
+        """Whether stream() queues a chunk ahead of the one it hands over (on CUDA): as asked, else optimize()'s
+        setting (off for a LivePrompt); never beside the denoising under a memory plan that counts the two
+        working sets as one (in line, `decode_beside=False`, the plan's one working set holds)."""
+        if self.memory is not None and not self.memory.plan.overlap_decode and self.decode_beside:
             return False
         return (self.overlap_decode and not live) if requested is None else requested
 
