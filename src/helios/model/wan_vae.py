@@ -305,21 +305,22 @@ def conv3d_by_gather(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | N
     return vae_kernels.gather_taps(p, b, t_in, h, w, conv.out_channels, bias)
 
 
-def igemm_weight(conv: CausalConv3d) -> torch.Tensor:
-    """The weight as the implicit-GEMM kernel reads it (`vae_kernels.pack_igemm_weight`), kept on the module."""
+def igemm_weight(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor | None:
+    """The weight as the implicit-GEMM kernel reads it (`vae_kernels.pack_igemm_weight`), kept on the module;
+    None where x is not on CUDA (the kernel's fallback reads the weight as it is)."""
+    if not x.is_cuda:
+        return None
     return derived_weight(conv, "igemm", conv.weight, vae_kernels.pack_igemm_weight, torch.contiguous_format)
 
 
-def conv3d_igemm(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def conv3d_igemm(conv: CausalConv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The 3x3x3 convolution as one implicit GEMM over all 27 taps (`vae_kernels.conv3x3x3`): every output
     channel of a position in one program (96 as 64 + 32 wide, where cuDNN pads its GEMM to 128), the bias added
     and the taps summed in float32 before the one store; no partial outputs."""
     b, _, t_in, h, w = x.shape
-    if out is None:
-        fmt = torch.channels_last_3d if _format2d(x) == torch.channels_last else torch.contiguous_format
-        out = torch.empty((b, conv.out_channels, t_in - 2, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-    return vae_kernels.conv3x3x3(x, conv.weight, bias, out, packed=igemm_weight(conv) if x.is_cuda else None)
+    fmt = torch.channels_last_3d if _format2d(x) == torch.channels_last else torch.contiguous_format
+    out = torch.empty((b, conv.out_channels, t_in - 2, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return vae_kernels.conv3x3x3(x, conv.weight, bias, out, packed=igemm_weight(conv, x))
 
 
 CONV_IMPLS.update(conv3d=conv3d_direct, taps=conv3d_by_taps, folded=conv3d_folded, pad16=conv3d_padded,
@@ -603,17 +604,19 @@ class WanVAEDecoder(nn.Module):
         unknown = set(convs) - {"conv1", "conv2"}
         if unknown:
             raise ValueError(f"fuse_conv_norms_: unknown convolutions {sorted(unknown)}; choose from conv1, conv2")
-        self.fused_convs = frozenset(convs)
+        was, self.fused_convs = self.fused_convs, frozenset(convs)
         fused = []
         for name, m in self.named_modules():
             if not isinstance(m, ResidualBlock):
                 continue
             for which in ("conv1", "conv2"):
                 conv = getattr(m, which)
-                if which in convs and conv.fits_igemm:
+                if not conv.fits_igemm:
+                    continue
+                if which in convs:
                     conv.impl = "igemm"
                     fused.append(f"{name}.{which}")
-                elif conv.impl == "igemm":
+                elif which in was:  # no longer fused: back to the choice by shape (tuning may choose again)
                     conv.impl = static_impl(conv)
         return fused
 
@@ -717,7 +720,7 @@ class _Run:
             conv, src = p.conv
             buf, new = self.buffer(key, src, conv.out_channels, src.shape[2] - HISTORY)
             vae_kernels.conv3x3x3(src, conv.weight, conv.bias, new, gain=norm.gain(), scale=norm.scale, silu=True,
-                                  residual=p.residual, total=total, packed=igemm_weight(conv) if src.is_cuda else None)
+                                  residual=p.residual, total=total, packed=igemm_weight(conv, src))
             return buf
         first = p.parts[0]
         buf, new = self.buffer(key, first, first.shape[1], first.shape[2])
