@@ -469,9 +469,9 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="seconds from the start by which the run ends (default 540)")
     ap.add_argument("--layers", type=int, default=None,
-                    help="build the transformers with this many blocks instead of 40 (every cost the memory options "
-                         "add and every compute cost grow with the blocks, the GAN heads' blocks scaled alike, so "
-                         "the time ratio of the options holds; at 16 the uncapped run fits an 80 GB card)")
+                    help="build the transformers with this many blocks instead of 40: each configuration's time is "
+                         "then a + b * layers (the four GAN heads do not scale), so two depths that fit an 80 GB "
+                         "card uncapped (8 and 16) give the 40-block time (see above)")
     ap.add_argument("--min-config-s", type=float, default=60.0,
                     help="a configuration starts only with this many seconds left (default 60)")
     a = ap.parse_args()
